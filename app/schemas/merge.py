@@ -1,0 +1,164 @@
+"""The merge contract: one `<Method>Params` model per merge method, and the output rank spec.
+
+The API validates a merge job with these models at the door; the worker validates the stored spec again
+with the same classes before any compute. Every field is bounded and unknown keys are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_RANK = 1024
+
+MergeRule = Literal["task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs"]
+MergeSpace = Literal["full", "core"]
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    lambda_: float = Field(
+        1.0, alias="lambda", ge=-10.0, le=10.0, description="Global scale applied to the merged update."
+    )
+    allow_base_mismatch: bool = Field(
+        False, description="Merge adapters whose configs name different base models (same shapes only)."
+    )
+
+
+class _Sparsified(_Params):
+    density: float = Field(0.2, ge=0.0, le=1.0, description="Fraction of entries each task keeps, in [0, 1].")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for the random (DARE) pruning.")
+
+
+class _SignElected(BaseModel):
+    majority_sign: Literal["total", "frequency"] = Field(
+        "total", description="Sign election: sign of the summed values, or of the summed signs."
+    )
+
+
+class _Spaced(BaseModel):
+    space: MergeSpace = Field(
+        "core", description="`full`: dense reference on m×n; `core`: lossless Tr×Tr core space."
+    )
+
+
+class CatParams(_Params):
+    """`cat`: stack the factors; exact, output rank Σr."""
+
+
+class TaskArithmeticParams(_Params, _Spaced):
+    """`task_arithmetic`: Σ w_t·s_t·B_t·A_t, exactly; truncated to the output rank on the core."""
+
+
+class TiesParams(_Sparsified, _SignElected, _Spaced):
+    """`ties`: trim to top-density per task, elect the sign, disjoint mean."""
+
+
+class DareLinearParams(_Sparsified, _Spaced):
+    """`dare_linear`: keep each entry with probability density, rescale by 1/density, sum."""
+
+
+class DareTiesParams(_Sparsified, _SignElected, _Spaced):
+    """`dare_ties`: DARE pruning, then TIES sign election and disjoint mean."""
+
+
+class MagnitudePruneParams(_Sparsified, _Spaced):
+    """`magnitude_prune`: keep the top-density entries by magnitude per task, sum."""
+
+
+class BreadcrumbsParams(_Sparsified, _Spaced):
+    """`breadcrumbs`: drop the largest `gamma` and the smallest entries, keeping `density` per task."""
+
+    gamma: float = Field(0.01, ge=0.0, le=1.0, description="Fraction of the largest entries dropped.")
+
+    @model_validator(mode="after")
+    def _fits(self) -> BreadcrumbsParams:
+        if self.gamma + self.density > 1.0:
+            raise ValueError("gamma + density must be at most 1")
+        return self
+
+
+class _RuleParams(_Sparsified, _SignElected):
+    rule: MergeRule = Field("task_arithmetic", description="The merge rule applied in the method's space.")
+    gamma: float = Field(0.01, ge=0.0, le=1.0, description="Breadcrumbs: fraction of largest entries dropped.")
+
+    @model_validator(mode="after")
+    def _fits(self) -> _RuleParams:
+        if self.rule == "breadcrumbs" and self.gamma + self.density > 1.0:
+            raise ValueError("gamma + density must be at most 1")
+        return self
+
+
+class MergeThenCompressParams(_RuleParams, _Spaced):
+    """`merge_then_compress`: any rule, then the exact rank-r truncation computed on the Tr×Tr core."""
+
+
+class KnotsParams(_RuleParams):
+    """`knots`: SVD alignment of the stacked updates, merge the per-task blocks of ΣVᵀ (KnOTS)."""
+
+
+class CtmParams(_RuleParams):
+    """`ctm`: Compress-then-Merge — shared rank-r Tucker-2 subspaces of the cores, merge coordinates."""
+
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="Norm balancing for the subspace choice (1 = none).")
+    isotropize: bool = Field(False, description="Replace the merged core's singular values by their mean.")
+    balanced: bool = Field(True, description="Split the merged core's singular values across both factors.")
+    max_iter: int = Field(100, ge=1, le=1000, description="HOOI iteration cap.")
+
+
+MERGE_PARAMS: dict[str, type[_Params]] = {
+    "cat": CatParams,
+    "task_arithmetic": TaskArithmeticParams,
+    "ties": TiesParams,
+    "dare_linear": DareLinearParams,
+    "dare_ties": DareTiesParams,
+    "magnitude_prune": MagnitudePruneParams,
+    "breadcrumbs": BreadcrumbsParams,
+    "merge_then_compress": MergeThenCompressParams,
+    "knots": KnotsParams,
+    "ctm": CtmParams,
+}
+
+MergeMethod = Literal[
+    "cat",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "breadcrumbs",
+    "merge_then_compress",
+    "knots",
+    "ctm",
+]
+
+
+class MergeOutput(BaseModel):
+    """The merged adapter's name and rank: one of `rank`, `rank_pattern` or `energy` (or none: max input r)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("merged", min_length=1, max_length=128, description="A label; never used as a path.")
+    rank: int | None = Field(None, ge=1, le=MAX_RANK, description="Output rank for every module.")
+    rank_pattern: dict[str, int] | None = Field(
+        None,
+        max_length=4096,
+        description="Per-module output rank, keyed by module name or a suffix of it (as PEFT's rank_pattern).",
+    )
+    energy: float | None = Field(
+        None, gt=0.0, le=1.0, description="Smallest rank per module keeping this fraction of the energy."
+    )
+
+    @model_validator(mode="after")
+    def _one_rank_rule(self) -> MergeOutput:
+        given = [x for x in (self.rank, self.rank_pattern, self.energy) if x is not None]
+        if len(given) > 1:
+            raise ValueError("give at most one of rank, rank_pattern, energy")
+        for key, value in (self.rank_pattern or {}).items():
+            if not key or len(key) > 512:
+                raise ValueError("rank_pattern keys must be 1..512 characters")
+            if not 1 <= value <= MAX_RANK:
+                raise ValueError(f"rank_pattern[{key!r}] must be in 1..{MAX_RANK}")
+        return self
