@@ -1,0 +1,280 @@
+"""The unlearning contract: one `<Method>Params` model per method, and what each method needs.
+
+The API validates an unlearning job with these models at the door and refuses, at submission, a job that
+lacks an input its method needs (`missing_inputs`) or targets a model family the method does not support
+(`UNLEARN_FAMILIES`). The worker validates the stored spec again with the same classes before any compute.
+Every field is bounded and unknown keys are refused. Pydantic only: no torch here.
+
+Inputs a method may need (`UNLEARN_REQUIREMENTS`):
+- `forget`: the rows to forget;
+- `retain`: rows whose behaviour must be kept (also needed by any method run with `gu=True`);
+- `reference_model`: the worker keeps a frozen copy of the input model (θ0) beside the one it trains —
+  twice the memory; it is not a separate upload;
+- `template`: a template answer (e.g. "I don't know.") taken from the params' `template` field.
+
+The formulas, defaults and their sources are in `research/unlearning-methods.md`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ModelFamily = Literal["causal_lm", "classifier"]
+UnlearnInput = Literal["forget", "retain", "reference_model", "template"]
+
+MAX_STEPS = 10_000
+MAX_LAYER = 255
+
+
+class _UnlearnParams(BaseModel):
+    """The training knobs every method shares (the shared loop reads them)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    lr: float = Field(1e-4, gt=0.0, le=1.0, description="Learning rate.")
+    steps: int = Field(50, ge=1, le=MAX_STEPS, description="Optimiser steps (iterations).")
+    batch_size: int = Field(8, ge=1, le=1024, description="Rows per forget batch and per retain batch.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds batch order, random labels and vectors.")
+    max_grad_norm: float = Field(1.0, gt=0.0, le=1e4, description="Gradient-norm clipping per step.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with momentum 0.9.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Decoupled (AdamW) or L2 (SGD) decay.")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="Learning-rate schedule.")
+
+
+class _Gradient(BaseModel):
+    """Options of methods that follow a forget-loss gradient."""
+
+    gu: bool = Field(
+        False,
+        description="Project the forget gradient off the span of per-sample retain gradients (GU); "
+        "needs retain rows.",
+    )
+    gu_retain_samples: int = Field(4, ge=1, le=16, description="Retain samples spanning the GU subspace.")
+
+
+class _Weighted(BaseModel):
+    """L = gamma·L_forget + alpha·L_retain."""
+
+    alpha: float = Field(1.0, ge=0.0, le=1e3, description="Weight of the retain loss.")
+    gamma: float = Field(1.0, ge=0.0, le=1e3, description="Weight of the forget loss.")
+
+
+def _template() -> str:
+    return Field(
+        "I don't know.", min_length=1, max_length=512, description="Answer taught for forget prompts."
+    )
+
+
+# -- both families ------------------------------------------------------------------------------------------
+
+
+class GradAscentParams(_UnlearnParams, _Gradient):
+    """`grad_ascent`: ascend the task loss on the forget set (L = −loss(D_f)); a baseline that collapses."""
+
+
+class RetrainParams(_UnlearnParams):
+    """`retrain`: re-initialise (a LoRA adapter: fresh init) and train on retain only — the gold standard."""
+
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="Learning rate.")
+    steps: int = Field(500, ge=1, le=MAX_STEPS, description="Optimiser steps.")
+    reinitialize: bool = Field(True, description="Start from fresh initial weights (False: from input).")
+
+
+# -- language models ----------------------------------------------------------------------------------------
+
+
+class GradDiffParams(_UnlearnParams, _Gradient, _Weighted):
+    """`grad_diff`: L = −γ·NLL(D_f) + α·NLL(D_r)."""
+
+
+class NpoParams(_UnlearnParams, _Gradient, _Weighted):
+    """`npo`: L_f = −(2/β)·mean log σ(β·(NLL_θ − NLL_θ0)) on forget answers (summed over tokens)."""
+
+    beta: float = Field(0.1, gt=0.0, le=100.0, description="Inverse temperature β.")
+
+
+class SimnpoParams(_UnlearnParams, _Gradient, _Weighted):
+    """`simnpo`: L_f = −(2/β)·mean log σ(β·(NLL_θ/|y| − δ)); no reference model."""
+
+    beta: float = Field(4.5, gt=0.0, le=100.0, description="Inverse temperature β.")
+    delta: float = Field(0.0, ge=-100.0, le=100.0, description="Margin δ on the length-normalised NLL.")
+    gamma: float = Field(0.125, ge=0.0, le=1e3, description="Weight of the forget loss.")
+
+
+class IdkParams(_UnlearnParams, _Gradient, _Weighted):
+    """`idk`: DPO with the template answer as the winner and the true answer as the loser (IdkDPO)."""
+
+    beta: float = Field(0.1, gt=0.0, le=100.0, description="DPO inverse temperature β.")
+    template: str = _template()
+
+
+class FlatParams(_UnlearnParams, _Gradient):
+    """`flat`: L = −log P(y_e|x) + P(y_f|x) (FLAT, KL form); forget rows and a template only."""
+
+    template: str = _template()
+
+
+class RmuParams(_UnlearnParams, _Gradient):
+    """`rmu`: steer layer-`layer` activations of forget text to c·u, keep retain activations at θ0's."""
+
+    layer: int = Field(1, ge=0, le=MAX_LAYER, description="Decoder layer whose output is steered.")
+    steering_coeff: float = Field(6.5, gt=0.0, le=1e4, description="Norm c of the random steering vector.")
+    alpha: float = Field(100.0, ge=0.0, le=1e5, description="Weight of the retain activation MSE.")
+    trained_layers: tuple[int, ...] | None = Field(
+        None,
+        max_length=64,
+        description="Decoder layers whose parameters are trained; default: layer−2 … layer.",
+    )
+    trained_module: str = Field(
+        "mlp",
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.]*$",
+        description="Only parameters whose name contains this (after `layers.<i>.`) are trained; '' = all.",
+    )
+
+    @model_validator(mode="after")
+    def _layers_bounded(self) -> RmuParams:
+        for index in self.trained_layers or ():
+            if not 0 <= index <= MAX_LAYER:
+                raise ValueError(f"trained_layers entries must be in 0..{MAX_LAYER}")
+        return self
+
+
+# -- classifiers --------------------------------------------------------------------------------------------
+
+
+class FinetuneParams(_UnlearnParams):
+    """`finetune`: keep training on retain only (catastrophic forgetting of D_f)."""
+
+
+class RandomLabelParams(_UnlearnParams, _Gradient, _Weighted):
+    """`random_label`: CE descent toward random wrong labels on D_f, plus CE on D_r."""
+
+
+class SalunParams(_UnlearnParams, _Gradient, _Weighted):
+    """`salun`: random labelling restricted to the top-q weight saliency of the forget loss (SalUn)."""
+
+    q: float = Field(0.5, gt=0.0, le=1.0, description="Fraction of coordinates the saliency mask keeps.")
+
+
+class SsdParams(_UnlearnParams):
+    """`ssd`: selective synaptic dampening — no training; scales weights specialised to D_f down."""
+
+    alpha: float = Field(10.0, gt=0.0, le=1e6, description="Selection: I_f > α·I_D.")
+    lambda_: float = Field(1.0, alias="lambda", gt=0.0, le=1e6, description="Dampening: ×min(λ·I_D/I_f, 1).")
+    importance_on: Literal["retain", "retain_and_forget"] = Field(
+        "retain_and_forget",
+        description="Data behind I_D. With the forget rows included, I_f/I_D ≤ |D|/|D_f|: α must stay below.",
+    )
+
+
+class SfronParams(_UnlearnParams, _Gradient):
+    """`sfron`: SFR-on fast–slow loop — a retain step every iteration, a masked AdaGA forget step every k.
+
+    `steps` is the number of iterations T.
+    """
+
+    lr: float = Field(0.01, gt=0.0, le=1.0, description="Learning rate.")
+    optimizer: Literal["adamw", "sgd"] = Field("sgd", description="AdamW, or SGD with momentum 0.9.")
+    lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="Learning-rate schedule.")
+    steps: int = Field(300, ge=1, le=MAX_STEPS, description="Iterations T.")
+    k: int = Field(5, ge=1, le=1000, description="A forget (slow) step every k iterations.")
+    alpha0: float = Field(25.0, ge=0.0, le=1e4, description="Initial forget-loss weight, cosine-decayed.")
+    gamma: float = Field(1.0, ge=0.0, le=1e12, description="Mask threshold on (F_f + ε)/(F_r + ε).")
+    ada_lambda: float = Field(0.5, ge=0.0, le=10.0, description="AdaGA weights w_i ∝ ℓ_i^(−λ).")
+    forget_clip: float = Field(7.0, gt=0.0, le=1e4, description="Gradient-norm clip of the forget step.")
+
+
+class L1SparseParams(_UnlearnParams):
+    """`l1_sparse`: fine-tune on retain with an L1 penalty α_t·‖θ‖₁, α_t decaying linearly to 0."""
+
+    l1: float = Field(5e-5, ge=0.0, le=1.0, description="Initial L1 coefficient α.")
+
+
+UNLEARN_PARAMS: dict[str, type[_UnlearnParams]] = {
+    "grad_ascent": GradAscentParams,
+    "retrain": RetrainParams,
+    "grad_diff": GradDiffParams,
+    "npo": NpoParams,
+    "simnpo": SimnpoParams,
+    "idk": IdkParams,
+    "flat": FlatParams,
+    "rmu": RmuParams,
+    "finetune": FinetuneParams,
+    "random_label": RandomLabelParams,
+    "salun": SalunParams,
+    "ssd": SsdParams,
+    "sfron": SfronParams,
+    "l1_sparse": L1SparseParams,
+}
+
+UNLEARN_REQUIREMENTS: dict[str, frozenset[str]] = {
+    "grad_ascent": frozenset({"forget"}),
+    "retrain": frozenset({"retain"}),
+    "grad_diff": frozenset({"forget", "retain"}),
+    "npo": frozenset({"forget", "retain", "reference_model"}),
+    "simnpo": frozenset({"forget", "retain"}),
+    "idk": frozenset({"forget", "retain", "reference_model", "template"}),
+    "flat": frozenset({"forget", "template"}),
+    "rmu": frozenset({"forget", "retain", "reference_model"}),
+    "finetune": frozenset({"retain"}),
+    "random_label": frozenset({"forget", "retain"}),
+    "salun": frozenset({"forget", "retain"}),
+    "ssd": frozenset({"forget", "retain"}),
+    "sfron": frozenset({"forget", "retain"}),
+    "l1_sparse": frozenset({"retain"}),
+}
+
+_BOTH: frozenset[str] = frozenset({"causal_lm", "classifier"})
+_LM: frozenset[str] = frozenset({"causal_lm"})
+_CLS: frozenset[str] = frozenset({"classifier"})
+
+UNLEARN_FAMILIES: dict[str, frozenset[str]] = {
+    "grad_ascent": _BOTH,
+    "retrain": _BOTH,
+    "grad_diff": _LM,
+    "npo": _LM,
+    "simnpo": _LM,
+    "idk": _LM,
+    "flat": _LM,
+    "rmu": _LM,
+    "finetune": _CLS,
+    "random_label": _CLS,
+    "salun": _CLS,
+    "ssd": _CLS,
+    "sfron": _CLS,
+    "l1_sparse": _CLS,
+}
+
+UnlearnMethod = Literal[
+    "grad_ascent",
+    "retrain",
+    "grad_diff",
+    "npo",
+    "simnpo",
+    "idk",
+    "flat",
+    "rmu",
+    "finetune",
+    "random_label",
+    "salun",
+    "ssd",
+    "sfron",
+    "l1_sparse",
+]
+
+
+def required_inputs(method: str, params: BaseModel | None = None) -> frozenset[str]:
+    """What `method` needs with these params: its declared inputs, plus `retain` when `gu` is on."""
+    needed = set(UNLEARN_REQUIREMENTS[method])
+    if params is not None and getattr(params, "gu", False):
+        needed.add("retain")
+    return frozenset(needed)
+
+
+def missing_inputs(method: str, params: BaseModel | None, provided: set[str] | frozenset[str]) -> list[str]:
+    """The inputs a job lacks, sorted; `template` and `reference_model` are supplied by params and worker."""
+    supplied = set(provided) | {"template", "reference_model"}
+    return sorted(required_inputs(method, params) - supplied)
