@@ -1,0 +1,42 @@
+"""Unlearning engines: one module per method (each supplies only its loss), a shared loop, and the entry
+point `unlearn(...)` (see `engine.py`) that the job pipeline calls."""
+
+from workers.engines.unlearn import (  # noqa: F401 - importing registers each method
+    finetune,
+    flat,
+    grad_ascent,
+    grad_diff,
+    idk,
+    l1_sparse,
+    npo,
+    random_label,
+    retrain,
+    rmu,
+    salun,
+    sfron,
+    simnpo,
+    ssd,
+)
+from workers.engines.unlearn.data import BatchStream, ClassifierData, LMData, PairedLMData
+from workers.engines.unlearn.engine import UnlearnOutcome, unlearn
+from workers.engines.unlearn.errors import (
+    MissingInput,
+    NonFinite,
+    UnlearnCancelled,
+    UnlearnError,
+    UnsupportedFamily,
+)
+
+__all__ = [
+    "BatchStream",
+    "ClassifierData",
+    "LMData",
+    "MissingInput",
+    "NonFinite",
+    "PairedLMData",
+    "UnlearnCancelled",
+    "UnlearnError",
+    "UnlearnOutcome",
+    "UnsupportedFamily",
+    "unlearn",
+]

@@ -1,0 +1,139 @@
+"""The entry point the job pipeline calls: `unlearn(...)` -> `UnlearnOutcome(model, report)`.
+
+    outcome = unlearn(model, "causal_lm", "npo", NpoParams(...), forget, retain, evaluation,
+                      tokenizer=tokenizer, progress=lambda f, stage: ..., should_cancel=lambda: False)
+
+- `model`: a transformers model (or any `nn.Module` classifier), or a peft `PeftModel` — then only the
+  parameters peft left trainable (the LoRA factors, plus `modules_to_save`) change, and the caller saves
+  the new adapter with `outcome.model.save_pretrained(dir)`. The model is updated in place and returned.
+- `forget`, `retain`, `evaluation`: `LMData.from_rows(rows, tokenizer)` for a causal LM (JSONL rows
+  `{"prompt","completion"}` or `{"text"}`), `ClassifierData.from_tensors(safetensors_dict)` for a
+  classifier (`pixel_values` or `input_ids`(+`attention_mask`), `labels`). `evaluation` is the test set
+  (classifier: TA and MIA) or held-out rows (causal LM: Min-K% AUC); it is never trained on.
+- `params`: the method's `<Method>Params` (from `app.schemas.unlearn`) or a plain dict; validated again.
+- `progress(fraction, stage)` is called with stages "evaluating", "preparing", "unlearning", "done";
+  `should_cancel()` is polled between steps and raises `UnlearnCancelled`.
+
+The report: {"method", "params", "family", "peft", "steps", "seconds", "before": {...}, "after": {...},
+"loop": {...}} (+ "gu_kept_fraction" when `gu` ran). Methods are looked up only through the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ValidationError
+from torch import nn
+
+from app.schemas.unlearn import UNLEARN_FAMILIES, missing_inputs
+from workers.engines.registry import get
+from workers.engines.unlearn.data import ClassifierData, Data, LMData
+from workers.engines.unlearn.errors import MissingInput, NonFinite, UnlearnError, UnsupportedFamily
+from workers.engines.unlearn.loop import UnlearnContext, train
+from workers.engines.unlearn.metrics import evaluate
+
+log = logging.getLogger(__name__)
+
+Family = Literal["causal_lm", "classifier"]
+
+
+@dataclass
+class UnlearnOutcome:
+    model: nn.Module
+    report: dict[str, Any]
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _check_data(family: str, name: str, data: Data | None) -> None:
+    expected = ClassifierData if family == "classifier" else LMData
+    if data is not None and not isinstance(data, expected):
+        raise UnlearnError(f"{name}: a {family} needs {expected.__name__}, got {type(data).__name__}")
+
+
+def unlearn(
+    model: nn.Module,
+    family: Family,
+    method: str,
+    params: BaseModel | Mapping[str, Any],
+    forget: Data | None,
+    retain: Data | None = None,
+    evaluation: Data | None = None,
+    tokenizer: Any = None,
+    progress: Callable[[float, str], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> UnlearnOutcome:
+    """Unlearn `forget` from `model` with the registered `method`; see the module docstring."""
+    entry = get("unlearn", method)
+    raw = params.model_dump(by_alias=True) if isinstance(params, BaseModel) else dict(params)
+    try:
+        checked = entry.params_model.model_validate(raw)
+    except ValidationError as error:
+        raise UnlearnError(f"invalid {method} params: {error}") from None
+    if family not in UNLEARN_FAMILIES.get(method, frozenset()):
+        raise UnsupportedFamily(f"{method} does not support {family} models")
+    provided = {name for name, data in (("forget", forget), ("retain", retain)) if data is not None}
+    missing = missing_inputs(method, checked, provided)
+    if missing:
+        raise MissingInput(f"{method} needs {', '.join(missing)}")
+    for name, data in (("forget", forget), ("retain", retain), ("evaluation", evaluation)):
+        _check_data(family, name, data)
+    is_peft = _is_peft(model)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise UnlearnError("the model has no trainable parameter")
+    device = next(model.parameters()).device
+    seed = int(checked.seed)
+    started = time.perf_counter()
+
+    def report_progress(fraction: float, stage: str) -> None:
+        if progress is not None:
+            progress(fraction, stage)
+
+    report_progress(0.0, "evaluating")
+    before = evaluate(model, family, forget, retain, evaluation, device, seed)
+    torch.manual_seed(seed)
+    ctx = UnlearnContext(
+        model=model, family=family, forget=forget, retain=retain, tokenizer=tokenizer,
+        generator=torch.Generator().manual_seed(seed), device=device, trainable=trainable, is_peft=is_peft,
+    )
+    report_progress(0.05, "preparing")
+    objective = entry.function(ctx, checked)
+    loop = train(
+        ctx, objective, checked,
+        progress=lambda fraction, stage: report_progress(0.05 + 0.85 * fraction, stage),
+        should_cancel=should_cancel,
+    )
+    for name, parameter in trainable:
+        if not torch.isfinite(parameter).all():
+            raise NonFinite(f"parameter {name} is not finite after unlearning")
+    report_progress(0.9, "evaluating")
+    after = evaluate(model, family, forget, retain, evaluation, device, seed)
+    report: dict[str, Any] = {
+        "method": method,
+        "params": checked.model_dump(mode="json", by_alias=True),
+        "family": family,
+        "peft": is_peft,
+        "trainable_parameters": sum(p.numel() for _, p in (objective.trainable or trainable)),
+        "steps": loop.pop("steps"),
+        "seconds": time.perf_counter() - started,
+        "before": before,
+        "after": after,
+        "loop": {**objective.report, **loop},
+    }
+    if "gu_kept_fraction" in loop:
+        report["gu_kept_fraction"] = loop["gu_kept_fraction"]
+    report_progress(1.0, "done")
+    log.info("unlearned", extra={"method": method, "steps": report["steps"]})
+    return UnlearnOutcome(model=model, report=report)

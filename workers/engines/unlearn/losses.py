@@ -1,0 +1,132 @@
+"""Loss math in named helpers, shared by every method (open-unlearning style).
+
+Language models: `compute_batch_nll` gives each row's NLL summed over its answer tokens (labels ≠ −100,
+shifted by one) and its answer length; NPO, SimNPO, DPO and FLAT are functions of those numbers.
+Classifiers: `classifier_logits` calls the model the way its forward names its inputs; `per_sample_ce`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from workers.engines.unlearn.data import IGNORE_INDEX
+
+# -- language models ----------------------------------------------------------------------------------------
+
+
+def lm_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+
+def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token NLL (B, T−1) of next-token prediction, 0 where the label is −100, and the answer mask."""
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:]
+    mask = shifted_labels != IGNORE_INDEX
+    nll = F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels.clamp_min(0).reshape(-1),
+        reduction="none",
+    ).view_as(shifted_labels)
+    return nll * mask, mask
+
+
+def compute_batch_nll(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Each row's NLL summed over its answer tokens (B,), and the number of answer tokens (B,)."""
+    nll, mask = token_nll(lm_logits(model, batch), batch["labels"])
+    return nll.sum(dim=1), mask.sum(dim=1)
+
+
+def mean_token_nll(nll_sum: Tensor, n_tokens: Tensor) -> Tensor:
+    """The token-mean NLL over a batch (what a causal LM's `.loss` is)."""
+    return nll_sum.sum() / n_tokens.sum().clamp_min(1)
+
+
+def npo_loss(nll: Tensor, reference_nll: Tensor, beta: float) -> Tensor:
+    """NPO: −(2/β)·mean log σ(β·(NLL_θ − NLL_θ0)); falls as the forget answers get less likely than under θ0."""
+    return -(2.0 / beta) * F.logsigmoid(beta * (nll - reference_nll)).mean()
+
+
+def simnpo_loss(nll_sum: Tensor, n_tokens: Tensor, beta: float, delta: float) -> Tensor:
+    """SimNPO: −(2/β)·mean log σ(β·(NLL_θ/|y| − δ)); reference-free, length-normalised."""
+    return -(2.0 / beta) * F.logsigmoid(beta * (nll_sum / n_tokens.clamp_min(1) - delta)).mean()
+
+
+def dpo_loss(win_nll: Tensor, win_ref_nll: Tensor, lose_nll: Tensor, lose_ref_nll: Tensor, beta: float) -> Tensor:
+    """DPO on NLLs: log-ratios −(NLL_θ − NLL_θ0) of the winner and loser; −(2/β)·mean log σ(β·(w − l))."""
+    win_log_ratio = -(win_nll - win_ref_nll)
+    lose_log_ratio = -(lose_nll - lose_ref_nll)
+    return -(2.0 / beta) * F.logsigmoid(beta * (win_log_ratio - lose_log_ratio)).mean()
+
+
+def flat_kl_loss(template_nll: Tensor, template_tokens: Tensor, forget_nll: Tensor, forget_tokens: Tensor) -> Tensor:
+    """FLAT (KL form): −log P(y_e|x) + P(y_f|x), with P = exp(−mean token NLL) of each answer."""
+    template_log_p = -template_nll / template_tokens.clamp_min(1)
+    forget_p = torch.exp(-forget_nll / forget_tokens.clamp_min(1))
+    return (-template_log_p + forget_p).mean()
+
+
+def hidden_states_at(model: nn.Module, batch: dict[str, Tensor], layer: int) -> Tensor:
+    """The output of decoder layer `layer` (B, T, H)."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    return out.hidden_states[layer + 1]
+
+
+def masked_mse(hidden: Tensor, target: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean squared error over the hidden units of the real (unpadded) tokens."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    squared = ((hidden.float() - target.float()) ** 2) * mask
+    return squared.sum() / (mask.sum() * hidden.shape[-1]).clamp_min(1)
+
+
+# -- classifiers --------------------------------------------------------------------------------------------
+
+
+def _takes_keywords(model: nn.Module, keys: Iterable[str]) -> bool:
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return True
+    return all(key in parameters for key in keys)
+
+
+def classifier_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Logits (B, C): `inputs` is passed positionally, named inputs as keywords; `.logits` is unwrapped."""
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    if "inputs" in inputs or not _takes_keywords(model, inputs):
+        out = model(*inputs.values())
+    else:
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def per_sample_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def random_other_labels(labels: Tensor, num_classes: int, generator: torch.Generator) -> Tensor:
+    """A uniformly random label different from the true one, per sample."""
+    offset = torch.randint(1, max(num_classes, 2), labels.shape, generator=generator).to(labels.device)
+    return (labels + offset) % num_classes
+
+
+def adaptive_ga_weights(per_sample_loss: Tensor, ada_lambda: float) -> Tensor:
+    """SFR-on's AdaGA weights w_i ∝ ℓ_i^(−λ), detached, normalised to sum to the batch size."""
+    weights = per_sample_loss.detach().clamp_min(1e-8) ** (-ada_lambda)
+    return weights * (weights.numel() / weights.sum())
+
+
+def l1_norm(parameters: Iterable[Tensor]) -> Tensor:
+    return sum(p.abs().sum() for p in parameters)  # type: ignore[return-value]

@@ -1,0 +1,39 @@
+"""`retrain`: the gold standard — re-initialise and train on the retain set only (both families).
+
+A full model is re-initialised with its own `_init_weights` (transformers) or each module's
+`reset_parameters`; a PeftModel gets a freshly initialised LoRA adapter on the same base. Used as the
+reference that evaluations and benchmarks compare unlearning methods against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from app.schemas.unlearn import RetrainParams
+from workers.engines.registry import register
+from workers.engines.unlearn.loop import Objective, UnlearnContext
+
+
+def reinitialize(model: nn.Module, is_peft: bool) -> None:
+    """Fresh initial weights: the LoRA factors of a PeftModel, else every module of the model."""
+    with torch.no_grad():
+        if is_peft:
+            for module in model.modules():
+                if hasattr(module, "reset_lora_parameters") and hasattr(module, "lora_A"):
+                    for adapter in list(module.lora_A.keys()):
+                        module.reset_lora_parameters(adapter, True)
+        elif hasattr(model, "_init_weights"):
+            model.apply(model._init_weights)
+        else:
+            for module in model.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+
+
+@register("unlearn", "retrain", RetrainParams)
+def retrain(ctx: UnlearnContext, params: RetrainParams) -> Objective:
+    ctx.need_retain()
+    if params.reinitialize:
+        reinitialize(ctx.model, ctx.is_peft)
+    return Objective(retain_loss=lambda model, batch, step: ctx.task_loss(model, batch))
