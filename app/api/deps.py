@@ -1,0 +1,81 @@
+"""Annotated dependencies, so route signatures read like sentences: the settings, the services, the
+caller's tenant from the API key, and records that answer 404 when missing or another tenant's."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Path, Request
+
+from app.errors import Forbidden, Unauthorized
+from app.records import Records
+from app.schemas.adapters import AdapterRecord
+from app.schemas.jobs import ID_PATTERN, JobRecord
+from app.settings import Settings, hash_key
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str
+    scopes: frozenset[str]
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_records(request: Request) -> Records:
+    return request.app.state.records
+
+
+def get_celery(request: Request) -> Celery:
+    return request.app.state.celery
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RecordsDep = Annotated[Records, Depends(get_records)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+
+def get_caller(request: Request) -> Caller:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    digest = hash_key(token.strip())
+    for known_digest, key in request.app.state.api_keys.items():
+        if hmac.compare_digest(known_digest, digest):
+            return Caller(tenant=key.tenant, scopes=key.scopes)
+    raise Unauthorized("invalid API key")
+
+
+def _scoped(scope: str):  # type: ignore[no-untyped-def]
+    def check(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+        if scope not in caller.scopes and "admin" not in caller.scopes:
+            raise Forbidden(f"this API key lacks the '{scope}' scope")
+        return caller
+
+    return check
+
+
+Reader = Annotated[Caller, Depends(_scoped("read"))]
+Writer = Annotated[Caller, Depends(_scoped("write"))]
+Admin = Annotated[Caller, Depends(_scoped("admin"))]
+
+AdapterId = Annotated[str, Path(pattern=ID_PATTERN, max_length=48)]
+JobId = Annotated[str, Path(pattern=ID_PATTERN, max_length=48)]
+
+
+def get_adapter(adapter_id: AdapterId, caller: Reader, records: RecordsDep) -> AdapterRecord:
+    return records.get_adapter(caller.tenant, adapter_id)
+
+
+def get_job(job_id: JobId, caller: Reader, records: RecordsDep) -> JobRecord:
+    return records.get_job(job_id, caller.tenant)
+
+
+AdapterDep = Annotated[AdapterRecord, Depends(get_adapter)]
+JobDep = Annotated[JobRecord, Depends(get_job)]

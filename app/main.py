@@ -1,0 +1,92 @@
+"""create_app(): settings, services, routers, one exception handler for every typed error."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import logs
+from app.api.routes import adapters, health, jobs
+from app.errors import AmendError
+from app.limits import BodySizeLimit
+from app.queue import make_celery
+from app.records import Records
+from app.settings import Settings, get_settings
+from app.storage import Storage
+
+log = logging.getLogger(__name__)
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 400: "bad_request"}
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    logs.configure(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            app.state.records.storage.ensure_bucket()
+            if app.state.records.is_index_empty():
+                counts = app.state.records.reindex()
+                log.info("rebuilt the Redis index from storage", extra=counts)
+        except Exception as error:  # noqa: BLE001 - start anyway; /readyz reports what is down
+            log.warning("start-up checks failed", extra={"error": str(error)})
+        yield
+
+    app = FastAPI(
+        title="Amend",
+        version="0.1.0",
+        description="Merge, compress and unlearn LoRA adapters. Every route but health needs "
+        "`Authorization: Bearer <key>`.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.api_keys = settings.parsed_api_keys()
+    index = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    app.state.records = Records(Storage(settings), index)
+    app.state.celery = make_celery(settings, "amend-api")
+
+    @app.exception_handler(AmendError)
+    async def amend_error(request: Request, error: AmendError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        if error.status == 503:
+            headers = {"Retry-After": "5"}
+        return _error(error.status, error.code, error.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors()[:10]
+        )
+        return _error(422, "validation_error", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(error.status_code, "http_error")
+        return _error(error.status_code, code, str(error.detail), getattr(error, "headers", None))
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(request: Request, error: redis.RedisError) -> JSONResponse:
+        return _error(503, "redis_unavailable", "the Redis index is unavailable; retry shortly", {"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error", extra={"path": request.url.path})
+        return _error(500, "internal_error", "internal error")
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + settings.max_config_bytes + (1 << 20))
+    app.include_router(health.router)
+    app.include_router(adapters.router)
+    app.include_router(jobs.router)
+    return app

@@ -1,0 +1,327 @@
+"""Adapter and job records: the durable copy in S3, the index in Redis.
+
+S3 is the source of truth: `tenants/{tenant}/adapters/{id}/record.json`, `tenants/{tenant}/jobs/{id}/
+record.json`. Redis caches every record for fast listing and polling and holds what only matters while a
+job runs (progress, the cancel flag, leases, idempotency keys). `reindex()` rebuilds the Redis index from
+S3, so losing Redis loses no data. Every Redis failure surfaces as `IndexUnavailable` (HTTP 503).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from app.errors import Conflict, IndexUnavailable, NotFound
+from app.schemas.adapters import AdapterRecord
+from app.schemas.jobs import ACTIVE_STATES, JobEvent, JobRecord
+from app.storage import Storage, keys
+
+log = logging.getLogger(__name__)
+PREFIX = "amend:"
+MAX_EVENTS = 200
+
+
+def new_id(prefix: str) -> str:
+    """Time-ordered ids: 14 hex digits of microseconds, then 10 random hex digits."""
+    return f"{prefix}_{time.time_ns() // 1000:014x}{secrets.token_hex(5)}"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@contextmanager
+def redis_errors() -> Iterator[None]:
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        raise IndexUnavailable("the Redis index is unavailable; retry shortly") from error
+
+
+def _encode_cursor(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode()
+
+
+def _decode_cursor(cursor: str | None) -> str | None:
+    if not cursor:
+        return None
+    try:
+        value = base64.urlsafe_b64decode(cursor.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise NotFound("unknown cursor") from None
+    if len(value) > 64 or not value.replace("_", "").isalnum():
+        raise NotFound("unknown cursor")
+    return value
+
+
+class Records:
+    def __init__(self, storage: Storage, index: redis.Redis) -> None:
+        self.storage = storage
+        self.index = index
+
+    # -- keys ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _adapter_key(tenant: str, adapter_id: str) -> str:
+        return f"{PREFIX}adapter:{tenant}:{adapter_id}"
+
+    @staticmethod
+    def _job_key(job_id: str) -> str:
+        return f"{PREFIX}job:{job_id}"
+
+    @staticmethod
+    def active_key(tenant: str) -> str:
+        return f"{PREFIX}active:{tenant}"
+
+    @staticmethod
+    def cancel_key(job_id: str) -> str:
+        return f"{PREFIX}cancel:{job_id}"
+
+    @staticmethod
+    def progress_key(job_id: str) -> str:
+        return f"{PREFIX}progress:{job_id}"
+
+    # -- adapters -----------------------------------------------------------------------------------
+    def put_adapter(self, record: AdapterRecord) -> None:
+        """Publish an adapter: its files are already stored; the record is the final PUT."""
+        self.storage.put_json(keys.adapter(record.tenant, record.id, "record.json"), record.model_dump(mode="json"))
+        self._index_adapter(record)
+
+    def _index_adapter(self, record: AdapterRecord) -> None:
+        with redis_errors():
+            pipe = self.index.pipeline()
+            pipe.set(self._adapter_key(record.tenant, record.id), record.model_dump_json())
+            pipe.zadd(f"{PREFIX}adapters:{record.tenant}", {record.id: 0})
+            pipe.execute()
+
+    def get_adapter(self, tenant: str, adapter_id: str) -> AdapterRecord:
+        with redis_errors():
+            raw = self.index.get(self._adapter_key(tenant, adapter_id))
+        if raw is None:
+            try:
+                record = AdapterRecord.model_validate(
+                    self.storage.get_json(keys.adapter(tenant, adapter_id, "record.json"))
+                )
+            except NotFound:
+                raise NotFound(f"adapter {adapter_id} not found") from None
+            self._index_adapter(record)
+        else:
+            record = AdapterRecord.model_validate_json(raw)
+        if record.deleted or record.tenant != tenant:
+            raise NotFound(f"adapter {adapter_id} not found")
+        return record
+
+    def list_adapters(self, tenant: str, limit: int, cursor: str | None) -> tuple[list[AdapterRecord], str | None]:
+        ids, next_cursor = self._page(f"{PREFIX}adapters:{tenant}", limit, cursor, lambda _id: True)
+        return [self.get_adapter(tenant, i) for i in ids], next_cursor
+
+    def delete_adapter(self, tenant: str, adapter_id: str) -> None:
+        record = self.get_adapter(tenant, adapter_id)
+        for job in self.active_jobs(tenant):
+            if adapter_id in job.input_adapter_ids():
+                raise Conflict(f"adapter {adapter_id} is used by {job.state} job {job.id}", code="adapter_in_use")
+        # the record goes first, so a half-finished delete leaves no visible adapter behind
+        self.storage.delete(keys.adapter(tenant, adapter_id, "record.json"))
+        with redis_errors():
+            pipe = self.index.pipeline()
+            pipe.delete(self._adapter_key(tenant, adapter_id))
+            pipe.zrem(f"{PREFIX}adapters:{tenant}", adapter_id)
+            pipe.decrby(f"{PREFIX}bytes:{tenant}", record.size_bytes)
+            pipe.execute()
+        self.storage.delete_prefix(keys.adapter(tenant, adapter_id))
+
+    def stored_bytes(self, tenant: str) -> int:
+        with redis_errors():
+            return int(self.index.get(f"{PREFIX}bytes:{tenant}") or 0)
+
+    def add_stored_bytes(self, tenant: str, size: int) -> None:
+        with redis_errors():
+            self.index.incrby(f"{PREFIX}bytes:{tenant}", size)
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    def create_job(self, record: JobRecord) -> None:
+        self.storage.put_json(keys.job(record.tenant, record.id, "record.json"), record.model_dump(mode="json"))
+        self._index_job(record)
+
+    def _index_job(self, record: JobRecord) -> None:
+        with redis_errors():
+            pipe = self.index.pipeline()
+            pipe.set(self._job_key(record.id), record.model_dump_json())
+            pipe.zadd(f"{PREFIX}jobs:{record.tenant}", {record.id: 0})
+            if record.state in ACTIVE_STATES:
+                pipe.sadd(self.active_key(record.tenant), record.id)
+            else:
+                pipe.srem(self.active_key(record.tenant), record.id)
+            pipe.execute()
+
+    def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """A job with live progress. With a tenant, another tenant's job is reported as missing."""
+        with redis_errors():
+            raw, progress = self.index.mget(self._job_key(job_id), self.progress_key(job_id))
+        if raw is None:
+            if tenant is None:
+                raise NotFound(f"job {job_id} not found")
+            try:
+                record = JobRecord.model_validate(self.storage.get_json(keys.job(tenant, job_id, "record.json")))
+            except NotFound:
+                raise NotFound(f"job {job_id} not found") from None
+            self._index_job(record)
+        else:
+            record = JobRecord.model_validate_json(raw)
+        if tenant is not None and record.tenant != tenant:
+            raise NotFound(f"job {job_id} not found")
+        if progress is not None and record.state == "running":
+            value, _, stage = progress.decode().partition("|")
+            record.progress, record.stage = max(record.progress, float(value)), stage
+        return record
+
+    def mutate_job(self, job_id: str, change: Callable[[JobRecord], bool]) -> JobRecord:
+        """Apply `change` to the current record atomically (optimistic, WATCH on the index), then store it
+        durably. `change` returns False to leave the record as it is."""
+        key = self._job_key(job_id)
+        with redis_errors():
+            for _ in range(50):
+                with self.index.pipeline() as pipe:
+                    try:
+                        pipe.watch(key)
+                        raw = pipe.get(key)
+                        if raw is None:
+                            pipe.reset()
+                            raise NotFound(f"job {job_id} not found")
+                        record = JobRecord.model_validate_json(raw)
+                        if not change(record):
+                            return record
+                        pipe.multi()
+                        pipe.set(key, record.model_dump_json())
+                        if record.state in ACTIVE_STATES:
+                            pipe.sadd(self.active_key(record.tenant), record.id)
+                        else:
+                            pipe.srem(self.active_key(record.tenant), record.id)
+                            pipe.delete(self.progress_key(record.id))
+                        pipe.execute()
+                        break
+                    except redis.WatchError:
+                        continue
+            else:
+                raise Conflict(f"job {job_id} is being updated concurrently")
+        self.storage.put_json(keys.job(record.tenant, record.id, "record.json"), record.model_dump(mode="json"))
+        return record
+
+    def set_progress(self, job_id: str, progress: float, stage: str) -> None:
+        with redis_errors():
+            self.index.set(self.progress_key(job_id), f"{progress:.4f}|{stage[:200]}", ex=24 * 3600)
+
+    def list_jobs(
+        self, tenant: str, limit: int, cursor: str | None, state: str | None = None, job_type: str | None = None
+    ) -> tuple[list[JobRecord], str | None]:
+        found: list[JobRecord] = []
+
+        def keep(job_id: str) -> bool:
+            record = self.get_job(job_id, tenant)
+            if (state and record.state != state) or (job_type and record.type != job_type):
+                return False
+            found.append(record)
+            return True
+
+        _, next_cursor = self._page(f"{PREFIX}jobs:{tenant}", limit, cursor, keep)
+        return found, next_cursor
+
+    def active_jobs(self, tenant: str) -> list[JobRecord]:
+        with redis_errors():
+            ids = [i.decode() for i in self.index.smembers(self.active_key(tenant))]
+        jobs = []
+        for job_id in ids:
+            try:
+                jobs.append(self.get_job(job_id, tenant))
+            except NotFound:
+                continue
+        return [job for job in jobs if job.state in ACTIVE_STATES]
+
+    def claim_idempotency_key(self, tenant: str, key: str, job_id: str) -> str | None:
+        """Reserve `key` for `job_id`. Returns the job id that already holds it, or None if reserved now."""
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        with redis_errors():
+            slot = f"{PREFIX}idem:{tenant}:{digest}"
+            if self.index.set(slot, job_id, nx=True, ex=7 * 24 * 3600):
+                return None
+            holder = self.index.get(slot)
+        return holder.decode() if holder else None
+
+    def release_idempotency_key(self, tenant: str, key: str) -> None:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        with redis_errors():
+            self.index.delete(f"{PREFIX}idem:{tenant}:{digest}")
+
+    # -- pages and reindex --------------------------------------------------------------------------
+    def _page(
+        self, zset: str, limit: int, cursor: str | None, keep: Callable[[str], bool]
+    ) -> tuple[list[str], str | None]:
+        """Newest first, by id (ids are time-ordered). Scans in batches until `limit` ids are kept."""
+        after = _decode_cursor(cursor)
+        kept: list[str] = []
+        last: str | None = None
+        upper = f"({after}" if after else "+"
+        with redis_errors():
+            while len(kept) < limit:
+                batch = [i.decode() for i in self.index.zrevrangebylex(zset, upper, "-", start=0, num=max(limit, 50))]
+                if not batch:
+                    return kept, None
+                for item in batch:
+                    last = item
+                    if keep(item):
+                        kept.append(item)
+                        if len(kept) == limit:
+                            break
+                upper = f"({last}"
+            more = self.index.zrevrangebylex(zset, upper, "-", start=0, num=1)
+        return kept, (_encode_cursor(last) if more and last else None)
+
+    def reindex(self) -> dict[str, int]:
+        """Rebuild the Redis index from S3. Returns counts; lost queued jobs are listed for re-enqueue."""
+        counts = {"adapters": 0, "jobs": 0, "bytes": 0}
+        byte_totals: dict[str, int] = {}
+        for key in self.storage.list_keys("tenants/"):
+            parts = key.split("/")
+            if len(parts) != 5 or parts[4] != "record.json":
+                continue
+            tenant, kind = parts[1], parts[2]
+            try:
+                data: dict[str, Any] = self.storage.get_json(key)
+            except (NotFound, json.JSONDecodeError):
+                continue
+            if kind == "adapters":
+                adapter = AdapterRecord.model_validate(data)
+                self._index_adapter(adapter)
+                byte_totals[tenant] = byte_totals.get(tenant, 0) + adapter.size_bytes
+                counts["adapters"] += 1
+            elif kind == "jobs":
+                job = JobRecord.model_validate(data)
+                with redis_errors():
+                    exists = self.index.exists(self._job_key(job.id))
+                if not exists:
+                    self._index_job(job)
+                counts["jobs"] += 1
+        with redis_errors():
+            for tenant, total in byte_totals.items():
+                self.index.set(f"{PREFIX}bytes:{tenant}", total)
+        counts["bytes"] = sum(byte_totals.values())
+        return counts
+
+    def is_index_empty(self) -> bool:
+        with redis_errors():
+            return not any(self.index.scan_iter(match=f"{PREFIX}*", count=100))
+
+
+def add_event(record: JobRecord, stage: str) -> None:
+    record.stage = stage
+    record.events.append(JobEvent(time=now(), state=record.state, progress=record.progress, stage=stage))
+    del record.events[:-MAX_EVENTS]

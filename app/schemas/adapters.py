@@ -1,0 +1,32 @@
+"""Adapter records: what is stored (`AdapterRecord`) and what clients see (`AdapterPublic`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+
+class AdapterPublic(BaseModel):
+    id: str
+    name: str
+    base_model: str | None
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    n_modules: int
+    dtype: str
+    use_rslora: bool = False
+    size_bytes: int
+    sha256: str = Field(description="SHA-256 of adapter_model.safetensors.")
+    created_at: datetime
+    source_job_id: str | None = Field(None, description="The job that produced this adapter, if any.")
+
+
+class AdapterRecord(AdapterPublic):
+    tenant: str
+    config_sha256: str
+    deleted: bool = False
+
+    def public(self) -> AdapterPublic:
+        return AdapterPublic.model_validate(self.model_dump(include=set(AdapterPublic.model_fields)))

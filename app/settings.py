@@ -1,0 +1,119 @@
+"""The one Settings class: the only reader of the environment.
+
+Every variable has the prefix `AMEND_` except `REDIS_URL`. Defaults are the embedded development stack
+(`make run`); outside development the settings refuse default or missing secrets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_S3_ACCESS_KEY = "amend-dev-access"
+DEV_S3_SECRET_KEY = "amend-dev-secret"
+DEV_AUDIT_KEY = "amend-dev-audit-key"
+
+Scope = Literal["read", "write", "admin"]
+
+
+class ApiKey:
+    """A configured API key, held only as its SHA-256 digest, with its tenant and scopes."""
+
+    __slots__ = ("digest", "tenant", "scopes")
+
+    def __init__(self, digest: str, tenant: str, scopes: frozenset[str]) -> None:
+        self.digest = digest
+        self.tenant = tenant
+        self.scopes = scopes
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AMEND_", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "AMEND_REDIS_URL")
+    )
+    s3_endpoint_url: str | None = Field(None, description="None means AWS S3 itself.")
+    s3_bucket: str = "amend"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr = SecretStr(DEV_S3_ACCESS_KEY)
+    s3_secret_access_key: SecretStr = SecretStr(DEV_S3_SECRET_KEY)
+    s3_connect_timeout: float = Field(5.0, gt=0, le=120)
+    s3_read_timeout: float = Field(60.0, gt=0, le=3600)
+    s3_max_attempts: int = Field(3, ge=1, le=10)
+    s3_multipart_threshold: int = Field(16 * 2**20, ge=5 * 2**20)
+    s3_multipart_chunk: int = Field(16 * 2**20, ge=5 * 2**20)
+
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description='"key1:tenantA,key2:tenantB[:read+write+admin]"; key may also be given as sha256:<hex>.',
+    )
+    audit_hmac_key: SecretStr = SecretStr(DEV_AUDIT_KEY)
+
+    max_upload_bytes: int = Field(2 * 2**30, ge=1024)
+    max_safetensors_header_bytes: int = Field(16 * 2**20, ge=1024)
+    max_tensors: int = Field(20_000, ge=1)
+    max_config_bytes: int = Field(256 * 1024, ge=1024)
+    max_merge_adapters: int = Field(64, ge=1, le=64)
+    max_jobs_per_tenant: int = Field(32, ge=1, description="Queued + running jobs a tenant may have at once.")
+    max_bytes_per_tenant: int = Field(200 * 2**30, ge=1024)
+    job_max_attempts: int = Field(3, ge=1, le=20)
+    job_time_limit: int = Field(3600, ge=10)
+    job_lease_seconds: int = Field(30, ge=3, le=3600)
+    page_limit_max: int = Field(200, ge=1)
+
+    data_dir: str = ".amend-data"
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _no_default_secrets_outside_development(self) -> Settings:
+        if self.environment == "production":
+            defaults = {
+                "AMEND_S3_SECRET_ACCESS_KEY": self.s3_secret_access_key.get_secret_value() == DEV_S3_SECRET_KEY,
+                "AMEND_AUDIT_HMAC_KEY": self.audit_hmac_key.get_secret_value() == DEV_AUDIT_KEY,
+                "AMEND_API_KEYS": not self.api_keys.get_secret_value().strip(),
+            }
+            bad = [name for name, is_default in defaults.items() if is_default]
+            if bad:
+                raise ValueError(f"refusing to start in production with default or empty secrets: {bad}")
+        self.parsed_api_keys()
+        return self
+
+    def parsed_api_keys(self) -> dict[str, ApiKey]:
+        """Digest -> ApiKey. Raw keys never stay in memory beyond this parse."""
+        keys: dict[str, ApiKey] = {}
+        for item in self.api_keys.get_secret_value().split(","):
+            item = item.strip()
+            if not item:
+                continue
+            parts = item.split(":")
+            if parts[0] == "sha256" and len(parts) >= 3:
+                digest, rest = parts[1].lower(), parts[2:]
+            else:
+                digest, rest = hash_key(parts[0]), parts[1:]
+            if not rest or not rest[0]:
+                raise ValueError("each API key needs a tenant: key:tenant[:scope+scope]")
+            tenant = rest[0]
+            if not tenant.replace("-", "").replace("_", "").isalnum() or len(tenant) > 64:
+                raise ValueError(f"tenant names are 1..64 of [A-Za-z0-9_-], got {tenant!r}")
+            scopes = frozenset(rest[1].split("+")) if len(rest) > 1 else frozenset({"read", "write"})
+            unknown = scopes - {"read", "write", "admin"}
+            if unknown:
+                raise ValueError(f"unknown scopes {sorted(unknown)}")
+            keys[digest] = ApiKey(digest, tenant, scopes)
+        return keys
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

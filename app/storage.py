@@ -1,0 +1,248 @@
+"""The one storage path: S3 through boto3 (AWS, SeaweedFS, MinIO, Ceph).
+
+- Every write carries a SHA-256 checksum that the server verifies; large objects go up in multipart parts,
+  read from a stream, so nothing is held whole in memory.
+- Publish by final PUT: an S3 object becomes visible only when its PUT (or CompleteMultipartUpload)
+  succeeds, and a multi-object artifact (an adapter, a job result) becomes visible only when its record —
+  always written last — exists. A failed multipart upload is aborted; a failed artifact is deleted.
+- Keys are built from ids only (see `keys`), never from user-supplied names.
+- Connection failures surface as `StorageUnavailable` (HTTP 503).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from app.errors import NotFound, StorageUnavailable
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_UNAVAILABLE = (BotoConnectionError, BotoCoreError)
+
+
+class keys:
+    """Object keys, from ids only."""
+
+    @staticmethod
+    def tenant(tenant: str) -> str:
+        return f"tenants/{tenant}/"
+
+    @staticmethod
+    def adapter(tenant: str, adapter_id: str, name: str = "") -> str:
+        return f"tenants/{tenant}/adapters/{adapter_id}/{name}"
+
+    @staticmethod
+    def job(tenant: str, job_id: str, name: str = "") -> str:
+        return f"tenants/{tenant}/jobs/{job_id}/{name}"
+
+    @staticmethod
+    def dataset(tenant: str, dataset_id: str, name: str = "") -> str:
+        return f"tenants/{tenant}/datasets/{dataset_id}/{name}"
+
+    @staticmethod
+    def model(tenant: str, model_id: str, name: str = "") -> str:
+        return f"tenants/{tenant}/models/{model_id}/{name}"
+
+
+def sha256_b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+class Storage:
+    def __init__(self, settings: Settings) -> None:
+        self.bucket = settings.s3_bucket
+        self._chunk = settings.s3_multipart_chunk
+        self._threshold = settings.s3_multipart_threshold
+        self.client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.s3_region,
+            aws_access_key_id=settings.s3_access_key_id.get_secret_value(),
+            aws_secret_access_key=settings.s3_secret_access_key.get_secret_value(),
+            config=Config(
+                connect_timeout=settings.s3_connect_timeout,
+                read_timeout=settings.s3_read_timeout,
+                retries={"max_attempts": settings.s3_max_attempts, "mode": "standard"},
+                s3={"addressing_style": "path"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+
+    # -- health and setup ---------------------------------------------------------------------------
+    def ping(self) -> None:
+        with _translate():
+            self.client.head_bucket(Bucket=self.bucket)
+
+    def ensure_bucket(self) -> None:
+        with _translate():
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as error:
+                if _status(error) not in (404, 400, 403):
+                    raise
+                self.client.create_bucket(Bucket=self.bucket)
+
+    # -- writes -------------------------------------------------------------------------------------
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        """Write a small object with a server-verified SHA-256; returns the hex digest."""
+        digest = hashlib.sha256(data).digest()
+        with _translate():
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType=content_type,
+                ChecksumSHA256=sha256_b64(digest),
+            )
+        return digest.hex()
+
+    def put_json(self, key: str, value: Any) -> None:
+        self.put_bytes(key, json.dumps(value, separators=(",", ":"), default=str).encode(), "application/json")
+
+    def put_file(self, key: str, source: IO[bytes], content_type: str = "application/octet-stream") -> str:
+        """Stream a file object up: one PUT when small, multipart with per-part SHA-256 when large.
+
+        Returns the hex SHA-256 of the whole object. A failed multipart upload is aborted, so no part of it
+        is ever visible.
+        """
+        first = source.read(self._threshold)
+        if len(first) < self._threshold:
+            return self.put_bytes(key, first, content_type)
+        whole = hashlib.sha256()
+        with _translate():
+            upload = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, ContentType=content_type, ChecksumAlgorithm="SHA256"
+            )
+        upload_id = upload["UploadId"]
+        try:
+            parts = []
+            chunk = first
+            number = 1
+            while chunk:
+                whole.update(chunk)
+                part_digest = sha256_b64(hashlib.sha256(chunk).digest())
+                with _translate():
+                    response = self.client.upload_part(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=chunk,
+                        ChecksumSHA256=part_digest,
+                    )
+                parts.append({"PartNumber": number, "ETag": response["ETag"], "ChecksumSHA256": part_digest})
+                number += 1
+                chunk = source.read(self._chunk)
+            with _translate():
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                )
+        except BaseException:
+            self._abort(key, upload_id)
+            raise
+        return whole.hexdigest()
+
+    def upload_path(self, key: str, path: Path, content_type: str = "application/octet-stream") -> str:
+        with path.open("rb") as source:
+            return self.put_file(key, source, content_type)
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except (ClientError, *_UNAVAILABLE):
+            log.warning("could not abort multipart upload", extra={"key": key})
+
+    # -- reads --------------------------------------------------------------------------------------
+    def get_bytes(self, key: str) -> bytes:
+        with _translate():
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            return body.read()
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.get_bytes(key))
+
+    def exists(self, key: str) -> bool:
+        try:
+            with _translate():
+                self.client.head_object(Bucket=self.bucket, Key=key)
+        except NotFound:
+            return False
+        return True
+
+    def size(self, key: str) -> int:
+        with _translate():
+            return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """Stream an object down in chunks (for HTTP downloads)."""
+        with _translate():
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        try:
+            yield from body.iter_chunks(chunk_size)
+        finally:
+            body.close()
+
+    def download(self, key: str, path: Path) -> None:
+        """Stream an object to a local file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as sink:
+            for chunk in self.iter_chunks(key):
+                sink.write(chunk)
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        with _translate():
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield item["Key"]
+
+    # -- deletes ------------------------------------------------------------------------------------
+    def delete_prefix(self, prefix: str) -> int:
+        found = list(self.list_keys(prefix))
+        with _translate():
+            for start in range(0, len(found), 1000):
+                batch = [{"Key": k} for k in found[start : start + 1000]]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(found)
+
+    def delete(self, key: str) -> None:
+        with _translate():
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+
+
+def _status(error: ClientError) -> int:
+    return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+class _translate:
+    """Map boto errors to typed ones: missing -> NotFound, unreachable -> StorageUnavailable."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> bool:
+        if error is None:
+            return False
+        if isinstance(error, ClientError):
+            code = error.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
+                raise NotFound("object not found") from error
+            if _status(error) >= 500:
+                raise StorageUnavailable(f"object storage error: {code}") from error
+            return False
+        if isinstance(error, _UNAVAILABLE):
+            raise StorageUnavailable("object storage is unreachable") from error
+        return False

@@ -1,0 +1,51 @@
+"""Tiny real models and PEFT adapters for tests: random weights from transformers configs, seeded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+)
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**TINY_LLAMA)
+    config.name_or_path = "tiny-llama"
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model
+
+
+def make_adapter(
+    directory: Path,
+    seed: int = 0,
+    r: int = 4,
+    alpha: float = 8,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    use_rslora: bool = False,
+    base_name: str = "tiny-llama",
+) -> Path:
+    """Save a real PEFT LoRA adapter (non-zero B) for the tiny Llama and return its directory."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(0)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False, use_rslora=use_rslora
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    peft_model.save_pretrained(directory)
+    return directory
