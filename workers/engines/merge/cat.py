@@ -1,0 +1,37 @@
+"""`cat` — exact concatenation (PEFT's `combination_type="cat"`): B = λ·[B_1 … B_T], A = [A_1; …; A_T].
+
+The merged update is exactly λ·Σ_t ΔW_t at rank Σ r_t; the requested output rank is ignored.
+"""
+
+from __future__ import annotations
+
+from app.schemas.merge import CatParams
+from workers.engines.merge.core_space import stack_factors
+from workers.engines.merge.types import MergedModule, MergeJob, ModuleGrams
+from workers.engines.registry import register
+
+
+@register("merge", "cat", CatParams)
+def cat(job: MergeJob, params: CatParams) -> dict[str, MergedModule]:
+    """Stack every module's factors; λ goes on lora_B. Output rank Σ r_t (only the present tasks)."""
+    out: dict[str, MergedModule] = {}
+    lam = params.lambda_
+    for name, tasks in job.modules.items():
+        stack = stack_factors(name, tasks)
+        # stack the factors: exact, rank Σr
+        gram_B = (stack.lora_B.mT @ stack.lora_B).double()
+        gram_A = (stack.lora_A @ stack.lora_A.mT).double()
+        out[name] = MergedModule(
+            lora_A=stack.lora_A,
+            lora_B=stack.lora_B * lam,
+            grams=ModuleGrams(
+                gram_B=gram_B,
+                gram_A=gram_A,
+                cross_B=lam * gram_B,
+                cross_A=gram_A,
+                out_B=lam * lam * gram_B,
+                out_A=gram_A,
+            ),
+        )
+        job.progress(len(out) / max(1, len(job.modules)), "concatenating")
+    return out

@@ -1,0 +1,183 @@
+"""Core space: lossless shared bases of the stacked factors and the small Tr×Tr cores (shared pieces).
+
+Panariello, Marczak et al., "Accurate and Efficient Low-Rank Model Merging in Core Space", NeurIPS 2025;
+also step 1 of CtM (He et al., ICML 2026). Per module, with B_s = [B_1 … B_T] (m×K), A_s = [A_1; …; A_T]
+(K×n), K = Σ r_t:
+
+- U_ref = left singular vectors of B_s, V_ref = right singular vectors of A_s;
+- cores M_t = (U_refᵀB_t)(A_tV_ref) (K×K), exact: U_ref M_t V_refᵀ = B_tA_t;
+- the exact rank-k truncation of U_ref·C·V_refᵀ is the truncated SVD of the K×K core C (Eckart–Young).
+
+No m×n matrix is formed. The bases come from the K×K Gram matrices: with B_sᵀB_s = Z S² Zᵀ,
+U_ref = B_s Z S⁻¹ and U_refᵀB_s = S Zᵀ, so U_ref is never materialised; outputs are lifted with one
+(m×K)·(K×k) product. The Gram is formed in float32 (one GEMM) and redone in float64 only for modules whose
+spectrum has directions below float32's reach (near rank-deficient stacks). Directions with σ ≤ 1e-6·σ_max
+are dropped (their coordinates are zero), so rank-deficient stacks stay exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from workers.engines.merge.types import RANK_TOL, ModuleGrams, RankTarget, TaskFactors
+
+# Eigenvalues of a float32 Gram below this fraction of the largest are unreliable: redo in float64.
+_FP32_RELIABLE = 1e-4
+_EIG_TOL = RANK_TOL**2
+
+
+@dataclass
+class StackedFactors:
+    """One module's present tasks stacked: lora_B (m×K), lora_A (K×n); `tasks` = global task indices."""
+
+    name: str
+    lora_B: Tensor
+    lora_A: Tensor
+    ranks: tuple[int, ...]
+    tasks: tuple[int, ...]
+
+    @property
+    def slices(self) -> list[slice]:
+        out, start = [], 0
+        for r in self.ranks:
+            out.append(slice(start, start + r))
+            start += r
+        return out
+
+
+def stack_factors(name: str, tasks: Sequence[TaskFactors | None]) -> StackedFactors:
+    """Concatenate the present tasks' factors of one module (B side by side, A on top of each other)."""
+    present = [(t, f) for t, f in enumerate(tasks) if f is not None]
+    return StackedFactors(
+        name=name,
+        lora_B=torch.cat([f.lora_B for _, f in present], dim=1),
+        lora_A=torch.cat([f.lora_A for _, f in present], dim=0),
+        ranks=tuple(f.rank for _, f in present),
+        tasks=tuple(t for t, _ in present),
+    )
+
+
+@dataclass
+class CoreBasis:
+    """Core-space bases of G modules that share K (all float64, batched on the first axis).
+
+    coords_B = U_refᵀB_s (G,K,K), coords_A = A_sV_ref (G,K,K), lift_B with U_ref = B_s·lift_B,
+    lift_A with V_refᵀ = lift_A·A_s; gram_B, gram_A the Grams; rank_B, rank_A the numerical ranks.
+    """
+
+    coords_B: Tensor
+    coords_A: Tensor
+    lift_B: Tensor
+    lift_A: Tensor
+    gram_B: Tensor
+    gram_A: Tensor
+    rank_B: list[int]
+    rank_A: list[int]
+
+
+def _gram(x: Tensor, rows: bool, dtype: torch.dtype) -> Tensor:
+    x = x.to(dtype)
+    return x @ x.mT if rows else x.mT @ x
+
+
+def _eig_basis(grams: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """From PSD Grams (G,K,K) float64 = Z S² Zᵀ: (Z, S, S⁺, ranks), eigenvalues sorted descending."""
+    lam, z = torch.linalg.eigh(grams)
+    lam, z = lam.flip(-1), z.flip(-1)
+    top = lam[:, :1].clamp(min=torch.finfo(torch.float64).tiny)
+    keep = lam > top * _EIG_TOL
+    s = lam.clamp(min=0).sqrt() * keep
+    s_inv = torch.where(keep, 1.0 / s.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    return z, s, s_inv, [int(k) for k in keep.sum(-1)]
+
+
+def _grams(mats: list[Tensor], rows: bool) -> Tensor:
+    """Grams of each module's stack, float32 GEMM, redone in float64 where float32 cannot resolve them."""
+    grams = torch.stack([_gram(x, rows, torch.float32) for x in mats]).double()
+    lam = torch.linalg.eigvalsh(grams)
+    ratio = lam[:, 0].abs() / lam[:, -1].clamp(min=torch.finfo(torch.float64).tiny)
+    for i in torch.nonzero(ratio < _FP32_RELIABLE).flatten().tolist():
+        grams[i] = _gram(mats[i], rows, torch.float64)
+    return grams
+
+
+def core_bases(stacks: Sequence[StackedFactors]) -> CoreBasis:
+    """Bases and core coordinates of modules sharing the same K (step 1 of Core Space / CtM)."""
+    gram_B = _grams([s.lora_B for s in stacks], rows=False)
+    gram_A = _grams([s.lora_A for s in stacks], rows=True)
+    z_B, s_B, s_B_inv, rank_B = _eig_basis(gram_B)
+    z_A, s_A, s_A_inv, rank_A = _eig_basis(gram_A)
+    return CoreBasis(
+        coords_B=s_B.unsqueeze(-1) * z_B.mT,  # S Zᵀ = U_refᵀ B_s
+        coords_A=z_A * s_A.unsqueeze(-2),  # Z_A S_A = A_s V_ref
+        lift_B=z_B * s_B_inv.unsqueeze(-2),  # Z S⁻¹
+        lift_A=s_A_inv.unsqueeze(-1) * z_A.mT,  # S_A⁻¹ Z_Aᵀ
+        gram_B=gram_B,
+        gram_A=gram_A,
+        rank_B=rank_B,
+        rank_A=rank_A,
+    )
+
+
+def cores(basis: CoreBasis, ranks: Sequence[int]) -> Tensor:
+    """Per-task cores M_t = (U_refᵀB_t)(A_tV_ref), shape (G, T, K, K), float64."""
+    out, start = [], 0
+    for r in ranks:
+        out.append(basis.coords_B[:, :, start : start + r] @ basis.coords_A[:, start : start + r, :])
+        start += r
+    return torch.stack(out, dim=1)
+
+
+def truncate(core: Tensor, targets: Sequence[RankTarget]) -> list[tuple[Tensor, Tensor]]:
+    """Exact truncation of each core C (G,K,K) to its target rank k: (XΣ^½ (K×k), Σ^½Yᵀ (k×K)).
+
+    The SVD of the K×K core is the SVD of the merged update (bases are orthonormal), so this is the
+    Eckart–Young optimum; a rank above the numerical rank gives the exact update.
+    """
+    x, s, yh = torch.linalg.svd(core, full_matrices=False)
+    out = []
+    for i, target in enumerate(targets):
+        k = target.choose(s[i])
+        root = s[i, :k].sqrt()
+        out.append((x[i, :, :k] * root, root.unsqueeze(-1) * yh[i, :k]))
+    return out
+
+
+def lift(stack: StackedFactors, basis: CoreBasis, i: int, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+    """Weight-space factors of U_ref·left·right·V_refᵀ: lora_B = B_s·(lift_B·left), lora_A = (right·lift_A)·A_s.
+
+    Returns (lora_B (m×k), lora_A (k×n)) in the stack's dtype, and fills nothing else.
+    """
+    coef_B = (basis.lift_B[i] @ left).to(stack.lora_B.dtype)
+    coef_A = (right @ basis.lift_A[i]).to(stack.lora_A.dtype)
+    return stack.lora_B @ coef_B, coef_A @ stack.lora_A
+
+
+def lifted_grams(basis: CoreBasis, i: int, left: Tensor, right: Tensor) -> ModuleGrams:
+    """The report's Gram matrices of an output lifted from core coordinates, from K×K matrices only."""
+    coef_B = basis.lift_B[i] @ left  # B_o = B_s coef_B
+    coef_A = right @ basis.lift_A[i]  # A_o = coef_A A_s
+    cross_B = coef_B.mT @ basis.gram_B[i]
+    cross_A = coef_A @ basis.gram_A[i]
+    return ModuleGrams(
+        gram_B=basis.gram_B[i],
+        gram_A=basis.gram_A[i],
+        cross_B=cross_B,
+        cross_A=cross_A,
+        out_B=cross_B @ coef_B,
+        out_A=cross_A @ coef_A.mT,
+    )
+
+
+def batches(modules: Mapping[str, Sequence[TaskFactors | None]], chunk: int = 32) -> list[list[str]]:
+    """Module names in batches whose present tasks and ranks agree (so their cores share K), ≤ `chunk`
+    per batch, so only one batch of stacked factors is alive at a time."""
+    groups: dict[tuple[tuple[int, ...], ...], list[str]] = {}
+    for name, tasks in modules.items():
+        key = tuple((t, f.rank) for t, f in enumerate(tasks) if f is not None)
+        groups.setdefault(key, []).append(name)
+    return [g[i : i + chunk] for g in groups.values() for i in range(0, len(g), chunk)]

@@ -1,0 +1,96 @@
+"""Merge rules: a rule name + params applied to T same-shaped tensors. The one place rules are dispatched.
+
+A rule is a configuration of the shared pieces in `sparsify.py`: an optional sparsifier, then either a sum
+(task arithmetic, DARE linear, magnitude prune, breadcrumbs) or TIES' sign election and disjoint mean
+(ties, dare_ties). Values arrive batched as (G, T, N); the result is (G, N).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel
+from torch import Tensor
+
+from workers.engines.merge.sparsify import (
+    SignMethod,
+    Sparsifier,
+    disjoint_mean,
+    elect_sign,
+    sign_conflicts,
+    sparsify,
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a rule treats the task values: which sparsifier, and whether signs are elected (TIES)."""
+
+    sparsifier: Sparsifier | None
+    elect: bool
+
+
+RULES: dict[str, Rule] = {
+    "task_arithmetic": Rule(sparsifier=None, elect=False),
+    "ties": Rule(sparsifier="magnitude", elect=True),
+    "dare_linear": Rule(sparsifier="random", elect=False),
+    "dare_ties": Rule(sparsifier="random", elect=True),
+    "magnitude_prune": Rule(sparsifier="magnitude", elect=False),
+    "breadcrumbs": Rule(sparsifier="breadcrumbs", elect=False),
+}
+
+
+@dataclass(frozen=True)
+class RuleOptions:
+    """Rule parameters: density in [0, 1], gamma in [0, 1 − density], sign election, DARE seed."""
+
+    density: float = 1.0
+    gamma: float = 0.0
+    majority_sign: SignMethod = "total"
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, params: BaseModel) -> RuleOptions:
+        """Read the rule fields a params model has; the others keep their neutral defaults."""
+        return cls(
+            density=float(getattr(params, "density", 1.0)),
+            gamma=float(getattr(params, "gamma", 0.0)),
+            majority_sign=getattr(params, "majority_sign", "total"),
+            seed=int(getattr(params, "seed", 0)),
+        )
+
+
+@dataclass
+class RuleOutcome:
+    """The merged values (G, N), and the pruned task values and elected sign for the sign-conflict rate."""
+
+    merged: Tensor
+    pruned: Tensor
+    sign: Tensor
+
+    def conflicts(self) -> Tensor:
+        """Sign-conflict rate per (group, task), (G, T)."""
+        return sign_conflicts(self.pruned, self.sign)
+
+
+def generators_for(keys: list[str], seed: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per group, seeded from the job seed and the group's key (e.g. the module name), so the
+    random pruning of a module does not depend on how modules were batched."""
+    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(k.encode())) for k in keys]
+
+
+def apply_rule(name: str, values: Tensor, options: RuleOptions, keys: list[str]) -> RuleOutcome:
+    """Merge `values` (G, T, N) with rule `name`; `keys` name the G groups (seeds DARE per group)."""
+    rule = RULES[name]
+    # sparsify
+    pruned = values
+    if rule.sparsifier is not None:
+        generators = generators_for(keys, options.seed, values.device) if rule.sparsifier == "random" else None
+        pruned = sparsify(values, rule.sparsifier, options.density, options.gamma, generators)
+    # elect sign
+    sign = elect_sign(pruned, options.majority_sign if rule.elect else "total")
+    # disjoint merge (TIES) or plain sum
+    merged = disjoint_mean(pruned, sign) if rule.elect else pruned.sum(dim=1)
+    return RuleOutcome(merged=merged, pruned=pruned, sign=sign)
