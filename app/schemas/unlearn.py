@@ -48,8 +48,7 @@ class _Gradient(BaseModel):
 
     gu: bool = Field(
         False,
-        description="Project the forget gradient off the span of per-sample retain gradients (GU); "
-        "needs retain rows.",
+        description="Project the forget gradient off the span of per-sample retain gradients (GU); needs retain rows.",
     )
     gu_retain_samples: int = Field(4, ge=1, le=16, description="Retain samples spanning the GU subspace.")
 
@@ -62,9 +61,7 @@ class _Weighted(BaseModel):
 
 
 def _template() -> str:
-    return Field(
-        "I don't know.", min_length=1, max_length=512, description="Answer taught for forget prompts."
-    )
+    return Field("I don't know.", min_length=1, max_length=512, description="Answer taught for forget prompts.")
 
 
 # -- both families ------------------------------------------------------------------------------------------

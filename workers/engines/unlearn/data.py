@@ -87,9 +87,7 @@ class LMData:
         if self.prompts is None:
             raise UnlearnError("a template answer needs prompt/completion rows, not text rows")
         rows = [{"prompt": prompt, "completion": completion} for prompt in self.prompts]
-        return LMData.from_rows(
-            rows, self.meta["tokenizer"], self.meta["max_length"], self.meta["append_eos"]
-        )
+        return LMData.from_rows(rows, self.meta["tokenizer"], self.meta["max_length"], self.meta["append_eos"])
 
     def __len__(self) -> int:
         return len(self.input_ids)

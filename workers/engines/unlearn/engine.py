@@ -105,13 +105,22 @@ def unlearn(
     before = evaluate(model, family, forget, retain, evaluation, device, seed)
     torch.manual_seed(seed)
     ctx = UnlearnContext(
-        model=model, family=family, forget=forget, retain=retain, tokenizer=tokenizer,
-        generator=torch.Generator().manual_seed(seed), device=device, trainable=trainable, is_peft=is_peft,
+        model=model,
+        family=family,
+        forget=forget,
+        retain=retain,
+        tokenizer=tokenizer,
+        generator=torch.Generator().manual_seed(seed),
+        device=device,
+        trainable=trainable,
+        is_peft=is_peft,
     )
     report_progress(0.05, "preparing")
     objective = entry.function(ctx, checked)
     loop = train(
-        ctx, objective, checked,
+        ctx,
+        objective,
+        checked,
         progress=lambda fraction, stage: report_progress(0.05 + 0.85 * fraction, stage),
         should_cancel=should_cancel,
     )

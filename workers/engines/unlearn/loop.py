@@ -178,7 +178,7 @@ class _Trainer:
         if self.objective.forget_loss is None:
             raise RuntimeError("no forget loss")
         loss = self.objective.forget_loss(self.ctx.model, self._batch(self.forget), step)
-        self.last["forget_loss"] = float(loss)
+        self.last["forget_loss"] = float(loss.detach())
         grads = _grads(loss, self.parameters)
         if self.use_gu:
             flat = _flat(grads)
@@ -191,7 +191,7 @@ class _Trainer:
         if self.objective.retain_loss is None:
             raise RuntimeError("no retain loss")
         loss = self.objective.retain_loss(self.ctx.model, self._batch(self.retain), step)
-        self.last["retain_loss"] = float(loss)
+        self.last["retain_loss"] = float(loss.detach())
         return _grads(loss, self.parameters)
 
     def _apply(self, grads: list[Tensor], mask: dict[str, Tensor] | None, clip: float) -> None:

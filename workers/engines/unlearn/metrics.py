@@ -54,9 +54,7 @@ def classifier_outputs(model: nn.Module, data: ClassifierData, device: torch.dev
     return {"correct": torch.cat(correct), "loss": torch.cat(losses), "confidence": torch.cat(confidence)}
 
 
-def mia_efficacy(
-    retain_confidence: Tensor, test_confidence: Tensor, forget_confidence: Tensor, seed: int = 0
-) -> float:
+def mia_efficacy(retain_confidence: Tensor, test_confidence: Tensor, forget_confidence: Tensor, seed: int = 0) -> float:
     """100 × fraction of forget samples an SVC on true-label confidence calls non-members."""
     generator = np.random.default_rng(seed)
     n = min(len(test_confidence), len(retain_confidence))
@@ -78,8 +76,11 @@ def classifier_report(
     seed: int = 0,
 ) -> dict[str, float]:
     out: dict[str, float] = {}
-    parts = {name: classifier_outputs(model, _capped(data, seed), device)
-             for name, data in (("forget", forget), ("retain", retain), ("test", test)) if data is not None}
+    parts = {
+        name: classifier_outputs(model, _capped(data, seed), device)
+        for name, data in (("forget", forget), ("retain", retain), ("test", test))
+        if data is not None
+    }
     for name, part in parts.items():
         out[f"{name}_accuracy"] = 100.0 * float(part["correct"].float().mean())
         out[f"{name}_loss"] = float(part["loss"].mean())
@@ -90,8 +91,9 @@ def classifier_report(
     if "test" in parts:
         out["TA"] = out["test_accuracy"]
     if {"forget", "retain", "test"} <= parts.keys():
-        out["MIA"] = mia_efficacy(parts["retain"]["confidence"], parts["test"]["confidence"],
-                                  parts["forget"]["confidence"], seed)
+        out["MIA"] = mia_efficacy(
+            parts["retain"]["confidence"], parts["test"]["confidence"], parts["forget"]["confidence"], seed
+        )
     return out
 
 
@@ -119,8 +121,10 @@ def lm_outputs(model: nn.Module, data: LMData, device: torch.device) -> dict[str
             strength.append(1.0 - k / len(answer_hits))
             lowest = torch.sort(-row_nll).values[: max(1, int(MIN_K * len(row_nll)))]
             min_k.append(float(lowest.mean()))
-    return {name: torch.tensor(values) for name, values in
-            (("nll", mean_nll), ("exact", exact), ("es", strength), ("min_k", min_k))}
+    return {
+        name: torch.tensor(values)
+        for name, values in (("nll", mean_nll), ("exact", exact), ("es", strength), ("min_k", min_k))
+    }
 
 
 def min_k_auc(member_scores: Tensor, non_member_scores: Tensor) -> float:
@@ -139,8 +143,11 @@ def lm_report(
     seed: int = 0,
 ) -> dict[str, float]:
     out: dict[str, float] = {}
-    parts = {name: lm_outputs(model, _capped(data, seed), device)
-             for name, data in (("forget", forget), ("retain", retain), ("holdout", holdout)) if data is not None}
+    parts = {
+        name: lm_outputs(model, _capped(data, seed), device)
+        for name, data in (("forget", forget), ("retain", retain), ("holdout", holdout))
+        if data is not None
+    }
     for name, part in parts.items():
         out[f"{name}_nll"] = float(part["nll"].mean())
         out[f"{name}_probability"] = float(torch.exp(-part["nll"]).mean())

@@ -32,16 +32,19 @@ def rmu(ctx: UnlearnContext, params: RmuParams) -> Objective:
     ctx.need_retain()
     with torch.no_grad():
         probe = to_device(forget.collate([0]), ctx.device)
-        out = ctx.model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"],
-                        output_hidden_states=True, use_cache=False)
+        out = ctx.model(
+            input_ids=probe["input_ids"],
+            attention_mask=probe["attention_mask"],
+            output_hidden_states=True,
+            use_cache=False,
+        )
     n_layers = len(out.hidden_states) - 1
     if params.layer >= n_layers:
         raise UnlearnError(f"rmu layer {params.layer} out of range: the model has {n_layers} layers")
     layers = set(params.trained_layers or range(max(0, params.layer - 2), params.layer + 1))
     trainable = [(n, p) for n, p in ctx.trainable if _selected(n, layers, params.trained_module)]
     if not trainable:
-        raise UnlearnError(f"rmu: no trainable parameter in layers {sorted(layers)} matches "
-                           f"{params.trained_module!r}")
+        raise UnlearnError(f"rmu: no trainable parameter in layers {sorted(layers)} matches {params.trained_module!r}")
     hidden = out.hidden_states[params.layer + 1].shape[-1]
     direction = torch.rand(hidden, generator=ctx.generator).to(ctx.device)
     control = params.steering_coeff * direction / direction.norm()
@@ -57,5 +60,9 @@ def rmu(ctx: UnlearnContext, params: RmuParams) -> Objective:
             h_ref = hidden_states_at(reference, batch, params.layer)
         return params.alpha * masked_mse(h, h_ref, batch["attention_mask"])
 
-    return Objective(forget_loss=forget_loss, retain_loss=retain_loss, trainable=trainable,
-                     report={"rmu_trained_parameters": len(trainable)})
+    return Objective(
+        forget_loss=forget_loss,
+        retain_loss=retain_loss,
+        trainable=trainable,
+        report={"rmu_trained_parameters": len(trainable)},
+    )

@@ -29,8 +29,9 @@ def gradient_sum(
     was_training = model.training
     model.eval()
     for batch in batches:
-        for (name, _), g in zip(named, _named_grads(model, loss_fn(model, to_device(batch, device)), named),
-                                strict=True):
+        for (name, _), g in zip(
+            named, _named_grads(model, loss_fn(model, to_device(batch, device)), named), strict=True
+        ):
             total[name] += g.float()
     model.train(was_training)
     return total
@@ -50,8 +51,9 @@ def squared_gradient_mean(
     model.eval()
     for batch in batches:
         count += 1
-        for (name, _), g in zip(named, _named_grads(model, loss_fn(model, to_device(batch, device)), named),
-                                strict=True):
+        for (name, _), g in zip(
+            named, _named_grads(model, loss_fn(model, to_device(batch, device)), named), strict=True
+        ):
             total[name] += g.float() ** 2
     model.train(was_training)
     return {name: value / max(count, 1) for name, value in total.items()}

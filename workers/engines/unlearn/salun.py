@@ -21,8 +21,11 @@ def salun(ctx: UnlearnContext, params: SalunParams) -> Objective:
     ctx.need_retain()
     # saliency of the forget loss
     saliency = gradient_sum(
-        ctx.model, ctx.trainable, batches(forget, params.batch_size),
-        lambda model, batch: -ctx.task_loss(model, batch), ctx.device,
+        ctx.model,
+        ctx.trainable,
+        batches(forget, params.batch_size),
+        lambda model, batch: -ctx.task_loss(model, batch),
+        ctx.device,
     )
     mask = top_fraction_mask({name: g.abs() for name, g in saliency.items()}, params.q)
     kept = sum(float(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())

@@ -27,13 +27,14 @@ def sfron(ctx: UnlearnContext, params: SfronParams) -> Objective:
     forget = ctx.need_forget()
     retain = ctx.need_retain()
     loss_fn = ctx.task_loss
-    fisher_f = squared_gradient_mean(ctx.model, ctx.trainable, batches(forget, params.batch_size), loss_fn,
-                                     ctx.device)
+    fisher_f = squared_gradient_mean(ctx.model, ctx.trainable, batches(forget, params.batch_size), loss_fn, ctx.device)
     fisher_r = squared_gradient_mean(
         ctx.model, ctx.trainable, batches(retain, params.batch_size)[:MAX_FISHER_BATCHES], loss_fn, ctx.device
     )
-    mask = {name: ((fisher_f[name] + FISHER_EPS) / (fisher_r[name] + FISHER_EPS) >= params.gamma).float()
-            for name in fisher_f}
+    mask = {
+        name: ((fisher_f[name] + FISHER_EPS) / (fisher_r[name] + FISHER_EPS) >= params.gamma).float()
+        for name in fisher_f
+    }
     kept = sum(float(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
 
     def forget_loss(model, batch, step):

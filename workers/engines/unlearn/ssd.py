@@ -17,8 +17,9 @@ from workers.engines.unlearn.loop import Objective, UnlearnContext
 from workers.engines.unlearn.saliency import squared_gradient_mean
 
 
-def dampen(parameter: torch.Tensor, importance_d: torch.Tensor, importance_f: torch.Tensor, alpha: float,
-           lambda_: float) -> int:
+def dampen(
+    parameter: torch.Tensor, importance_d: torch.Tensor, importance_f: torch.Tensor, alpha: float, lambda_: float
+) -> int:
     """Scale the selected coordinates of `parameter` in place by min(λ·I_D/I_f, 1); returns how many."""
     selected = importance_f > alpha * importance_d
     factor = (lambda_ * importance_d / importance_f.clamp_min(1e-30)).clamp(max=1.0)
@@ -35,21 +36,22 @@ def ssd(ctx: UnlearnContext, params: SsdParams) -> Objective:
         reference_batches = batches(retain, params.batch_size)
         if params.importance_on == "retain_and_forget":
             reference_batches += batches(forget, params.batch_size)
-        importance_d = squared_gradient_mean(ctx.model, ctx.trainable, reference_batches, ctx.task_loss,
-                                             ctx.device)
-        importance_f = squared_gradient_mean(ctx.model, ctx.trainable, batches(forget, params.batch_size),
-                                             ctx.task_loss, ctx.device)
+        importance_d = squared_gradient_mean(ctx.model, ctx.trainable, reference_batches, ctx.task_loss, ctx.device)
+        importance_f = squared_gradient_mean(
+            ctx.model, ctx.trainable, batches(forget, params.batch_size), ctx.task_loss, ctx.device
+        )
         selected = total = 0
         with torch.no_grad():
             for name, parameter in ctx.trainable:
-                selected += dampen(parameter, importance_d[name], importance_f[name], params.alpha,
-                                   params.lambda_)
+                selected += dampen(parameter, importance_d[name], importance_f[name], params.alpha, params.lambda_)
                 total += parameter.numel()
         report: dict = {"ssd_selected_fraction": selected / max(total, 1)}
         bound = (len(retain) + len(forget)) / len(forget)
         if params.importance_on == "retain_and_forget" and params.alpha >= bound:
-            report["warning"] = (f"alpha={params.alpha} ≥ |D|/|D_f| ≈ {bound:.1f}: with the forget rows in D "
-                                 "almost no weight can be selected; lower alpha or use importance_on=retain")
+            report["warning"] = (
+                f"alpha={params.alpha} ≥ |D|/|D_f| ≈ {bound:.1f}: with the forget rows in D "
+                "almost no weight can be selected; lower alpha or use importance_on=retain"
+            )
         return report
 
     return Objective(edit=edit)
