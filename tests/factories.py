@@ -17,11 +17,11 @@ TINY_LLAMA = dict(
 )
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**TINY_LLAMA)
+    config = LlamaConfig(**(TINY_LLAMA | overrides))
     config.name_or_path = "tiny-llama"
     model = LlamaForCausalLM(config)
     model.eval()
@@ -36,11 +36,12 @@ def make_adapter(
     targets: tuple[str, ...] = ("q_proj", "v_proj"),
     use_rslora: bool = False,
     base_name: str = "tiny-llama",
+    **model_overrides,
 ) -> Path:
     """Save a real PEFT LoRA adapter (non-zero B) for the tiny Llama and return its directory."""
     from peft import LoraConfig, get_peft_model
 
-    model = tiny_llama(0)
+    model = tiny_llama(0, **model_overrides)
     torch.manual_seed(seed)
     config = LoraConfig(
         r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False, use_rslora=use_rslora
@@ -49,3 +50,12 @@ def make_adapter(
     peft_model.peft_config["default"].base_model_name_or_path = base_name
     peft_model.save_pretrained(directory)
     return directory
+
+
+if __name__ == "__main__":  # `python -m tests.factories DIR`: two demo adapters for the README walk-through
+    import sys
+
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "amend-demo")
+    make_adapter(target / "one", seed=1, r=4, alpha=8)
+    make_adapter(target / "two", seed=2, r=4, alpha=16, targets=("q_proj", "v_proj", "o_proj"))
+    sys.stdout.write(f"wrote {target / 'one'} and {target / 'two'}\n")
