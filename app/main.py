@@ -16,7 +16,7 @@ from app import logs
 from app.api.routes import adapters, health, jobs
 from app.errors import AmendError
 from app.limits import BodySizeLimit
-from app.queue import make_celery
+from app.queue import make_celery, reindex_and_requeue
 from app.records import Records
 from app.settings import Settings, get_settings
 from app.storage import Storage
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             app.state.records.storage.ensure_bucket()
             if app.state.records.is_index_empty():
-                counts = app.state.records.reindex()
+                counts = reindex_and_requeue(app.state.records, app.state.celery)
                 log.info("rebuilt the Redis index from storage", extra=counts)
         except Exception as error:  # noqa: BLE001 - start anyway; /readyz reports what is down
             log.warning("start-up checks failed", extra={"error": str(error)})

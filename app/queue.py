@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import Celery
 
+from app.records import Records
 from app.settings import Settings
 
 RUN_JOB = "workers.run_job"
@@ -51,3 +52,12 @@ def make_celery(settings: Settings, name: str = "amend") -> Celery:
 
 def enqueue(celery: Celery, job_id: str, job_type: str) -> None:
     celery.send_task(RUN_JOB, args=[job_id], queue=queue_for(job_type))
+
+
+def reindex_and_requeue(records: Records, celery: Celery) -> dict[str, Any]:
+    """Rebuild the index from storage and re-enqueue the active jobs whose messages were lost with it."""
+    result = records.reindex()
+    for job_id, job_type in result.pop("lost_jobs"):
+        enqueue(celery, job_id, job_type)
+        result["requeued"] = result.get("requeued", 0) + 1
+    return result

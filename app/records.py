@@ -185,8 +185,12 @@ class Records:
         return record
 
     def mutate_job(self, job_id: str, change: Callable[[JobRecord], bool]) -> JobRecord:
-        """Apply `change` to the current record atomically (optimistic, WATCH on the index), then store it
-        durably. `change` returns False to leave the record as it is."""
+        """Apply `change` to the current record atomically (optimistic, WATCH on the index key).
+
+        The durable copy is written to S3 before the index commits, so the two never disagree on a state
+        the index has already moved past; a lost race retries and rewrites both. `change` returns False to
+        leave the record as it is.
+        """
         key = self._job_key(job_id)
         with redis_errors():
             for _ in range(50):
@@ -200,6 +204,9 @@ class Records:
                         record = JobRecord.model_validate_json(raw)
                         if not change(record):
                             return record
+                        self.storage.put_json(
+                            keys.job(record.tenant, record.id, "record.json"), record.model_dump(mode="json")
+                        )
                         pipe.multi()
                         pipe.set(key, record.model_dump_json())
                         if record.state in ACTIVE_STATES:
@@ -208,13 +215,10 @@ class Records:
                             pipe.srem(self.active_key(record.tenant), record.id)
                             pipe.delete(self.progress_key(record.id))
                         pipe.execute()
-                        break
+                        return record
                     except redis.WatchError:
                         continue
-            else:
-                raise Conflict(f"job {job_id} is being updated concurrently")
-        self.storage.put_json(keys.job(record.tenant, record.id, "record.json"), record.model_dump(mode="json"))
-        return record
+        raise Conflict(f"job {job_id} is being updated concurrently")
 
     def set_progress(self, job_id: str, progress: float, stage: str) -> None:
         with redis_errors():
@@ -285,9 +289,14 @@ class Records:
             more = self.index.zrevrangebylex(zset, upper, "-", start=0, num=1)
         return kept, (_encode_cursor(last) if more and last else None)
 
-    def reindex(self) -> dict[str, int]:
-        """Rebuild the Redis index from S3. Returns counts; lost queued jobs are listed for re-enqueue."""
-        counts = {"adapters": 0, "jobs": 0, "bytes": 0}
+    def reindex(self) -> dict[str, Any]:
+        """Rebuild the Redis index from S3.
+
+        Returns counts, and under `lost_jobs` the `(id, type)` of queued or running jobs that were missing
+        from the index: their queue messages went with it, so the caller re-enqueues them (a copy of a job
+        that is in fact still running is a no-op).
+        """
+        counts: dict[str, Any] = {"adapters": 0, "jobs": 0, "bytes": 0, "lost_jobs": []}
         byte_totals: dict[str, int] = {}
         for key in self.storage.list_keys("tenants/"):
             parts = key.split("/")
@@ -309,6 +318,8 @@ class Records:
                     exists = self.index.exists(self._job_key(job.id))
                 if not exists:
                     self._index_job(job)
+                    if job.state in ACTIVE_STATES:
+                        counts["lost_jobs"].append((job.id, job.type))
                 counts["jobs"] += 1
         with redis_errors():
             for tenant, total in byte_totals.items():

@@ -39,6 +39,10 @@ class JobCancelled(Exception):
     """The job's cancel flag was seen between two steps."""
 
 
+class LeaseLost(Exception):
+    """This worker's lease on the job expired; another copy owns the job now, so this one stops quietly."""
+
+
 class InputRejected(ValueError):
     """The job's inputs cannot be processed; retrying will not help."""
 
@@ -72,9 +76,11 @@ class JobContext:
             self.records.set_progress(self.job.id, min(max(fraction, 0.0), 1.0), stage)
 
     def should_cancel(self) -> bool:
-        return bool(self.records.index.exists(self.records.cancel_key(self.job.id))) or self.lease.lost
+        return self.lease.lost or bool(self.records.index.exists(self.records.cancel_key(self.job.id)))
 
     def check_cancelled(self) -> None:
+        if self.lease.lost:
+            raise LeaseLost
         if self.should_cancel():
             raise JobCancelled
 
@@ -112,6 +118,9 @@ def _run_leased(job_id: str, settings: Settings, records: Records, lease: Lease)
             return
         except JobCancelled:
             _finish(records, job_id, "cancelled")
+            return
+        except LeaseLost:
+            log.warning("lease lost; leaving the job to its new owner", extra={"job_id": job_id})
             return
         except (InputRejected, ValidationError, ValueError) as error:
             _finish(records, job_id, "failed", error=JobError(code="invalid_input", message=_message(error)))
