@@ -15,7 +15,9 @@
   `should_cancel()` is polled between steps and raises `UnlearnCancelled`.
 
 The report: {"method", "params", "family", "peft", "steps", "seconds", "before": {...}, "after": {...},
-"loop": {...}} (+ "gu_kept_fraction" when `gu` ran). Methods are looked up only through the registry.
+"loop": {...}} (+ "gu_kept_fraction" when `gu` ran). `seconds` is the whole call; `method_seconds` the
+method alone (mask/Fisher/importance preparation, `prepare_seconds`, included; evaluations excluded).
+Methods are looked up only through the registry.
 """
 
 from __future__ import annotations
@@ -116,7 +118,9 @@ def unlearn(
         is_peft=is_peft,
     )
     report_progress(0.05, "preparing")
+    method_started = time.perf_counter()
     objective = entry.function(ctx, checked)
+    prepare_seconds = time.perf_counter() - method_started
     loop = train(
         ctx,
         objective,
@@ -124,6 +128,7 @@ def unlearn(
         progress=lambda fraction, stage: report_progress(0.05 + 0.85 * fraction, stage),
         should_cancel=should_cancel,
     )
+    method_seconds = time.perf_counter() - method_started
     for name, parameter in trainable:
         if not torch.isfinite(parameter).all():
             raise NonFinite(f"parameter {name} is not finite after unlearning")
@@ -137,6 +142,8 @@ def unlearn(
         "trainable_parameters": sum(p.numel() for _, p in (objective.trainable or trainable)),
         "steps": loop.pop("steps"),
         "seconds": time.perf_counter() - started,
+        "method_seconds": method_seconds,
+        "prepare_seconds": prepare_seconds,
         "before": before,
         "after": after,
         "loop": {**objective.report, **loop},
