@@ -1,0 +1,486 @@
+"""Unlearning benchmark: every method against `retrain`, on CPU, in minutes, through the engine's entry point.
+
+    python -m bench.unlearn_bench            # full: classifier (3 seeds) + language model, ≤ ~15 min
+    python -m bench.unlearn_bench --quick    # smaller grids, 1 seed, smaller LM world (~3 min)
+    python -m bench.unlearn_bench --part classifier|lm
+
+(a) Classifier — sklearn digits (8×8), stratified 60/10/30 train/validation/test split, an MLP 64-256-256-10
+trained by the bench (AdamW 1e-3, 30 epochs, batch 64, through the engine's `retrain`). Scenarios: class-wise
+(forget every training "3"; TA and MIA use the test images of the other classes) and random 10%. Each
+method's hyperparameters are chosen on a separate tuning seed by the smallest Avg.Gap to that seed's
+retrained model measured with the *validation* split as the test set, among configurations whose run time
+is under 25% of retrain's; the chosen configuration is then run on 3 fresh seeds and reported on the test
+split. Run time is the method's own time (mask/Fisher/importance passes included, evaluation excluded) as
+a fraction of retrain's.
+
+(b) Language model — a 2-layer Llama (hidden 128) with a word-level tokenizer built in-process, trained on
+invented people × attributes (TOFU-style single-answer QA); 10% of the people are forgotten, `retrain`
+trains a fresh model on the rest, and 10% more people are held out (never trained). Every method runs
+AdamW 1e-3 with the forget rows and as many retain rows per step, and stops early by a rule that needs no
+retrained model: forget exact-match at or below the held-out people's (i.e. the model answers forgotten
+people like people it never saw), checked every 10 steps, at most 150 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import product
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.engines.unlearn import ClassifierData, LMData, UnlearnCancelled, unlearn
+from workers.engines.unlearn.metrics import classifier_report, lm_report
+
+CLASSIFIER_METHODS = ["finetune", "grad_ascent", "grad_ascent+gu", "random_label", "salun", "ssd", "sfron", "l1_sparse"]
+METRICS = ("UA", "RA", "TA", "MIA")
+TIME_BUDGET = 0.25  # of retrain's time
+
+
+def say(*parts: Any) -> None:
+    print(*parts, flush=True)
+
+
+# -- (a) classifier ----------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def digits_splits() -> dict[str, ClassifierData]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    index = list(range(len(y)))
+    train_val, test = train_test_split(index, test_size=0.3, stratify=y, random_state=0)
+    train, val = train_test_split(train_val, test_size=1 / 7, stratify=y[train_val], random_state=0)
+    xs = torch.tensor(x / 16.0, dtype=torch.float32)
+    ys = torch.tensor(y, dtype=torch.long)
+
+    def part(rows: list[int]) -> ClassifierData:
+        return ClassifierData({"inputs": xs[rows]}, ys[rows])
+
+    return {"train": part(train), "val": part(val), "test": part(test)}
+
+
+def epochs_to_steps(rows: int, epochs: int = 30, batch: int = 64) -> int:
+    return epochs * -(-rows // batch)
+
+
+def fit(data: ClassifierData, seed: int) -> tuple[MLP, float]:
+    """The training recipe (also the retrain recipe): fresh init, AdamW 1e-3, 30 epochs of batch 64."""
+    torch.manual_seed(seed)
+    model = MLP()
+    params = {"lr": 1e-3, "steps": epochs_to_steps(len(data)), "batch_size": 64, "seed": seed, "max_grad_norm": 100.0}
+    out = unlearn(model, "classifier", "retrain", params, None, data)
+    return model, out.report["method_seconds"]
+
+
+@dataclass
+class Scenario:
+    name: str
+    forget: ClassifierData
+    retain: ClassifierData
+    val: ClassifierData
+    test: ClassifierData
+
+
+def scenarios(splits: dict[str, ClassifierData], seed: int) -> list[Scenario]:
+    train = splits["train"]
+    labels = train.labels
+    forget_class = 3
+    out = []
+    keep_val = (splits["val"].labels != forget_class).nonzero().squeeze(1)
+    keep_test = (splits["test"].labels != forget_class).nonzero().squeeze(1)
+    out.append(
+        Scenario(
+            "class-wise",
+            train.subset((labels == forget_class).nonzero().squeeze(1)),
+            train.subset((labels != forget_class).nonzero().squeeze(1)),
+            splits["val"].subset(keep_val),
+            splits["test"].subset(keep_test),
+        )
+    )
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1000 + seed))
+    n_forget = len(train) // 10
+    out.append(
+        Scenario(
+            "random 10%",
+            train.subset(sorted(order[:n_forget].tolist())),
+            train.subset(sorted(order[n_forget:].tolist())),
+            splits["val"],
+            splits["test"],
+        )
+    )
+    return out
+
+
+def grid(method: str, quick: bool) -> list[dict[str, Any]]:
+    base = {"batch_size": 64, "max_grad_norm": 100.0}
+    options: dict[str, dict[str, list[Any]]] = {
+        "finetune": {"lr": [1e-3, 1e-2], "steps": [30, 60, 100]},
+        "grad_ascent": {"lr": [1e-4, 3e-4, 1e-3], "steps": [5, 10, 20]},
+        "grad_ascent+gu": {"lr": [3e-4, 1e-3], "steps": [5, 10, 20], "gu": [True], "gu_retain_samples": [8]},
+        "random_label": {"lr": [3e-4, 1e-3], "steps": [20, 50, 100]},
+        "salun": {"lr": [3e-4, 1e-3], "steps": [20, 50, 100], "q": [0.5]},
+        "ssd": {"alpha": [2.0, 3.0, 5.0, 10.0], "lambda": [1.0], "batch_size": [8]},
+        "sfron": {
+            "lr": [0.003, 0.01],
+            "steps": [60, 120],
+            "k": [3, 5],
+            "alpha0": [5.0, 25.0],
+            "optimizer": ["sgd"],
+            "max_grad_norm": [7.0],
+        },
+        "l1_sparse": {"lr": [1e-3, 1e-2], "steps": [50, 100], "l1": [1e-5, 1e-4]},
+    }[method]
+    if quick:
+        options = {
+            key: values[:2] if key in ("lr", "steps", "alpha", "k") else values[:1] for key, values in options.items()
+        }
+    keys = list(options)
+    return [{**base, **dict(zip(keys, combo, strict=True))} for combo in product(*(options[k] for k in keys))]
+
+
+def engine_method(method: str) -> str:
+    return method.split("+")[0]
+
+
+def run_classifier_method(
+    method: str, params: dict[str, Any], original: nn.Module, scenario: Scenario, evaluation: ClassifierData, seed: int
+) -> tuple[dict[str, float], float]:
+    model = copy.deepcopy(original)
+    out = unlearn(
+        model, "classifier", engine_method(method), {**params, "seed": seed}, scenario.forget, scenario.retain, None
+    )
+    metrics = classifier_report(model, scenario.forget, scenario.retain, evaluation, torch.device("cpu"), seed)
+    return metrics, out.report["method_seconds"]
+
+
+def avg_gap(metrics: dict[str, float], reference: dict[str, float]) -> float:
+    return statistics.fmean(abs(metrics[m] - reference[m]) for m in METRICS)
+
+
+@dataclass
+class Row:
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, **values: float) -> None:
+        for key, value in values.items():
+            self.values.setdefault(key, []).append(value)
+
+    def cell(self, key: str, digits: int = 2) -> str:
+        values = self.values.get(key, [])
+        if not values:
+            return "-"
+        mean = statistics.fmean(values)
+        std = statistics.pstdev(values) if len(values) > 1 else 0.0
+        return f"{mean:.{digits}f}±{std:.{digits}f}"
+
+    def mean(self, key: str) -> float:
+        return statistics.fmean(self.values[key])
+
+
+def classifier_bench(quick: bool) -> dict[str, bool]:
+    splits = digits_splits()
+    tuning_seed = 100
+    seeds = [0] if quick else [0, 1, 2]
+    methods = CLASSIFIER_METHODS
+    say(
+        f"\n== (a) classifier: digits MLP 64-256-256-10; train {len(splits['train'])}, "
+        f"val {len(splits['val'])}, test {len(splits['test'])}; seeds {seeds}; tuning seed {tuning_seed}"
+    )
+
+    # tune on the tuning seed, with the validation split standing in for the test set
+    original, _ = fit(splits["train"], tuning_seed)
+    chosen: dict[tuple[str, str], dict[str, Any]] = {}
+    for scenario in scenarios(splits, tuning_seed):
+        retrained, retrain_seconds = fit(scenario.retain, tuning_seed)
+        reference = classifier_report(
+            retrained, scenario.forget, scenario.retain, scenario.val, torch.device("cpu"), tuning_seed
+        )
+        for method in methods:
+            best: tuple[float, dict[str, Any]] | None = None
+            fallback: tuple[float, dict[str, Any]] | None = None
+            for params in grid(method, quick):
+                metrics, seconds = run_classifier_method(method, params, original, scenario, scenario.val, tuning_seed)
+                gap = avg_gap(metrics, reference)
+                if fallback is None or gap < fallback[0]:
+                    fallback = (gap, params)
+                if seconds <= TIME_BUDGET * retrain_seconds and (best is None or gap < best[0]):
+                    best = (gap, params)
+            picked = best or fallback
+            if picked is None:
+                raise RuntimeError(f"empty grid for {method}")
+            chosen[(scenario.name, method)] = picked[1]
+            say(
+                f"  tuned {scenario.name:10s} {method:15s} val Avg.Gap {picked[0]:5.2f}  "
+                f"{short(picked[1])}{'' if best else '  (no config within the time budget)'}"
+            )
+
+    # report on fresh seeds and the test split
+    tables: dict[str, dict[str, Row]] = {}
+    for seed in seeds:
+        original, _ = fit(splits["train"], seed)
+        for scenario in scenarios(splits, seed):
+            rows = tables.setdefault(scenario.name, {})
+            retrained, retrain_seconds = fit(scenario.retain, seed)
+            reference = classifier_report(
+                retrained, scenario.forget, scenario.retain, scenario.test, torch.device("cpu"), seed
+            )
+            rows.setdefault("retrain", Row()).add(**reference, gap=0.0, time=1.0, seconds=retrain_seconds)
+            untouched = classifier_report(
+                original, scenario.forget, scenario.retain, scenario.test, torch.device("cpu"), seed
+            )
+            rows.setdefault("(original)", Row()).add(**untouched, gap=avg_gap(untouched, reference), time=0.0)
+            for method in methods:
+                metrics, seconds = run_classifier_method(
+                    method, chosen[(scenario.name, method)], original, scenario, scenario.test, seed
+                )
+                rows.setdefault(method, Row()).add(
+                    **metrics, gap=avg_gap(metrics, reference), time=seconds / retrain_seconds, seconds=seconds
+                )
+
+    verdicts: dict[str, bool] = {}
+    for name, rows in tables.items():
+        say(
+            f"\n  {name} forgetting — mean±std over {len(seeds)} seed(s), test split; time = fraction of "
+            f"retrain's ({rows['retrain'].mean('seconds'):.2f} s)"
+        )
+        say(f"  {'method':15s} {'UA':>12s} {'RA':>12s} {'TA':>12s} {'MIA':>12s} {'Avg.Gap':>11s} {'time':>11s}")
+        for method, row in rows.items():
+            say(
+                f"  {method:15s} {row.cell('UA'):>12s} {row.cell('RA'):>12s} {row.cell('TA'):>12s} "
+                f"{row.cell('MIA'):>12s} {row.cell('gap'):>11s} {row.cell('time', 3):>11s}"
+            )
+    retrain_ra = tables["class-wise"]["retrain"].mean("RA")
+    classwise = tables["class-wise"]
+    winners = [
+        m for m in methods if classwise[m].mean("UA") >= 99.0 and abs(classwise[m].mean("RA") - retrain_ra) <= 2.0
+    ]
+    verdicts["class-wise: a method with UA ≥ 99 and RA within 2 of retrain"] = bool(winners)
+    say(f"\n  class-wise methods with UA ≥ 99 and |RA − retrain RA| ≤ 2: {winners or 'none'}")
+    random_rows = tables["random 10%"]
+    baseline = min(random_rows["finetune"].mean("gap"), random_rows["grad_ascent"].mean("gap"))
+    good = [
+        m for m in ("salun", "sfron") if random_rows[m].mean("gap") <= 3.0 and random_rows[m].mean("gap") < baseline
+    ]
+    verdicts["random: salun or sfron Avg.Gap ≤ 3 and below finetune's and grad_ascent's"] = bool(good)
+    say(
+        f"  random 10%: salun/sfron with Avg.Gap ≤ 3 and < min(finetune, grad_ascent) = {baseline:.2f}: "
+        f"{good or 'none'}  (the untouched model scores {random_rows['(original)'].mean('gap'):.2f})"
+    )
+    slow = [f"{name}/{m}" for name, rows in tables.items() for m in methods if rows[m].mean("time") >= TIME_BUDGET]
+    verdicts["every method < 25% of retrain time"] = not slow
+    say(f"  methods at or over 25% of retrain time: {slow or 'none'}")
+    return verdicts
+
+
+def short(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items() if k not in ("batch_size", "max_grad_norm", "seed"))
+
+
+# -- (b) language model ------------------------------------------------------------------------------------
+
+ATTRIBUTES = ("city", "job", "pet", "color")
+
+
+def word_tokenizer(words: list[str]) -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def fact_world(n_people: int, seed: int = 0) -> dict[str, list[dict[str, str]]]:
+    """Invented people (single-token names) × 4 attributes × 10 values; 10% forget, 10% held out."""
+    rng = random.Random(seed)
+    syllables = ["ka", "zo", "ri", "mu", "te", "la", "vo", "ni", "sha", "pe", "do", "gu", "xi", "ba", "fe", "lo"]
+    names: set[str] = set()
+    while len(names) < n_people * 11 // 10:
+        names.add("".join(rng.choice(syllables) for _ in range(3)).capitalize())
+    people = sorted(names)
+    rng.shuffle(people)
+    rows = {p: [{"prompt": f"{p} {a} ?", "completion": f"{a}{rng.randrange(10)}"} for a in ATTRIBUTES] for p in people}
+    n_forget = n_people // 10
+    trained, held = people[:n_people], people[n_people:]
+    return {
+        "forget": [r for p in trained[:n_forget] for r in rows[p]],
+        "retain": [r for p in trained[n_forget:] for r in rows[p]],
+        "holdout": [r for p in held for r in rows[p]],
+    }
+
+
+def tiny_llama(vocab: int, seed: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+LM_TRAIN = {"lr": 3e-3, "batch_size": 64, "lr_schedule": "cosine", "max_grad_norm": 1.0, "seed": 0}
+
+LM_METHODS: dict[str, dict[str, Any]] = {
+    "grad_ascent": {},
+    "grad_diff": {},
+    "npo": {},
+    "npo+gu": {"gu": True, "gu_retain_samples": 8},
+    "simnpo": {},
+    "simnpo+gu": {"gu": True, "gu_retain_samples": 8},
+    "idk": {},
+    "flat": {},
+    "rmu": {"layer": 1, "trained_layers": [0, 1], "trained_module": "mlp", "steering_coeff": 20.0, "alpha": 10.0},
+}
+
+
+def lm_bench(quick: bool) -> dict[str, bool]:
+    n_people = 120 if quick else 300
+    train_steps = 600 if quick else 1500
+    world = fact_world(n_people)
+    words = sorted({w for rows in world.values() for r in rows for w in (r["prompt"] + " " + r["completion"]).split()})
+    tokenizer = word_tokenizer([*words, "I", "don't", "know."])
+    data = {name: LMData.from_rows(rows, tokenizer) for name, rows in world.items()}
+    train_rows = LMData.from_rows(world["forget"] + world["retain"], tokenizer)
+    say(
+        f"\n== (b) language model: 2-layer Llama hidden 128, {len(tokenizer)} word tokens; {n_people} people: "
+        f"{len(data['forget'])} forget rows, {len(data['retain'])} retain rows, {len(data['holdout'])} held-out rows"
+    )
+
+    started = time.perf_counter()
+    original = tiny_llama(len(tokenizer), 0)
+    unlearn(
+        original,
+        "causal_lm",
+        "retrain",
+        {**LM_TRAIN, "steps": train_steps, "reinitialize": False},
+        None,
+        train_rows,
+        tokenizer=tokenizer,
+    )
+    train_seconds = time.perf_counter() - started
+    retrained = tiny_llama(len(tokenizer), 1)
+    unlearn(
+        retrained,
+        "causal_lm",
+        "retrain",
+        {**LM_TRAIN, "steps": train_steps, "reinitialize": False},
+        None,
+        data["retain"],
+        tokenizer=tokenizer,
+    )
+    retrain_seconds = time.perf_counter() - started - train_seconds
+
+    def report(model: nn.Module) -> dict[str, float]:
+        return lm_report(model, data["forget"], data["retain"], data["holdout"], torch.device("cpu"))
+
+    rows: dict[str, tuple[dict[str, float], int, float]] = {
+        "(original)": (report(original), train_steps, train_seconds),
+        "retrain": (report(retrained), train_steps, retrain_seconds),
+    }
+    batch = len(data["forget"])
+    for method, extra in LM_METHODS.items():
+        model = copy.deepcopy(original)
+        steps_taken = [0]
+
+        def should_stop(model: nn.Module = model, steps_taken: list[int] = steps_taken) -> bool:
+            steps_taken[0] += 1
+            if steps_taken[0] == 1 or (steps_taken[0] - 1) % 10:
+                return False
+            now = lm_report(model, data["forget"], None, data["holdout"], torch.device("cpu"))
+            model.train()
+            return now["forget_exact_match"] <= now["holdout_exact_match"]
+
+        params = {"lr": 1e-3, "steps": 150, "batch_size": batch, "max_grad_norm": 1.0, **extra}
+        t0 = time.perf_counter()
+        try:
+            unlearn(
+                model,
+                "causal_lm",
+                method.split("+")[0],
+                params,
+                data["forget"],
+                data["retain"],
+                tokenizer=tokenizer,
+                should_cancel=should_stop,
+            )
+            steps = params["steps"]
+        except UnlearnCancelled as stopped:
+            steps = stopped.steps_done
+        rows[method] = (report(model), steps, time.perf_counter() - t0)
+
+    original_retain = rows["(original)"][0]["retain_exact_match"]
+    retrain_forget = rows["retrain"][0]["forget_exact_match"]
+    say(
+        f"  {'method':12s} {'forget acc':>10s} {'retain acc':>10s} {'held acc':>9s} {'forget NLL':>10s} "
+        f"{'retain NLL':>10s} {'MinK AUC':>8s} {'steps':>5s} {'sec':>6s}  target"
+    )
+    winners = []
+    for method, (m, steps, seconds) in rows.items():
+        ok = abs(m["forget_exact_match"] - retrain_forget) <= 10.0 and original_retain - m["retain_exact_match"] <= 5.0
+        if ok and method not in ("(original)", "retrain"):
+            winners.append(method)
+        say(
+            f"  {method:12s} {m['forget_exact_match']:10.1f} {m['retain_exact_match']:10.1f} "
+            f"{m['holdout_exact_match']:9.1f} {m['forget_nll']:10.2f} {m['retain_nll']:10.2f} "
+            f"{m['min_k_auc']:8.2f} {steps:5d} {seconds:6.1f}  {'met' if ok else '-'}"
+        )
+    say(
+        f"\n  target: forget acc within 10 of retrain ({retrain_forget:.1f}) and retain acc within 5 of the "
+        f"original ({original_retain:.1f}): {winners or 'none'}"
+    )
+    return {"LM: a method reaches retrain's forget accuracy ±10 keeping retain accuracy within 5": bool(winners)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller grids, one seed, a smaller LM world")
+    parser.add_argument("--part", choices=("all", "classifier", "lm"), default="all")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    verdicts: dict[str, bool] = {}
+    parts: list[Callable[[bool], dict[str, bool]]] = []
+    if args.part in ("all", "classifier"):
+        parts.append(classifier_bench)
+    if args.part in ("all", "lm"):
+        parts.append(lm_bench)
+    for part in parts:
+        verdicts.update(part(args.quick))
+    say(f"\n== targets ({time.perf_counter() - started:.0f} s total)")
+    for target, met in verdicts.items():
+        say(f"  [{'MET' if met else 'NOT MET'}] {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
