@@ -182,13 +182,15 @@ def start_api(env: dict[str, str], port: int, log_path: Path | None = None) -> S
     return service
 
 
-def start_worker(env: dict[str, str], log_path: Path | None = None, name: str = "worker") -> Service:
+def start_worker(
+    env: dict[str, str], log_path: Path | None = None, name: str = "worker", app: str = "workers.celery_app"
+) -> Service:
     from app.queue import JOB_TYPES, queue_for
 
     queues = ",".join(queue_for(t) for t in JOB_TYPES)
     return Service(
         name,
-        [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+        [sys.executable, "-m", "celery", "-A", app, "worker",
          "-Q", queues, "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO",
          "-n", f"{name}-{os.getpid()}-{free_port()}@%h", "--without-gossip", "--without-mingle"],
         env=env,

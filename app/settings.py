@@ -36,7 +36,8 @@ def hash_key(key: str) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="AMEND_", extra="ignore")
+    # hide_input_in_errors: a refused setting must not echo the secrets it was given into a crash log
+    model_config = SettingsConfigDict(env_prefix="AMEND_", extra="ignore", hide_input_in_errors=True)
 
     environment: Literal["development", "test", "production"] = "development"
 
@@ -99,17 +100,23 @@ class Settings(BaseSettings):
             parts = item.split(":")
             if parts[0] == "sha256" and len(parts) >= 3:
                 digest, rest = parts[1].lower(), parts[2:]
+                if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+                    raise ValueError("a sha256:<hex> API key needs the 64 hex digits of its SHA-256")
+            elif not parts[0]:
+                raise ValueError("an API key is empty: key:tenant[:scope+scope]")
             else:
                 digest, rest = hash_key(parts[0]), parts[1:]
             if not rest or not rest[0]:
                 raise ValueError("each API key needs a tenant: key:tenant[:scope+scope]")
             tenant = rest[0]
-            if not tenant.replace("-", "").replace("_", "").isalnum() or len(tenant) > 64:
+            if not (tenant.isascii() and tenant.replace("-", "").replace("_", "").isalnum()) or len(tenant) > 64:
                 raise ValueError(f"tenant names are 1..64 of [A-Za-z0-9_-], got {tenant!r}")
             scopes = frozenset(rest[1].split("+")) if len(rest) > 1 else frozenset({"read", "write"})
             unknown = scopes - {"read", "write", "admin"}
             if unknown:
                 raise ValueError(f"unknown scopes {sorted(unknown)}")
+            if digest in keys:
+                raise ValueError("the same API key is configured twice")
             keys[digest] = ApiKey(digest, tenant, scopes)
         return keys
 

@@ -194,3 +194,15 @@ def test_base_model_mismatch_refused_unless_allowed(api, adapter_dir):
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "incompatible_adapters"
     allowed = api.post("/v1/jobs", json=merge_body(a, b, params={"allow_base_mismatch": True}))
     assert allowed.status_code == 202
+
+
+def test_concurrent_idempotent_posts_create_one_job(api, adapter_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = upload(api, adapter_dir()).json()["id"]
+    headers = {"Idempotency-Key": "same-key-concurrently"}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda _: api.post("/v1/jobs", json=merge_body(a), headers=headers), range(8)))
+    assert sorted(r.status_code for r in responses) == [200] * 7 + [202]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert len(api.get("/v1/jobs").json()["items"]) == 1

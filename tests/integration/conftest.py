@@ -3,6 +3,7 @@ free loopback ports, started and stopped by this session (so the suite runs whil
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ class Stack:
         self.root = root
         self.redis_url = redis_url
         self.s3: devstack.Service | None = None
+        self.redis: devstack.Service | None = None
         self.s3_url = ""
         self.workers: list[devstack.Service] = []
         self.bucket = f"it-{uuid.uuid4().hex[:10]}"
@@ -42,15 +44,27 @@ class Stack:
             "HF_HUB_OFFLINE": "1",
         }
 
+    def start_redis(self) -> None:
+        """Own redis-server (for tests that stop it); its port stays the same across restarts."""
+        port = int(self.redis_url.rsplit(":", 1)[1].split("/")[0]) if self.redis_url else devstack.free_port()
+        self.redis, self.redis_url = devstack.start_redis(self.root / "redis", port=port)
+
+    def stop_redis(self, wipe: bool = False) -> None:
+        self.redis.stop()
+        if wipe:
+            shutil.rmtree(self.root / "redis", ignore_errors=True)
+
     def start_s3(self) -> None:
         self.s3, self.s3_url = devstack.start_seaweed(
             self.root / "s3", DEV_S3_ACCESS_KEY, DEV_S3_SECRET_KEY, port=self.s3_port,
             log_path=self.root / "seaweedfs.log",
         )
 
-    def start_worker(self, extra_env: dict[str, str] | None = None) -> devstack.Service:
+    def start_worker(self, extra_env: dict[str, str] | None = None, app: str = "workers.celery_app") -> devstack.Service:
         name = f"worker{len(self.workers)}"
-        worker = devstack.start_worker(self.env | (extra_env or {}), log_path=self.root / f"{name}.log", name=name)
+        worker = devstack.start_worker(
+            self.env | (extra_env or {}), log_path=self.root / f"{name}.log", name=name, app=app
+        )
         self.workers.append(worker)
         return worker
 
@@ -63,8 +77,9 @@ class Stack:
     def stop(self) -> None:
         for worker in self.workers:
             worker.stop()
-        if self.s3:
-            self.s3.stop()
+        for service in (self.s3, self.redis):
+            if service is not None:
+                service.stop()
 
 
 @pytest.fixture(scope="session")
