@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import InvalidAdapter, PayloadTooLarge, UnsupportedMediaType
+from app.errors import AmendError, InvalidAdapter, PayloadTooLarge, UnsupportedMediaType
 
 # dtype -> (bytes per element, numpy view, exponent mask): a value is finite when its exponent bits are not
 # all set, which checks NaN and ±Inf for every float width with one rule.
@@ -27,6 +27,15 @@ _FLOAT_DTYPES: dict[str, tuple[int, Any, int]] = {
     "F16": (2, np.uint16, 0x7C00),
     "BF16": (2, np.uint16, 0x7F80),
 }
+FLOAT_DTYPES: frozenset[str] = frozenset(_FLOAT_DTYPES)
+# integer and boolean tensors: model buffers (position ids), dataset labels and token ids
+_OTHER_DTYPES: dict[str, int] = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+ALL_DTYPES: frozenset[str] = FLOAT_DTYPES | frozenset(_OTHER_DTYPES)
+INT_DTYPES: frozenset[str] = frozenset({"I64", "I32", "I16", "I8", "U8"})
+
+
+def dtype_bytes(dtype: str) -> int:
+    return _FLOAT_DTYPES[dtype][0] if dtype in _FLOAT_DTYPES else _OTHER_DTYPES[dtype]
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA adapters are not supported",
@@ -87,8 +96,16 @@ def parse_config(raw: bytes, max_bytes: int) -> dict[str, Any]:
     return config
 
 
-def read_header(path: Path, max_header_bytes: int, max_tensors: int) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors header: bounded size, float dtypes, offsets that tile the file."""
+def read_header(
+    path: Path,
+    max_header_bytes: int,
+    max_tensors: int,
+    dtypes: frozenset[str] = FLOAT_DTYPES,
+    error: type[AmendError] = InvalidAdapter,
+) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header: bounded size, allowed dtypes (float by default), offsets that
+    tile the file. Problems raise `error` (InvalidAdapter by default; models and datasets pass their own)."""
+    InvalidAdapter = error  # noqa: N806 - one name for the error class keeps the checks below readable
     size = path.stat().st_size
     with path.open("rb") as source:
         head = source.read(8)
@@ -117,8 +134,10 @@ def read_header(path: Path, max_header_bytes: int, max_tensors: int) -> dict[str
         if not isinstance(entry, dict):
             raise InvalidAdapter(f"tensor {name!r}: malformed header entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _FLOAT_DTYPES:
-            raise InvalidAdapter(f"tensor {name!r}: dtype {dtype!r} is not a float type (F16, BF16, F32, F64)")
+        if dtype not in dtypes:
+            if dtypes == FLOAT_DTYPES:
+                raise InvalidAdapter(f"tensor {name!r}: dtype {dtype!r} is not a float type (F16, BF16, F32, F64)")
+            raise InvalidAdapter(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(dtypes)}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and 0 <= d < 2**31 for d in shape)):
             raise InvalidAdapter(f"tensor {name!r}: malformed shape")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
@@ -127,7 +146,7 @@ def read_header(path: Path, max_header_bytes: int, max_tensors: int) -> dict[str
         count = 1
         for dim in shape:
             count *= dim
-        if not 0 <= start <= end <= data_size or end - start != count * _FLOAT_DTYPES[dtype][0]:
+        if not 0 <= start <= end <= data_size or end - start != count * dtype_bytes(dtype):
             raise InvalidAdapter(
                 f"tensor {name!r}: declares {count} elements at bytes {start}..{end}, "
                 f"which does not fit the {data_size} data bytes (truncated or forged header)"
@@ -144,11 +163,15 @@ def read_header(path: Path, max_header_bytes: int, max_tensors: int) -> dict[str
     return tensors
 
 
-def check_finite(path: Path, tensors: dict[str, TensorInfo], header_offset: int) -> None:
-    """Read each tensor in bounded chunks and refuse NaN or infinite values."""
+def check_finite(
+    path: Path, tensors: dict[str, TensorInfo], header_offset: int, error: type[AmendError] = InvalidAdapter
+) -> None:
+    """Read each float tensor in bounded chunks and refuse NaN or infinite values (others are skipped)."""
     chunk_elements = 1 << 22
     with path.open("rb") as source:
         for name, info in tensors.items():
+            if info.dtype not in _FLOAT_DTYPES:
+                continue
             width, view, exponent = _FLOAT_DTYPES[info.dtype]
             source.seek(header_offset + info.start)
             remaining = (info.end - info.start) // width
@@ -156,7 +179,7 @@ def check_finite(path: Path, tensors: dict[str, TensorInfo], header_offset: int)
                 take = min(remaining, chunk_elements)
                 values = np.frombuffer(source.read(take * width), dtype=view)
                 if np.any((values & view(exponent)) == view(exponent)):
-                    raise InvalidAdapter(f"tensor {name!r} contains NaN or infinite values")
+                    raise error(f"tensor {name!r} contains NaN or infinite values")
                 remaining -= take
 
 

@@ -7,11 +7,12 @@ Every variable has the prefix `AMEND_` except `REDIS_URL`. Defaults are the embe
 from __future__ import annotations
 
 import hashlib
+import os
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEV_S3_ACCESS_KEY = "amend-dev-access"
 DEV_S3_SECRET_KEY = "amend-dev-secret"
@@ -73,8 +74,27 @@ class Settings(BaseSettings):
     job_lease_seconds: int = Field(30, ge=3, le=3600)
     page_limit_max: int = Field(200, ge=1)
 
+    # datasets and models (unlearning inputs)
+    max_dataset_rows: int = Field(100_000, ge=1, description="Rows per uploaded dataset.")
+    max_dataset_row_bytes: int = Field(64 * 1024, ge=64, description="Bytes per JSONL line.")
+    max_model_archive_bytes: int = Field(20 * 2**30, ge=1024, description="A model tar as uploaded.")
+    max_model_bytes: int = Field(40 * 2**30, ge=1024, description="A model's files, uncompressed.")
+    max_model_files: int = Field(64, ge=1, le=10_000, description="Files in a model archive or directory.")
+    model_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="AMEND_MODEL_ROOTS: directories (comma- or os.pathsep-separated) models may be registered "
+        "from by path; empty disables registration by path.",
+    )
+
     data_dir: str = ".amend-data"
     log_level: str = "INFO"
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.replace(os.pathsep, ",").split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _no_default_secrets_outside_development(self) -> Settings:
