@@ -16,7 +16,8 @@
 
 The report: {"method", "params", "family", "peft", "steps", "seconds", "before": {...}, "after": {...},
 "loop": {...}} (+ "gu_kept_fraction" when `gu` ran). `seconds` is the whole call; `method_seconds` the
-method alone (mask/Fisher/importance preparation, `prepare_seconds`, included; evaluations excluded).
+method alone (mask/Fisher/importance preparation, `prepare_seconds`, included; evaluations excluded), and
+`method_cpu_seconds` its process CPU time.
 Methods are looked up only through the registry.
 """
 
@@ -118,7 +119,7 @@ def unlearn(
         is_peft=is_peft,
     )
     report_progress(0.05, "preparing")
-    method_started = time.perf_counter()
+    method_started, method_cpu_started = time.perf_counter(), time.process_time()
     objective = entry.function(ctx, checked)
     prepare_seconds = time.perf_counter() - method_started
     loop = train(
@@ -129,6 +130,7 @@ def unlearn(
         should_cancel=should_cancel,
     )
     method_seconds = time.perf_counter() - method_started
+    method_cpu_seconds = time.process_time() - method_cpu_started
     for name, parameter in trainable:
         if not torch.isfinite(parameter).all():
             raise NonFinite(f"parameter {name} is not finite after unlearning")
@@ -143,6 +145,7 @@ def unlearn(
         "steps": loop.pop("steps"),
         "seconds": time.perf_counter() - started,
         "method_seconds": method_seconds,
+        "method_cpu_seconds": method_cpu_seconds,
         "prepare_seconds": prepare_seconds,
         "before": before,
         "after": after,
