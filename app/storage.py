@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -227,22 +228,17 @@ def _status(error: ClientError) -> int:
     return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
 
-class _translate:
-    """Map boto errors to typed ones: missing -> NotFound, unreachable -> StorageUnavailable."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> bool:
-        if error is None:
-            return False
-        if isinstance(error, ClientError):
-            code = error.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
-                raise NotFound("object not found") from error
-            if _status(error) >= 500:
-                raise StorageUnavailable(f"object storage error: {code}") from error
-            return False
-        if isinstance(error, _UNAVAILABLE):
-            raise StorageUnavailable("object storage is unreachable") from error
-        return False
+@contextmanager
+def _translate() -> Iterator[None]:
+    """Map boto errors to typed ones: missing -> NotFound, unreachable or 5xx -> StorageUnavailable."""
+    try:
+        yield
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
+            raise NotFound("object not found") from error
+        if _status(error) >= 500:
+            raise StorageUnavailable(f"object storage error: {code}") from error
+        raise
+    except _UNAVAILABLE as error:
+        raise StorageUnavailable("object storage is unreachable") from error
