@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import logs
-from app.api.routes import adapters, health, jobs
+from app.api.routes import adapters, datasets, health, jobs, models
 from app.errors import AmendError
 from app.limits import BodySizeLimit
 from app.queue import make_celery, reindex_and_requeue
@@ -89,4 +89,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(adapters.router)
     app.include_router(jobs.router)
+    app.include_router(models.router)
+    app.include_router(datasets.router)
     return app

@@ -27,13 +27,19 @@ import shutil
 import struct
 import tarfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.adapter_check import ALL_DTYPES, check_finite, read_header
 from app.audit import canonical_json
-from app.errors import Forbidden, InvalidModel, NotFound, PayloadTooLarge, UnsupportedMediaType
-from app.schemas.models import ModelFile
+from app.errors import Forbidden, InvalidModel, NotFound, PayloadTooLarge, QuotaExceeded, UnsupportedMediaType
+from app.schemas.models import ModelFile, ModelRecord
+from app.storage import keys
+
+if TYPE_CHECKING:
+    from app.records import Records
+    from app.settings import Settings
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 CODE_SUFFIXES = (".py", ".pyc", ".so", ".sh")
@@ -319,3 +325,56 @@ def manifest_sha256(files: list[ModelFile]) -> str:
     """A model's identity: SHA-256 of the canonical JSON list of {name, size, sha256}, sorted by name."""
     listing = [item.model_dump() for item in sorted(files, key=lambda f: f.name)]
     return hashlib.sha256(canonical_json(listing)).hexdigest()
+
+
+def store_model(
+    records: Records,
+    settings: Settings,
+    *,
+    tenant: str,
+    model_id: str,
+    files: dict[str, Path],
+    name: str,
+    source: str,
+    source_job_id: str | None = None,
+) -> ModelRecord:
+    """Validate `files`, store each under keys.model(tenant, id, "files/<name>"), then the record (last)."""
+    summary = validate_model_files(
+        files,
+        max_config_bytes=settings.max_config_bytes,
+        max_header_bytes=settings.max_safetensors_header_bytes,
+        max_tensors=settings.max_tensors,
+    )
+    size = sum(path.stat().st_size for path in files.values())
+    if records.stored_bytes(tenant) + size > settings.max_bytes_per_tenant:
+        raise QuotaExceeded("this tenant's storage quota is used up; delete models or adapters first")
+    stored: list[ModelFile] = []
+    try:
+        for file_name, path in sorted(files.items()):
+            sha = records.storage.upload_path(keys.model(tenant, model_id, f"files/{file_name}"), path)
+            stored.append(ModelFile(name=file_name, size=path.stat().st_size, sha256=sha))
+        record = ModelRecord(
+            id=model_id,
+            tenant=tenant,
+            name=name,
+            family=summary.family,  # type: ignore[arg-type]
+            architecture=summary.architecture,
+            model_type=summary.model_type,
+            num_labels=summary.num_labels,
+            has_tokenizer=summary.has_tokenizer,
+            files=stored,
+            size_bytes=size,
+            sha256=manifest_sha256(stored),
+            source=source,  # type: ignore[arg-type]
+            source_job_id=source_job_id,
+            created_at=datetime.now(UTC),
+        )
+        records.put_resource("models", record)
+    except BaseException:
+        try:
+            records.storage.delete_prefix(keys.model(tenant, model_id))
+        except Exception:  # noqa: BLE001 - the original error is what the caller must see
+            pass
+        raise
+    records.add_stored_bytes(tenant, size)
+    return record

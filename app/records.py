@@ -23,7 +23,9 @@ import redis
 
 from app.errors import Conflict, IndexUnavailable, NotFound
 from app.schemas.adapters import AdapterRecord
+from app.schemas.datasets import DatasetRecord
 from app.schemas.jobs import ACTIVE_STATES, JobEvent, JobRecord
+from app.schemas.models import ModelRecord
 from app.storage import Storage, keys
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,58 @@ class Records:
     def add_stored_bytes(self, tenant: str, size: int) -> None:
         with redis_errors():
             self.index.incrby(f"{PREFIX}bytes:{tenant}", size)
+
+    # -- models and datasets (one generic path: kind is "models" or "datasets") ---------------------
+    def put_resource(self, kind: str, record: ModelRecord | DatasetRecord) -> None:
+        """Publish a model or dataset: its files are already stored; the record is the final PUT."""
+        key_of, _ = _RESOURCES[kind]
+        self.storage.put_json(key_of(record.tenant, record.id, "record.json"), record.model_dump(mode="json"))
+        self._index_resource(kind, record)
+
+    def _index_resource(self, kind: str, record: ModelRecord | DatasetRecord) -> None:
+        with redis_errors():
+            pipe = self.index.pipeline()
+            pipe.set(f"{PREFIX}{kind}:{record.tenant}:{record.id}", record.model_dump_json())
+            pipe.zadd(f"{PREFIX}{kind}-list:{record.tenant}", {record.id: 0})
+            pipe.execute()
+
+    def get_resource(self, kind: str, tenant: str, resource_id: str) -> Any:
+        key_of, cls = _RESOURCES[kind]
+        noun = kind.removesuffix("s")
+        with redis_errors():
+            raw = self.index.get(f"{PREFIX}{kind}:{tenant}:{resource_id}")
+        if raw is None:
+            try:
+                record = cls.model_validate(self.storage.get_json(key_of(tenant, resource_id, "record.json")))
+            except NotFound:
+                raise NotFound(f"{noun} {resource_id} not found") from None
+            self._index_resource(kind, record)
+        else:
+            record = cls.model_validate_json(raw)
+        if record.deleted or record.tenant != tenant:
+            raise NotFound(f"{noun} {resource_id} not found")
+        return record
+
+    def list_resources(self, kind: str, tenant: str, limit: int, cursor: str | None) -> tuple[list[Any], str | None]:
+        ids, next_cursor = self._page(f"{PREFIX}{kind}-list:{tenant}", limit, cursor, lambda _id: True)
+        return [self.get_resource(kind, tenant, i) for i in ids], next_cursor
+
+    def delete_resource(self, kind: str, tenant: str, resource_id: str) -> None:
+        key_of, _ = _RESOURCES[kind]
+        noun = kind.removesuffix("s")
+        record = self.get_resource(kind, tenant, resource_id)
+        for job in self.active_jobs(tenant):
+            used = job.input_model_ids() if kind == "models" else job.input_dataset_ids()
+            if resource_id in used:
+                raise Conflict(f"{noun} {resource_id} is used by {job.state} job {job.id}", code=f"{noun}_in_use")
+        self.storage.delete(key_of(tenant, resource_id, "record.json"))
+        with redis_errors():
+            pipe = self.index.pipeline()
+            pipe.delete(f"{PREFIX}{kind}:{tenant}:{resource_id}")
+            pipe.zrem(f"{PREFIX}{kind}-list:{tenant}", resource_id)
+            pipe.decrby(f"{PREFIX}bytes:{tenant}", record.size_bytes)
+            pipe.execute()
+        self.storage.delete_prefix(key_of(tenant, resource_id))
 
     # -- jobs ---------------------------------------------------------------------------------------
     def create_job(self, record: JobRecord) -> None:
@@ -312,6 +366,11 @@ class Records:
                 self._index_adapter(adapter)
                 byte_totals[tenant] = byte_totals.get(tenant, 0) + adapter.size_bytes
                 counts["adapters"] += 1
+            elif kind in _RESOURCES:
+                resource = _RESOURCES[kind][1].model_validate(data)
+                self._index_resource(kind, resource)
+                byte_totals[tenant] = byte_totals.get(tenant, 0) + resource.size_bytes
+                counts[kind] = counts.get(kind, 0) + 1
             elif kind == "jobs":
                 job = JobRecord.model_validate(data)
                 with redis_errors():
@@ -330,6 +389,12 @@ class Records:
     def is_index_empty(self) -> bool:
         with redis_errors():
             return not any(self.index.scan_iter(match=f"{PREFIX}*", count=100))
+
+
+_RESOURCES: dict[str, tuple[Callable[..., str], type[ModelRecord] | type[DatasetRecord]]] = {
+    "models": (keys.model, ModelRecord),
+    "datasets": (keys.dataset, DatasetRecord),
+}
 
 
 def add_event(record: JobRecord, stage: str) -> None:

@@ -4,11 +4,12 @@ same classes, by the worker before any compute."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from app.schemas.merge import MERGE_PARAMS, MergeMethod, MergeOutput
+from app.schemas.unlearn import UNLEARN_PARAMS, UnlearnMethod
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE_STATES: frozenset[str] = frozenset({"queued", "running"})
@@ -55,8 +56,75 @@ class MergeJobCreate(BaseModel):
         return [item.id for item in self.adapters]
 
 
-# The job union, discriminated on `type`; each later job type (unlearn, compress) joins it here.
-JobCreate = MergeJobCreate
+MAX_FORGET_ROWS = 100_000
+
+
+class UnlearnForget(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = Field(pattern=ID_PATTERN, description="A dataset id of this tenant.")
+    rows: list[int] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_FORGET_ROWS,
+        description="Row ids (0-based) to forget; null forgets every row of the dataset.",
+    )
+
+    @field_validator("rows")
+    @classmethod
+    def _unique_non_negative(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if any(row < 0 for row in value):
+            raise ValueError("row ids are non-negative")
+        return sorted(set(value))
+
+
+class UnlearnJobCreate(BaseModel):
+    """`{"type": "unlearn", "model": id, "adapter": id | null, "forget": {"dataset": id, "rows": [...] | null},
+    "retain": id | null, "eval": id | null, "method": ..., "params": {...}, "output": "adapter" | "weights"}`.
+
+    `params` is validated against the method's `<Method>Params` (app/schemas/unlearn.py). With `adapter`,
+    that adapter is trained and the output is a new adapter; with output `adapter` and no adapter, a fresh
+    LoRA carries the change; output `weights` trains the whole model and registers a new model.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["unlearn"]
+    model: str = Field(pattern=ID_PATTERN, description="A registered model id of this tenant.")
+    adapter: str | None = Field(None, pattern=ID_PATTERN, description="An adapter of that model to unlearn.")
+    forget: UnlearnForget
+    retain: str | None = Field(None, pattern=ID_PATTERN, description="A dataset whose behaviour is kept.")
+    eval_: str | None = Field(None, alias="eval", pattern=ID_PATTERN, description="Held-out / test dataset.")
+    method: UnlearnMethod
+    params: dict[str, Any] = Field(default_factory=dict)
+    output: Literal["adapter", "weights"] = "adapter"
+    name: str | None = Field(None, min_length=1, max_length=128, description="Name of the output.")
+
+    @field_validator("params")
+    @classmethod
+    def _bounded_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(value) > 32:
+            raise ValueError("too many params")
+        return value
+
+    @model_validator(mode="after")
+    def _params_match_method(self) -> UnlearnJobCreate:
+        self.params = UNLEARN_PARAMS[self.method].model_validate(self.params).model_dump(mode="json", by_alias=True)
+        if self.adapter is not None and self.output == "weights":
+            raise ValueError("unlearning through an adapter yields a new adapter: use output 'adapter'")
+        return self
+
+    def input_adapter_ids(self) -> list[str]:
+        return [self.adapter] if self.adapter else []
+
+    def dataset_ids(self) -> list[str]:
+        return [i for i in (self.forget.dataset, self.retain, self.eval_) if i]
+
+
+# The job union, discriminated on `type`; each later job type (compress) joins it here.
+JobCreate = Annotated[MergeJobCreate | UnlearnJobCreate, Field(discriminator="type")]
 job_create_adapter: TypeAdapter[JobCreate] = TypeAdapter(JobCreate)
 
 
@@ -70,6 +138,8 @@ class JobResult(BaseModel):
     adapter_ids: list[str] = Field(default_factory=list)
     report: dict[str, Any] | None = Field(None, description="A summary; the full report is at report_key.")
     report_key: str | None = None
+    model_id: str | None = Field(None, description="Unlearn with output 'weights': the new registered model.")
+    audit_key: str | None = Field(None, description="Unlearn: the signed audit record (GET /v1/jobs/{id}/audit).")
 
 
 class JobEvent(BaseModel):
@@ -106,4 +176,16 @@ class JobRecord(JobPublic):
         return JobPublic.model_validate(self.model_dump(include=set(JobPublic.model_fields)))
 
     def input_adapter_ids(self) -> list[str]:
-        return [item["id"] for item in self.spec.get("adapters", [])]
+        ids = [item["id"] for item in self.spec.get("adapters", [])]
+        if self.type == "unlearn" and self.spec.get("adapter"):
+            ids.append(self.spec["adapter"])
+        return ids
+
+    def input_model_ids(self) -> list[str]:
+        return [self.spec["model"]] if self.type == "unlearn" and self.spec.get("model") else []
+
+    def input_dataset_ids(self) -> list[str]:
+        if self.type != "unlearn":
+            return []
+        forget = self.spec.get("forget") or {}
+        return [i for i in (forget.get("dataset"), self.spec.get("retain"), self.spec.get("eval")) if i]

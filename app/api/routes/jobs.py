@@ -13,12 +13,14 @@ from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from app import audit
 from app.api.deps import CeleryDep, JobDep, Reader, RecordsDep, SettingsDep, Writer
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
 from app.queue import enqueue
 from app.records import Records, add_event, new_id, now
 from app.schemas.common import Page
-from app.schemas.jobs import FINAL_STATES, JobCreate, JobPublic, JobRecord, JobState
+from app.schemas.jobs import FINAL_STATES, JobCreate, JobPublic, JobRecord, JobState, UnlearnJobCreate
+from app.schemas.unlearn import UNLEARN_FAMILIES, UNLEARN_PARAMS, missing_inputs
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -27,8 +29,55 @@ def _request_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# dataset kinds each model family can learn from
+_FAMILY_DATASETS = {"causal_lm": {"lm"}, "classifier": {"text_classification", "image_classification"}}
+
+
+def _check_unlearn_inputs(records: Records, tenant: str, spec: UnlearnJobCreate) -> None:
+    """The model, adapter and datasets exist for this tenant and fit the method and each other."""
+    model = records.get_resource("models", tenant, spec.model)
+    if spec.adapter:
+        records.get_adapter(tenant, spec.adapter)
+    if model.family not in UNLEARN_FAMILIES[spec.method]:
+        raise Unprocessable(
+            f"{spec.method} does not support {model.family} models (it supports "
+            f"{', '.join(sorted(UNLEARN_FAMILIES[spec.method]))})",
+            code="unsupported_family",
+        )
+    params = UNLEARN_PARAMS[spec.method].model_validate(spec.params)
+    provided = {"forget"} | ({"retain"} if spec.retain else set())
+    missing = missing_inputs(spec.method, params, provided)
+    if missing:
+        raise Unprocessable(f"{spec.method} needs {', '.join(missing)} data; the job has none", code="missing_input")
+    forget = records.get_resource("datasets", tenant, spec.forget.dataset)
+    if spec.forget.rows and spec.forget.rows[-1] >= forget.rows:
+        raise Unprocessable(
+            f"forget row {spec.forget.rows[-1]} does not exist: dataset {forget.id} has rows 0..{forget.rows - 1}",
+            code="invalid_rows",
+        )
+    for dataset_id in spec.dataset_ids():
+        dataset = records.get_resource("datasets", tenant, dataset_id)
+        if dataset.kind not in _FAMILY_DATASETS[model.family]:
+            raise Unprocessable(
+                f"dataset {dataset.id} holds {dataset.kind} rows, which a {model.family} model cannot use",
+                code="incompatible_inputs",
+            )
+        if dataset.kind == "text_classification" and not model.has_tokenizer:
+            raise Unprocessable(f"model {model.id} has no tokenizer for text rows", code="incompatible_inputs")
+        if dataset.num_labels is not None and model.num_labels is not None and dataset.num_labels > model.num_labels:
+            raise Unprocessable(
+                f"dataset {dataset.id} has {dataset.num_labels} labels, model {model.id} only {model.num_labels}",
+                code="incompatible_inputs",
+            )
+    if model.family == "causal_lm" and not model.has_tokenizer:
+        raise Unprocessable(f"model {model.id} has no tokenizer for its text rows", code="incompatible_inputs")
+
+
 def _check_inputs(records: Records, tenant: str, spec: JobCreate) -> None:
     """Every referenced adapter exists for this tenant, and their base models agree."""
+    if isinstance(spec, UnlearnJobCreate):
+        _check_unlearn_inputs(records, tenant, spec)
+        return
     adapters = [records.get_adapter(tenant, adapter_id) for adapter_id in spec.input_adapter_ids()]
     if not spec.params.get("allow_base_mismatch"):
         bases = {a.base_model for a in adapters if a.base_model}
@@ -68,7 +117,7 @@ def create_job(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
-    if len(spec.adapters) > settings.max_merge_adapters:
+    if len(spec.input_adapter_ids()) > settings.max_merge_adapters:
         raise Unprocessable(f"at most {settings.max_merge_adapters} adapters per merge", code="too_many_adapters")
     spec_dict = spec.model_dump(mode="json", by_alias=True)
     request_hash = _request_hash(spec_dict)
@@ -159,6 +208,15 @@ def get_report(job: JobDep, records: RecordsDep) -> Any:
     if not job.result or not job.result.report_key:
         raise NotFound(f"job {job.id} has no report yet")
     return records.storage.get_json(job.result.report_key)
+
+
+@router.get("/{job_id}/audit", summary="An unlearning job's signed audit record, with the signature verified")
+def get_audit(job: JobDep, records: RecordsDep, settings: SettingsDep) -> Any:
+    if not job.result or not job.result.audit_key:
+        raise NotFound(f"job {job.id} has no audit record")
+    record = records.storage.get_json(job.result.audit_key)
+    valid = audit.verify(record, settings.audit_hmac_key.get_secret_value())
+    return {**record, "signature_valid": valid}
 
 
 @router.get("/{job_id}/events", summary="Progress as server-sent events until the job finishes")

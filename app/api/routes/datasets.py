@@ -1,0 +1,123 @@
+"""Datasets: upload (validated, every row hashed), list, get, row manifest, delete."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import Path as PathParam
+
+from app.api.deps import Reader, RecordsDep, SettingsDep, Writer
+from app.api.routes.adapters import _copy_bounded
+from app.dataset_check import validate_jsonl, validate_tensors
+from app.errors import QuotaExceeded, UnsupportedMediaType
+from app.model_check import PICKLE_SUFFIXES
+from app.records import new_id, now
+from app.schemas.common import Page
+from app.schemas.datasets import DatasetManifest, DatasetPublic, DatasetRecord
+from app.schemas.jobs import ID_PATTERN
+from app.storage import keys
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+DatasetId = Annotated[str, PathParam(pattern=ID_PATTERN, max_length=48)]
+DATA_FILES = {"jsonl": "data.jsonl", "safetensors": "data.safetensors"}
+
+
+def get_dataset(dataset_id: DatasetId, caller: Reader, records: RecordsDep) -> DatasetRecord:
+    return records.get_resource("datasets", caller.tenant, dataset_id)
+
+
+DatasetDep = Annotated[DatasetRecord, Depends(get_dataset)]
+
+
+def data_key(dataset: DatasetRecord) -> str:
+    return keys.dataset(dataset.tenant, dataset.id, DATA_FILES[dataset.format])
+
+
+@router.post("", status_code=201, response_model=DatasetPublic, summary="Upload a JSONL or safetensors dataset")
+def upload_dataset(
+    caller: Writer,
+    records: RecordsDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="rows.jsonl, or data.safetensors (pixel_values + labels)")],
+    name: Annotated[str | None, Form(min_length=1, max_length=128)] = None,
+    num_labels: Annotated[int | None, Form(ge=1, le=1_000_000, description="For labelled rows.")] = None,
+) -> DatasetPublic:
+    filename = (file.filename or "").lower()
+    if filename.endswith(PICKLE_SUFFIXES):
+        raise UnsupportedMediaType(f"{file.filename!r} is a pickle file; upload JSONL or safetensors")
+    with tempfile.TemporaryDirectory(prefix="amend-dataset-") as scratch:
+        path = Path(scratch) / "data"
+        sha256 = _copy_bounded(file, path, settings.max_upload_bytes)
+        if filename.endswith(".safetensors"):
+            summary = validate_tensors(
+                path,
+                num_labels=num_labels,
+                max_rows=settings.max_dataset_rows,
+                max_header_bytes=settings.max_safetensors_header_bytes,
+                max_tensors=settings.max_tensors,
+            )
+        else:
+            summary = validate_jsonl(
+                path, num_labels=num_labels, max_rows=settings.max_dataset_rows,
+                max_row_bytes=settings.max_dataset_row_bytes,
+            )
+        size = path.stat().st_size
+        if records.stored_bytes(caller.tenant) + size > settings.max_bytes_per_tenant:
+            raise QuotaExceeded("this tenant's storage quota is used up; delete datasets first")
+        dataset_id = new_id("ds")
+        record = DatasetRecord(
+            id=dataset_id,
+            tenant=caller.tenant,
+            name=name or Path(file.filename or "dataset").stem[:128] or "dataset",
+            kind=summary.kind,  # type: ignore[arg-type]
+            format=summary.format,  # type: ignore[arg-type]
+            rows=summary.rows,
+            num_labels=summary.num_labels,
+            size_bytes=size,
+            sha256=sha256,
+            created_at=now(),
+        )
+        manifest = DatasetManifest(dataset_id=dataset_id, rows=summary.rows, row_sha256=summary.row_sha256)
+        try:
+            records.storage.upload_path(data_key(record), path)
+            records.storage.put_json(keys.dataset(caller.tenant, dataset_id, "manifest.json"), manifest.model_dump())
+            records.put_resource("datasets", record)
+        except BaseException:
+            try:
+                records.storage.delete_prefix(keys.dataset(caller.tenant, dataset_id))
+            except Exception:  # noqa: BLE001 - the original error is what the client must see
+                pass
+            raise
+        records.add_stored_bytes(caller.tenant, size)
+    return record.public()
+
+
+@router.get("", response_model=Page[DatasetPublic], summary="List datasets, newest first")
+def list_datasets(
+    caller: Reader,
+    records: RecordsDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=128)] = None,
+) -> Page[DatasetPublic]:
+    items, next_cursor = records.list_resources("datasets", caller.tenant, min(limit, settings.page_limit_max), cursor)
+    return Page[DatasetPublic](items=[item.public() for item in items], next_cursor=next_cursor)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic, summary="Get a dataset")
+def get_dataset_record(dataset: DatasetDep) -> DatasetPublic:
+    return dataset.public()
+
+
+@router.get("/{dataset_id}/manifest", summary="Row ids and row hashes (SHA-256 of each canonical row)")
+def get_manifest(dataset: DatasetDep, records: RecordsDep) -> Any:
+    return records.storage.get_json(keys.dataset(dataset.tenant, dataset.id, "manifest.json"))
+
+
+@router.delete("/{dataset_id}", status_code=204, summary="Delete a dataset (409 while a job uses it)")
+def delete_dataset(dataset: DatasetDep, caller: Writer, records: RecordsDep) -> None:
+    records.delete_resource("datasets", caller.tenant, dataset.id)
