@@ -185,6 +185,10 @@ def _finish(
 
 def _existing_result(records: Records, job: JobRecord) -> JobResult | None:
     """A redelivered job whose output is already published finishes without recomputing."""
+    if job.type == "unlearn":
+        from workers.unlearning import existing_result
+
+        return existing_result(records, job)
     report_key = keys.job(job.tenant, job.id, "results/report.json")
     try:
         adapter = records.get_adapter(job.tenant, output_adapter_id(job.id))
@@ -275,4 +279,10 @@ def run_merge(context: JobContext) -> JobResult:
         return publish_adapter(context, out_dir, spec.output.name, report)
 
 
-HANDLERS: dict[str, Callable[[JobContext], JobResult]] = {"merge": run_merge}
+def run_unlearn(context: JobContext) -> JobResult:
+    from workers.unlearning import run_unlearn as handler  # torch, transformers and peft load only here
+
+    return handler(context)
+
+
+HANDLERS: dict[str, Callable[[JobContext], JobResult]] = {"merge": run_merge, "unlearn": run_unlearn}

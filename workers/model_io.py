@@ -1,0 +1,153 @@
+"""Registered models and datasets, fetched from storage and loaded for unlearning.
+
+Models load with transformers from `config.json` + `*.safetensors` only: `trust_remote_code=False`,
+`use_safetensors=True`, `local_files_only=True`, always. Every fetched file's SHA-256 is checked against
+its record, so the audit's input hashes are the bytes that were trained on. Datasets never go through
+pickle either: JSONL is parsed as JSON, tensors are read with `safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.model_check import TOKENIZER_FILES, check_name, file_sha256
+from app.records import Records
+from app.schemas.datasets import DatasetRecord
+from app.schemas.models import ModelRecord
+from app.storage import keys
+from workers.pipeline import InputRejected
+
+log = logging.getLogger(__name__)
+
+DATA_FILES = {"jsonl": "data.jsonl", "safetensors": "data.safetensors"}
+MAX_TEXT_TOKENS = 512
+
+
+def fetch_model(records: Records, model: ModelRecord, into: Path) -> Path:
+    """Download a model's files into `into` and check each against the record's SHA-256."""
+    into.mkdir(parents=True, exist_ok=True)
+    for item in model.files:
+        check_name(item.name)
+        target = into / item.name
+        records.storage.download(keys.model(model.tenant, model.id, f"files/{item.name}"), target)
+        if file_sha256(target) != item.sha256:
+            raise InputRejected(f"model {model.id}: {item.name} does not match its recorded SHA-256")
+    return into
+
+
+def load_model(directory: Path, model: ModelRecord) -> tuple[nn.Module, Any]:
+    """(model in float32, tokenizer or None) from a fetched model directory; never runs custom code."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    raw_config = json.loads((directory / "config.json").read_text())
+    if "auto_map" in raw_config:
+        raise InputRejected("the model's config needs custom code (auto_map); Amend never runs it")
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
+    if model.family == "causal_lm":
+        loader: Any = AutoModelForCausalLM
+    elif model.architecture.endswith("ForImageClassification"):
+        loader = AutoModelForImageClassification
+    else:
+        loader = AutoModelForSequenceClassification
+    try:
+        network = loader.from_pretrained(
+            directory,
+            config=config,
+            trust_remote_code=False,
+            use_safetensors=True,
+            local_files_only=True,
+            dtype=torch.float32,
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise InputRejected(f"model {model.id} does not load with transformers: {error}") from None
+    tokenizer = None
+    if TOKENIZER_FILES & {path.name for path in directory.iterdir()}:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return network, tokenizer
+
+
+def fetch_dataset(records: Records, dataset: DatasetRecord, into: Path) -> Path:
+    path = into / f"{dataset.id}-{DATA_FILES[dataset.format]}"
+    records.storage.download(keys.dataset(dataset.tenant, dataset.id, DATA_FILES[dataset.format]), path)
+    if file_sha256(path) != dataset.sha256:
+        raise InputRejected(f"dataset {dataset.id} does not match its recorded SHA-256")
+    return path
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSONL rows in order (blank lines skipped, as at upload): row id i is the i-th row."""
+    rows = []
+    with path.open("rb") as source:
+        for line in source:
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def load_data(
+    path: Path, dataset: DatasetRecord, rows: Sequence[int] | None, family: str, tokenizer: Any
+) -> Any:
+    """The engine's data container for `rows` of a fetched dataset (all rows when None)."""
+    from workers.engines.unlearn import ClassifierData, LMData
+
+    if dataset.format == "safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if rows is not None:
+            index = torch.as_tensor(list(rows), dtype=torch.long)
+            tensors = {name: value[index] for name, value in tensors.items()}
+        return ClassifierData.from_tensors(
+            {"pixel_values": tensors["pixel_values"].float(), "labels": tensors["labels"].long()}
+        )
+    all_rows = read_rows(path)
+    picked = all_rows if rows is None else [all_rows[i] for i in rows]
+    if dataset.kind == "lm":
+        if family != "causal_lm":
+            raise InputRejected(f"dataset {dataset.id} holds language-model rows; the model is a {family}")
+        return LMData.from_rows(picked, tokenizer)
+    if tokenizer is None:
+        raise InputRejected(f"dataset {dataset.id} holds text rows but the model has no tokenizer")
+    encoded = tokenizer(
+        [row["text"] for row in picked],
+        padding=True,
+        truncation=True,
+        max_length=MAX_TEXT_TOKENS,
+        return_tensors="pt",
+    )
+    tensors = {key: encoded[key] for key in ("input_ids", "attention_mask") if key in encoded}
+    tensors["labels"] = torch.tensor([int(row["label"]) for row in picked], dtype=torch.long)
+    return ClassifierData.from_tensors(tensors)
+
+
+def model_output_files(directory: Path, source: Path) -> dict[str, Path]:
+    """The files of a saved model that a registered model may hold, plus the input's files that saving
+    did not write (tokenizer, preprocessor). Anything else the library wrote is left out, with a log line."""
+    files: dict[str, Path] = {}
+    for path in sorted(directory.iterdir()):
+        try:
+            check_name(path.name)
+        except Exception:  # noqa: BLE001 - a file type a model may not hold is simply not published
+            log.warning("not publishing an unexpected file written by save_pretrained", extra={"file": path.name})
+            continue
+        files[path.name] = path
+    for path in sorted(source.iterdir()):
+        if path.name not in files and not path.name.lower().endswith(".safetensors") and path.name != "config.json":
+            if path.name != "model.safetensors.index.json":
+                files[path.name] = path
+    return files

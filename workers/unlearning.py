@@ -1,0 +1,224 @@
+"""The pipeline handler for unlearn jobs: fetch the model (+ adapter) and datasets, unlearn, store the
+output, the report and a signed audit record.
+
+- `adapter` given: that adapter is loaded trainable (`PeftModel.from_pretrained(..., is_trainable=True)`);
+  the output is a new adapter.
+- output `adapter`, no adapter: a fresh LoRA (`all-linear`, r=8, alpha=16) carries the change.
+- output `weights`: the whole model is trained and registered as a new model (safetensors).
+Output ids derive from the job id (`ad_<suffix>` / `md_<suffix>`), so a redelivered job whose output, report
+and audit already exist finishes without recomputing (`existing_result`). Storage order: report, audit,
+then the output's record last (publish by final PUT).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from app import audit
+from app.errors import NotFound
+from app.model_check import file_sha256, manifest_sha256, store_model
+from app.records import Records, now
+from app.schemas.datasets import DatasetRecord
+from app.schemas.jobs import JobRecord, JobResult, UnlearnJobCreate
+from app.schemas.models import ModelFile, ModelRecord
+from app.schemas.unlearn import UNLEARN_PARAMS
+from app.storage import keys
+from workers.pipeline import InputRejected, JobCancelled, JobContext, output_adapter_id, publish_adapter
+
+log = logging.getLogger(__name__)
+
+FRESH_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
+SUMMARY_SPLITS = ("before", "after")
+
+
+def output_model_id(job_id: str) -> str:
+    """The model an unlearn job with output `weights` registers: deterministic from the job id."""
+    return "md_" + job_id.split("_", 1)[1]
+
+
+def report_key(job: JobRecord) -> str:
+    return keys.job(job.tenant, job.id, "results/report.json")
+
+
+def audit_key(job: JobRecord) -> str:
+    return keys.job(job.tenant, job.id, "results/audit.json")
+
+
+def existing_result(records: Records, job: JobRecord) -> JobResult | None:
+    """The result of a redelivered unlearn job whose output, report and audit are all already stored."""
+    output = job.spec.get("output", "adapter")
+    try:
+        if output == "weights":
+            model = records.get_resource("models", job.tenant, output_model_id(job.id))
+            adapter_id = None
+        else:
+            adapter_id = records.get_adapter(job.tenant, output_adapter_id(job.id)).id
+        report = records.storage.get_json(report_key(job))
+        if not records.storage.exists(audit_key(job)):
+            return None
+    except NotFound:
+        return None
+    return JobResult(
+        adapter_id=adapter_id,
+        adapter_ids=[adapter_id] if adapter_id else [],
+        model_id=model.id if output == "weights" else None,
+        report=report.get("summary"),
+        report_key=report_key(job),
+        audit_key=audit_key(job),
+    )
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in ("torch", "transformers", "peft", "amend"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def _dataset(records: Records, tenant: str, dataset_id: str) -> DatasetRecord:
+    try:
+        return records.get_resource("datasets", tenant, dataset_id)
+    except NotFound:
+        raise InputRejected(f"dataset {dataset_id} no longer exists") from None
+
+
+def run_unlearn(context: JobContext) -> JobResult:
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from workers.engines.unlearn import UnlearnCancelled, unlearn
+    from workers.model_io import fetch_dataset, fetch_model, load_data, load_model, model_output_files
+
+    job, records, settings = context.job, context.records, context.settings
+    spec = UnlearnJobCreate.model_validate(job.spec)
+    params = UNLEARN_PARAMS[spec.method].model_validate(spec.params)
+    torch.manual_seed(params.seed)
+    try:
+        model_record: ModelRecord = records.get_resource("models", job.tenant, spec.model)
+    except NotFound:
+        raise InputRejected(f"model {spec.model} no longer exists") from None
+    family = model_record.family
+    with tempfile.TemporaryDirectory(prefix=f"amend-{job.id}-") as scratch:
+        root = Path(scratch)
+        context.progress(0.02, "fetching the model")
+        model_dir = fetch_model(records, model_record, root / "model")
+        model, tokenizer = load_model(model_dir, model_record)
+        adapter_in: dict[str, Any] | None = None
+        if spec.adapter:
+            try:
+                adapter = records.get_adapter(job.tenant, spec.adapter)
+            except NotFound:
+                raise InputRejected(f"adapter {spec.adapter} no longer exists") from None
+            adapter_dir = root / "adapter"
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                records.storage.download(keys.adapter(job.tenant, adapter.id, name), adapter_dir / name)
+            if file_sha256(adapter_dir / "adapter_model.safetensors") != adapter.sha256:
+                raise InputRejected(f"adapter {adapter.id} does not match its recorded SHA-256")
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+            adapter_in = {"id": adapter.id, "sha256": adapter.sha256}
+        elif spec.output == "adapter":
+            model = get_peft_model(model, LoraConfig(**FRESH_LORA))  # type: ignore[arg-type]
+
+        context.progress(0.08, "fetching the data")
+        forget_record = _dataset(records, job.tenant, spec.forget.dataset)
+        manifest = records.storage.get_json(keys.dataset(job.tenant, forget_record.id, "manifest.json"))
+        row_ids = spec.forget.rows if spec.forget.rows is not None else list(range(forget_record.rows))
+        if row_ids and row_ids[-1] >= forget_record.rows:
+            raise InputRejected(f"forget row {row_ids[-1]} does not exist in dataset {forget_record.id}")
+        forget = load_data(fetch_dataset(records, forget_record, root), forget_record, row_ids, family, tokenizer)
+        inputs: dict[str, Any] = {"model": {"id": model_record.id, "sha256": model_record.sha256},
+                                  "adapter": adapter_in}
+        splits: dict[str, Any] = {}
+        for role, dataset_id in (("retain", spec.retain), ("eval", spec.eval_)):
+            if dataset_id is None:
+                splits[role], inputs[role] = None, None
+                continue
+            record = _dataset(records, job.tenant, dataset_id)
+            splits[role] = load_data(fetch_dataset(records, record, root), record, None, family, tokenizer)
+            inputs[role] = {"id": record.id, "sha256": record.sha256, "rows": record.rows}
+
+        def engine_progress(fraction: float, stage: str) -> None:
+            context.progress(0.1 + 0.8 * fraction, stage)
+
+        try:
+            outcome = unlearn(
+                model, family, spec.method, params, forget, splits["retain"], splits["eval"],
+                tokenizer=tokenizer, progress=engine_progress, should_cancel=context.should_cancel,
+            )
+        except UnlearnCancelled:
+            context.check_cancelled()  # raises LeaseLost or JobCancelled, whichever stopped the engine
+            raise JobCancelled from None
+
+        context.progress(0.92, "storing the output")
+        engine_report = outcome.report
+        out_dir = root / "output"
+        out_dir.mkdir()
+        if spec.output == "weights":
+            outcome.model.save_pretrained(out_dir, safe_serialization=True)
+            files = model_output_files(out_dir, model_dir)
+            listing = [ModelFile(name=n, size=p.stat().st_size, sha256=file_sha256(p)) for n, p in files.items()]
+            output = {"kind": "weights", "id": output_model_id(job.id), "sha256": manifest_sha256(listing)}
+        else:
+            outcome.model.peft_config["default"].base_model_name_or_path = (  # type: ignore[union-attr, index]
+                adapter.base_model if spec.adapter and adapter.base_model else model_record.id
+            )
+            outcome.model.save_pretrained(out_dir)
+            output = {
+                "kind": "adapter",
+                "id": output_adapter_id(job.id),
+                "sha256": file_sha256(out_dir / "adapter_model.safetensors"),
+            }
+
+        metrics = {split: engine_report.get(split, {}) for split in SUMMARY_SPLITS}
+        summary = {
+            "method": spec.method,
+            "family": family,
+            "output": output,
+            "steps": engine_report.get("steps"),
+            "forget_rows": len(row_ids),
+            **metrics,
+        }
+        report = {"summary": summary, "job_id": job.id, **engine_report}
+        record = {
+            "version": 1,
+            "job_id": job.id,
+            "tenant": job.tenant,
+            "created_at": now().isoformat(),
+            "method": spec.method,
+            "family": family,
+            "params": params.model_dump(mode="json", by_alias=True),
+            "seed": params.seed,
+            "inputs": inputs,
+            "forget": {
+                "dataset_id": forget_record.id,
+                "dataset_sha256": forget_record.sha256,
+                "row_ids": row_ids,
+                "row_sha256": [manifest["row_sha256"][i] for i in row_ids],
+            },
+            "output": output,
+            "versions": _versions(),
+            "metrics": metrics,
+            "report_key": report_key(job),
+        }
+        signed = audit.sign(record, settings.audit_hmac_key.get_secret_value())
+        name = spec.name or f"{model_record.name}-{spec.method}"
+        if spec.output == "weights":
+            records.storage.put_json(report_key(job), report)
+            records.storage.put_json(audit_key(job), signed)
+            stored = store_model(
+                records, settings, tenant=job.tenant, model_id=output_model_id(job.id), files=files, name=name,
+                source="job", source_job_id=job.id,
+            )
+            return JobResult(
+                model_id=stored.id, report=summary, report_key=report_key(job), audit_key=audit_key(job)
+            )
+        records.storage.put_json(audit_key(job), signed)
+        result = publish_adapter(context, out_dir, name, report)  # writes the report, then the record last
+        return result.model_copy(update={"audit_key": audit_key(job)})
