@@ -42,7 +42,10 @@ def stored_keys(client) -> list[str]:
 
 
 def test_app_never_imports_torch():
-    code = "import sys, app.main; app.main.create_app; assert 'torch' not in sys.modules; assert 'workers' not in sys.modules"
+    code = (
+        "import sys, app.main; app.main.create_app(); "
+        "assert 'torch' not in sys.modules; assert 'workers' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -109,7 +112,9 @@ def test_bad_upload_stores_nothing(api, adapter_dir, tmp_path, mutate, status, c
 
 def test_oversized_upload_is_413_before_reading(api):
     response = api.post(
-        "/v1/adapters", content=b"x" * 10, headers={"Content-Length": str(10 * 2**30), "Content-Type": "multipart/form-data; boundary=x"}
+        "/v1/adapters",
+        content=b"x" * 10,
+        headers={"Content-Length": str(10 * 2**30), "Content-Type": "multipart/form-data; boundary=x"},
     )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"

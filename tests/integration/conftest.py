@@ -60,7 +60,9 @@ class Stack:
             log_path=self.root / "seaweedfs.log",
         )
 
-    def start_worker(self, extra_env: dict[str, str] | None = None, app: str = "workers.celery_app") -> devstack.Service:
+    def start_worker(
+        self, extra_env: dict[str, str] | None = None, app: str = "workers.celery_app"
+    ) -> devstack.Service:
         name = f"worker{len(self.workers)}"
         worker = devstack.start_worker(
             self.env | (extra_env or {}), log_path=self.root / f"{name}.log", name=name, app=app
@@ -100,7 +102,10 @@ def client(stack: Stack, redis_client) -> Iterator[TestClient]:
         yield test_client
 
 
-def wait_for_job(client: TestClient, job_id: str, timeout: float = 120.0, states=("succeeded", "failed", "cancelled")) -> dict:
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def wait_for_job(client: TestClient, job_id: str, timeout: float = 120.0, states=FINAL) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()
