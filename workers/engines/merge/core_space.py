@@ -95,22 +95,68 @@ def _eig_basis(grams: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     return z, s, s_inv, [int(k) for k in keep.sum(-1)]
 
 
-def _grams(mats: list[Tensor], rows: bool) -> Tensor:
-    """Grams of each module's stack, float32 GEMM, redone in float64 where float32 cannot resolve them."""
+def _basis(mats: list[Tensor], rows: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, list[int]]:
+    """Grams of each module's stack and their eigenbases: (gram, Z, S, S⁺, ranks).
+
+    The Gram is one float32 GEMM; modules whose spectrum reaches below float32's resolution are redone in
+    float64 (near rank-deficient stacks), so kept directions are accurate and null directions are dropped.
+    """
     grams = torch.stack([_gram(x, rows, torch.float32) for x in mats]).double()
-    lam = torch.linalg.eigvalsh(grams)
-    ratio = lam[:, 0].abs() / lam[:, -1].clamp(min=torch.finfo(torch.float64).tiny)
-    for i in torch.nonzero(ratio < _FP32_RELIABLE).flatten().tolist():
-        grams[i] = _gram(mats[i], rows, torch.float64)
-    return grams
+    z, s, s_inv, ranks = _eig_basis(grams)
+    smallest = s[:, -1].square() if s.shape[-1] else s[:, 0]
+    top = s[:, 0].square().clamp(min=torch.finfo(torch.float64).tiny)
+    redo = torch.nonzero(smallest / top < _FP32_RELIABLE).flatten().tolist()
+    if redo:
+        grams[redo] = torch.stack([_gram(mats[i], rows, torch.float64) for i in redo])
+        z[redo], s[redo], s_inv[redo], fixed = _eig_basis(grams[redo])
+        for i, r in zip(redo, fixed, strict=True):
+            ranks[i] = r
+    return grams, z, s, s_inv, ranks
 
 
-def core_bases(stacks: Sequence[StackedFactors]) -> CoreBasis:
-    """Bases and core coordinates of modules sharing the same K (step 1 of Core Space / CtM)."""
-    gram_B = _grams([s.lora_B for s in stacks], rows=False)
-    gram_A = _grams([s.lora_A for s in stacks], rows=True)
-    z_B, s_B, s_B_inv, rank_B = _eig_basis(gram_B)
-    z_A, s_A, s_A_inv, rank_A = _eig_basis(gram_A)
+def _cholesky_basis(grams: Tensor) -> tuple[Tensor, Tensor, list[int]] | None:
+    """Triangular bases (the R of a QR of the stack) from float64 Grams G = L Lᵀ: (coords = Lᵀ, lift = L⁻ᵀ).
+
+    Returns None when a Gram is not safely positive definite in float32 terms (then the eigenbasis path,
+    which handles rank deficiency, is used).
+    """
+    chol, info = torch.linalg.cholesky_ex(grams)
+    if bool((info != 0).any()):
+        return None
+    diag = chol.diagonal(dim1=-2, dim2=-1).square()
+    if bool((diag.min(-1).values < diag.max(-1).values * _FP32_RELIABLE).any()):
+        return None
+    eye = torch.eye(grams.shape[-1], dtype=grams.dtype, device=grams.device).expand_as(grams)
+    inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    return chol.mT, inv.mT, [grams.shape[-1]] * grams.shape[0]
+
+
+def core_bases(stacks: Sequence[StackedFactors], singular: bool = True) -> CoreBasis:
+    """Bases and core coordinates of modules sharing the same K (step 1 of Core Space / CtM).
+
+    `singular=True` uses the singular-vector bases of the paper (needed when a rule acts on individual core
+    entries, e.g. TIES in core space). `singular=False` allows any orthonormal bases (a QR of the stacks,
+    via a Cholesky of the Gram): exact and cheaper for results that do not depend on the basis (linear
+    rules, CtM's Tucker subspaces, KnOTS' SVD); it falls back to the singular bases when ill-conditioned.
+    """
+    mats_B, mats_A = [s.lora_B for s in stacks], [s.lora_A for s in stacks]
+    if not singular:
+        gram_B = torch.stack([_gram(x, False, torch.float32) for x in mats_B]).double()
+        gram_A = torch.stack([_gram(x, True, torch.float32) for x in mats_A]).double()
+        tri_B, tri_A = _cholesky_basis(gram_B), _cholesky_basis(gram_A)
+        if tri_B is not None and tri_A is not None:
+            return CoreBasis(
+                coords_B=tri_B[0],  # R_B = U_refᵀ B_s
+                coords_A=tri_A[0].mT,  # R_Aᵀ = A_s V_ref
+                lift_B=tri_B[1],  # R_B⁻¹
+                lift_A=tri_A[1].mT,  # R_A⁻ᵀ
+                gram_B=gram_B,
+                gram_A=gram_A,
+                rank_B=tri_B[2],
+                rank_A=tri_A[2],
+            )
+    gram_B, z_B, s_B, s_B_inv, rank_B = _basis(mats_B, rows=False)
+    gram_A, z_A, s_A, s_A_inv, rank_A = _basis(mats_A, rows=True)
     return CoreBasis(
         coords_B=s_B.unsqueeze(-1) * z_B.mT,  # S Zᵀ = U_refᵀ B_s
         coords_A=z_A * s_A.unsqueeze(-2),  # Z_A S_A = A_s V_ref
@@ -136,14 +182,21 @@ def truncate(core: Tensor, targets: Sequence[RankTarget]) -> list[tuple[Tensor, 
     """Exact truncation of each core C (G,K,K) to its target rank k: (XΣ^½ (K×k), Σ^½Yᵀ (k×K)).
 
     The SVD of the K×K core is the SVD of the merged update (bases are orthonormal), so this is the
-    Eckart–Young optimum; a rank above the numerical rank gives the exact update.
+    Eckart–Young optimum; a rank above the numerical rank gives the exact update. The left singular pairs
+    come from the symmetric eigendecomposition of CCᵀ (float64), and Yᵀ = Σ⁻¹XᵀC for the kept ones.
     """
-    x, s, yh = torch.linalg.svd(core, full_matrices=False)
+    lam, x = torch.linalg.eigh(core @ core.mT)
+    s = lam.flip(-1).clamp(min=0).sqrt()
+    x = x.flip(-1)
     out = []
     for i, target in enumerate(targets):
         k = target.choose(s[i])
+        if float(s[i, 0]) <= 0.0:  # zero update: one zero direction
+            out.append((core.new_zeros(core.shape[-1], 1), core.new_zeros(1, core.shape[-1])))
+            continue
         root = s[i, :k].sqrt()
-        out.append((x[i, :, :k] * root, root.unsqueeze(-1) * yh[i, :k]))
+        yh = (x[i, :, :k].mT @ core[i]) / s[i, :k].unsqueeze(-1)
+        out.append((x[i, :, :k] * root, root.unsqueeze(-1) * yh))
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from app.schemas.merge import CtmParams
-from workers.engines.merge.core_space import batches, core_bases, cores, lift, lifted_grams, stack_factors
+from workers.engines.merge.core_space import batches, core_bases, lift, lifted_grams, stack_factors
 from workers.engines.merge.rules import RuleOptions, apply_rule
 from workers.engines.merge.types import RANK_TOL, MergedModule, MergeJob, RankTarget
 from workers.engines.registry import register
@@ -28,12 +28,36 @@ from workers.engines.registry import register
 HOOI_TOL = 1e-6
 
 
-def balance(m_t: Tensor, beta: float) -> Tensor:
-    """Rescale each task's core to norm β·c_t + (1−β)·c̄ (β in [0, 1]; 1 = unchanged). (G, T, K, K)."""
-    norms = m_t.flatten(2).norm(dim=-1)  # (G, T)
+Factored = tuple[list[Tensor], list[Tensor]]
+
+
+def factored_cores(coords_B: Tensor, coords_A: Tensor, ranks: list[int]) -> Factored:
+    """The cores as low-rank factors M_t = L_t·R_t, L_t = (U_refᵀB_t) (G,K,r_t), R_t = (A_tV_ref) (G,r_t,K).
+
+    HOOI only ever multiplies cores by thin matrices, so it works on these factors: T·K·r_t·r flops per
+    product instead of T·K²·r, and no (G,T,K,K) stack is formed.
+    """
+    bounds = [0, *torch.tensor(ranks).cumsum(0).tolist()]
+    spans = [slice(bounds[i], bounds[i + 1]) for i in range(len(ranks))]
+    return [coords_B[:, :, sl] for sl in spans], [coords_A[:, sl, :] for sl in spans]
+
+
+def core_norms(cores: Factored) -> Tensor:
+    """‖M_t‖_F per (module, task), (G, T): ‖L_tR_t‖² = Σ (L_tᵀL_t)∘(R_tR_tᵀ)."""
+    return torch.stack([((lf.mT @ lf) * (r @ r.mT)).sum(dim=(1, 2)) for lf, r in zip(*cores, strict=True)], 1).sqrt()
+
+
+def balance(cores: Factored, beta: float) -> Factored:
+    """Rescale each task's core to norm β·c_t + (1−β)·c̄ (β in [0, 1]; 1 = unchanged)."""
+    norms = core_norms(cores)  # (G, T)
     target = beta * norms + (1.0 - beta) * norms.mean(dim=1, keepdim=True)
-    scale = torch.where(norms > 0, target / norms.clamp(min=torch.finfo(m_t.dtype).tiny), 0.0)
-    return m_t * scale[..., None, None]
+    scale = torch.where(norms > 0, target / norms.clamp(min=torch.finfo(norms.dtype).tiny), 0.0)
+    return [lf * scale[:, t, None, None] for t, lf in enumerate(cores[0])], cores[1]
+
+
+def _transpose(cores: Factored) -> Factored:
+    """The cores M_tᵀ = R_tᵀ·L_tᵀ."""
+    return [r.mT for r in cores[1]], [lf.mT for lf in cores[0]]
 
 
 def _top_eig(sym: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -42,26 +66,49 @@ def _top_eig(sym: Tensor, r: int) -> tuple[Tensor, Tensor]:
     return vectors[..., -r:].flip(-1), values[..., -r:].flip(-1)
 
 
-def hooi(m_t: Tensor, r: int, max_iter: int) -> tuple[Tensor, Tensor, list[int], Tensor, Tensor]:
-    """Tucker-2 (modes 0, 1; ranks [r, r]) of the core stacks m_t (G, T, K, K) by HOOI from HOSVD.
+def _unfold(cores: Factored, basis: Tensor) -> Tensor:
+    """W = [M_1·basis … M_T·basis] (G, K, T·r), so that Σ_t (M_t·basis)(M_t·basis)ᵀ = WWᵀ."""
+    return torch.cat([lf @ (r @ basis) for lf, r in zip(*cores, strict=True)], dim=-1)
 
-    Returns P, Q (G, K, r) orthonormal, the sweeps each module needed, and the objective
-    Σ_t‖PᵀM_tQ‖² at the HOSVD start and at the end (both (G,)).
+
+def _mode_gram(cores: Factored) -> Tensor:
+    """Σ_t M_tM_tᵀ = Σ_t L_t(R_tR_tᵀ)L_tᵀ, (G, K, K)."""
+    return sum(lf @ (r @ r.mT) @ lf.mT for lf, r in zip(*cores, strict=True))  # type: ignore[return-value]
+
+
+def _ritz_update(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """One block-Krylov Rayleigh–Ritz step for the top-r eigenspace of S = W Wᵀ (W (G,K,N)) from `basis`
+    (G,K,r): the best r-dimensional subspace of span[basis, S·basis]. It never lowers the sum of Ritz
+    values and is a fixed point exactly at the top-r eigenspace, so HOOI keeps its fixed points at a
+    fraction of the cost of a full K×K eigendecomposition per half-sweep. Returns (vectors, Ritz values)."""
+    r = basis.shape[-1]
+    krylov, _ = torch.linalg.qr(torch.cat([basis, w @ (w.mT @ basis)], dim=-1))
+    proj = w.mT @ krylov
+    vectors, values = _top_eig(proj.mT @ proj, r)
+    return krylov @ vectors, values
+
+
+def hooi(cores: Factored, r: int, max_iter: int) -> tuple[Tensor, Tensor, list[int], Tensor, Tensor]:
+    """Tucker-2 (modes 0, 1; ranks [r, r]) of the stacked cores by HOOI from an HOSVD start.
+
+    Each half-sweep maximises Σ_t‖PᵀM_tQ‖² over P with Q fixed (the top-r eigenspace of Σ(M_tQ)(M_tQ)ᵀ,
+    reached by a Rayleigh–Ritz step from the current P), then over Q. Stops when the objective improves by
+    at most 1e-6 relative (tensorly's tol) or after `max_iter` sweeps. Returns P, Q (G, K, r) orthonormal,
+    the sweeps each module ran, and the objective at the HOSVD start and at the end (both (G,)).
     """
+    transposed = _transpose(cores)
     # HOSVD start: top-r eigenvectors of Σ M_tM_tᵀ and Σ M_tᵀM_t
-    p, _ = _top_eig((m_t @ m_t.mT).sum(dim=1), r)
-    q, _ = _top_eig((m_t.mT @ m_t).sum(dim=1), r)
-    start = (p.mT.unsqueeze(1) @ m_t @ q.unsqueeze(1)).square().sum(dim=(1, 2, 3))
+    p, _ = _top_eig(_mode_gram(cores), r)
+    q, _ = _top_eig(_mode_gram(transposed), r)
+    start = (p.mT @ _unfold(cores, q)).square().sum(dim=(1, 2))
     objective = start
     done = torch.zeros_like(start, dtype=torch.bool)
-    sweeps = [0] * m_t.shape[0]
+    sweeps = [0] * p.shape[0]
     for sweep in range(1, max_iter + 1):
-        # P ← top-r eigenvectors of Σ (M_tQ)(M_tQ)ᵀ
-        mq = m_t @ q.unsqueeze(1)
-        p_new, _ = _top_eig((mq @ mq.mT).sum(dim=1), r)
-        # Q ← top-r eigenvectors of Σ (M_tᵀP)(M_tᵀP)ᵀ; the objective is the sum of its top-r eigenvalues
-        mp = m_t.mT @ p_new.unsqueeze(1)
-        q_new, values = _top_eig((mp @ mp.mT).sum(dim=1), r)
+        # P ← top-r eigenspace of Σ (M_tQ)(M_tQ)ᵀ
+        p_new, _ = _ritz_update(_unfold(cores, q), p)
+        # Q ← top-r eigenspace of Σ (M_tᵀP)(M_tᵀP)ᵀ; the objective is the sum of its Ritz values
+        q_new, values = _ritz_update(_unfold(transposed, p_new), q)
         new = values.sum(dim=-1)
         active = ~done
         p = torch.where(active[:, None, None], p_new, p)
@@ -70,20 +117,21 @@ def hooi(m_t: Tensor, r: int, max_iter: int) -> tuple[Tensor, Tensor, list[int],
         objective = torch.where(active, new, objective)
         for i in torch.nonzero(active).flatten().tolist():
             sweeps[i] = sweep
-        done |= improved <= HOOI_TOL * objective.abs().clamp(min=torch.finfo(m_t.dtype).tiny)
+        done |= improved <= HOOI_TOL * objective.abs().clamp(min=torch.finfo(objective.dtype).tiny)
         if bool(done.all()):
             break
     return p, q, sweeps, start, objective
 
 
-def tucker_rank(target: RankTarget, balanced: Tensor, rank_B: int, rank_A: int) -> int:
-    """r for one module (balanced cores (T, K, K)): the target rank, or the smallest r keeping `energy`
-    of both mode spectra; never above the numerical ranks of the stacks."""
+def tucker_rank(target: RankTarget, balanced: Factored, i: int, rank_B: int, rank_A: int) -> int:
+    """r for module i: the target rank, or the smallest r keeping `energy` of both mode spectra of the
+    balanced cores; never above the numerical ranks of the stacks."""
     cap = max(1, min(rank_B, rank_A))
     if target.energy is None:
         return max(1, min(target.rank, cap))
+    one = ([lf[i : i + 1] for lf in balanced[0]], [r[i : i + 1] for r in balanced[1]])
     ranks = []
-    for gram in ((balanced @ balanced.mT).sum(0), (balanced.mT @ balanced).sum(0)):
+    for gram in (_mode_gram(one)[0], _mode_gram(_transpose(one))[0]):
         values = torch.linalg.eigvalsh(gram).flip(-1).clamp(min=0)
         ranks.append(RankTarget(rank=cap, energy=target.energy).choose(values.sqrt()))
     return max(1, min(max(ranks), cap))
@@ -107,21 +155,22 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
     for batch in batches(job.modules):
         stacks = [stack_factors(name, job.modules[name]) for name in batch]
         # 1. core bases and exact cores
-        basis = core_bases(stacks)
-        m_t = cores(basis, stacks[0].ranks)
+        basis = core_bases(stacks, singular=False)
+        factors = factored_cores(basis.coords_B, basis.coords_A, list(stacks[0].ranks))
         # 2. norm balancing (subspace choice only)
-        balanced = balance(m_t, params.beta)
+        balanced = balance(factors, params.beta)
         ranks = [
-            tucker_rank(job.targets[name], balanced[i], basis.rank_B[i], basis.rank_A[i])
+            tucker_rank(job.targets[name], balanced, i, basis.rank_B[i], basis.rank_A[i])
             for i, name in enumerate(batch)
         ]
         for r in sorted(set(ranks)):
             idx = [i for i, ri in enumerate(ranks) if ri == r]
+            sub = ([lf[idx] for lf in balanced[0]], [x[idx] for x in balanced[1]])
             # 3. Tucker-2 by HOOI from HOSVD: shared subspaces P, Q
-            p, q, sweeps, start, final = hooi(balanced[idx], r, params.max_iter)
-            fit_total = balanced[idx].square().sum(dim=(1, 2, 3)).clamp(min=torch.finfo(torch.float64).tiny)
-            # 4. coordinates of the original cores
-            c_t = p.mT.unsqueeze(1) @ m_t[idx] @ q.unsqueeze(1)  # (g, T, r, r)
+            p, q, sweeps, start, final = hooi(sub, r, params.max_iter)
+            fit_total = core_norms(sub).square().sum(dim=1).clamp(min=torch.finfo(torch.float64).tiny)
+            # 4. coordinates of the original cores: C_t = (PᵀL_t)(R_tQ)
+            c_t = torch.stack([(p.mT @ lf[idx]) @ (x[idx] @ q) for lf, x in zip(*factors, strict=True)], dim=1)
             g, t = c_t.shape[:2]
             # 5. merge the coordinates with the rule, optionally isotropize
             outcome = apply_rule(params.rule, c_t.reshape(g, t, r * r), options, [batch[i] for i in idx])
@@ -130,9 +179,10 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
                 merged = isotropize(merged)
             conflicts = outcome.conflicts()
             # 6. output factors in weight space
+            svd = torch.linalg.svd(merged) if params.balanced else None
             for j, i in enumerate(idx):
-                if params.balanced:
-                    x, s, yh = torch.linalg.svd(merged[j])
+                if svd is not None:
+                    x, s, yh = svd[0][j], svd[1][j], svd[2][j]
                     k = RankTarget(rank=r).choose(s)
                     root = s[:k].sqrt()
                     left = lam * (p[j] @ (x[:, :k] * root))

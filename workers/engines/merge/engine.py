@@ -152,9 +152,10 @@ def merge_modules(
     for name, result in merged.items():
         if not (finite(result.lora_A) and finite(result.lora_B)):
             raise MergeNumericError(f"module {name!r}: the merged factors contain NaN or Inf")
-        stack = stack_factors(name, job.modules[name])
-        grams = result.grams or factor_grams(stack, result.lora_B, result.lora_A)
-        per_module[name] = module_report(grams, stack.ranks, stack.tasks, job.num_tasks, lambda_, result)
+        tasks = [t for t, f in enumerate(job.modules[name]) if f is not None]
+        ranks = [f.rank for f in job.modules[name] if f is not None]
+        grams = result.grams or factor_grams(stack_factors(name, job.modules[name]), result.lora_B, result.lora_A)
+        per_module[name] = module_report(grams, ranks, tasks, job.num_tasks, lambda_, result)
         result.grams = None
         result.report = per_module[name]
     job.progress(1.0, "merged")

@@ -26,7 +26,7 @@ from workers.engines.registry import register
 def _align(name: str, job: MergeJob) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     """One module's SVD alignment: (U (m×k), task representations ΣV_tᵀ (T_present, k, n), tasks)."""
     stack = stack_factors(name, job.modules[name])
-    basis = core_bases([stack])
+    basis = core_bases([stack], singular=False)
     m_t = cores(basis, stack.ranks)[0]  # (T, K, K)
     t, kk, _ = m_t.shape
     # SVD of [M_1 … M_T] (K × T·K) = SVD of [ΔW_1 … ΔW_T] in core coordinates

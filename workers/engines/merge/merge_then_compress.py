@@ -31,7 +31,7 @@ def merge_in_space(
     for batch in batches(job.modules):
         stacks = [stack_factors(name, job.modules[name]) for name in batch]
         # core bases and per-task cores M_t (lossless)
-        basis = core_bases(stacks)
+        basis = core_bases(stacks, singular=rule != "task_arithmetic")
         m_t = cores(basis, stacks[0].ranks)
         g, t, k, _ = m_t.shape
         # merge the cores with the rule, then λ
