@@ -7,11 +7,11 @@
 (a) Classifier — sklearn digits (8×8), stratified 60/10/30 train/validation/test split, an MLP 64-256-256-10
 trained by the bench (AdamW 1e-3, 30 epochs, batch 64, through the engine's `retrain`). Scenarios: class-wise
 (forget every training "3"; TA and MIA use the test images of the other classes) and random 10%. Each
-method's hyperparameters are chosen on a separate tuning seed by the smallest Avg.Gap to that seed's
-retrained model measured with the *validation* split as the test set, among configurations whose run time
-is under 25% of retrain's; the chosen configuration is then run on 3 fresh seeds and reported on the test
-split. Run time is the method's own CPU time (1 thread; mask/Fisher/importance passes included, evaluation excluded) as
-a fraction of retrain's.
+method's hyperparameters are chosen on two separate tuning seeds by the smallest mean Avg.Gap to those
+seeds' retrained models measured with the *validation* split as the test set, among configurations whose
+run time is under 20% of retrain's (a margin under the 25% target); the chosen configuration is then run
+on 3 fresh seeds and reported on the test split. Run time is the method's own CPU time (1 thread; mask,
+Fisher and importance passes included, evaluation excluded) as a fraction of retrain's.
 
 (b) Language model — a 2-layer Llama (hidden 128) with a word-level tokenizer built in-process, trained on
 invented people × attributes (TOFU-style single-answer QA); 10% of the people are forgotten, `retrain`
@@ -43,6 +43,7 @@ from workers.engines.unlearn.metrics import classifier_report, lm_report
 CLASSIFIER_METHODS = ["finetune", "grad_ascent", "grad_ascent+gu", "random_label", "salun", "ssd", "sfron", "l1_sparse"]
 METRICS = ("UA", "RA", "TA", "MIA")
 TIME_BUDGET = 0.25  # of retrain's time
+TUNE_TIME_BUDGET = 0.2  # a margin for timing noise when choosing configurations
 
 
 def say(*parts: Any) -> None:
@@ -143,7 +144,7 @@ def grid(method: str, quick: bool) -> list[dict[str, Any]]:
             "lr": [0.01, 0.03],
             "steps": [40, 80],
             "k": [1, 3],
-            "alpha0": [5.0, 25.0],
+            "alpha0": [5.0, 25.0, 50.0],
             "optimizer": ["sgd"],
             "max_grad_norm": [7.0],
         },
@@ -198,39 +199,49 @@ class Row:
 
 def classifier_bench(quick: bool) -> dict[str, bool]:
     splits = digits_splits()
-    tuning_seed = 100
+    tuning_seeds = [100] if quick else [100, 101]
     seeds = [0] if quick else [0, 1, 2]
     methods = CLASSIFIER_METHODS
     say(
         f"\n== (a) classifier: digits MLP 64-256-256-10; train {len(splits['train'])}, "
-        f"val {len(splits['val'])}, test {len(splits['test'])}; seeds {seeds}; tuning seed {tuning_seed}"
+        f"val {len(splits['val'])}, test {len(splits['test'])}; seeds {seeds}; tuning seeds {tuning_seeds}"
     )
 
-    # tune on the tuning seed, with the validation split standing in for the test set
-    original, _ = fit(splits["train"], tuning_seed)
+    # tune on the tuning seeds, with the validation split standing in for the test set: the smallest mean
+    # Avg.Gap among configurations whose mean time is within TUNE_TIME_BUDGET of retrain's
+    scores: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
+    for tuning_seed in tuning_seeds:
+        original, _ = fit(splits["train"], tuning_seed)
+        for scenario in scenarios(splits, tuning_seed):
+            retrained, retrain_seconds = fit(scenario.retain, tuning_seed)
+            reference = classifier_report(
+                retrained, scenario.forget, scenario.retain, scenario.val, torch.device("cpu"), tuning_seed
+            )
+            for method in methods:
+                for number, params in enumerate(grid(method, quick)):
+                    metrics, seconds = run_classifier_method(
+                        method, params, original, scenario, scenario.val, tuning_seed
+                    )
+                    key = (scenario.name, method, number)
+                    scores.setdefault(key, []).append((avg_gap(metrics, reference), seconds / retrain_seconds))
     chosen: dict[tuple[str, str], dict[str, Any]] = {}
-    for scenario in scenarios(splits, tuning_seed):
-        retrained, retrain_seconds = fit(scenario.retain, tuning_seed)
-        reference = classifier_report(
-            retrained, scenario.forget, scenario.retain, scenario.val, torch.device("cpu"), tuning_seed
-        )
+    for name in ("class-wise", "random 10%"):
         for method in methods:
-            best: tuple[float, dict[str, Any]] | None = None
-            fallback: tuple[float, dict[str, Any]] | None = None
-            for params in grid(method, quick):
-                metrics, seconds = run_classifier_method(method, params, original, scenario, scenario.val, tuning_seed)
-                gap = avg_gap(metrics, reference)
-                if fallback is None or gap < fallback[0]:
-                    fallback = (gap, params)
-                if seconds <= TIME_BUDGET * retrain_seconds and (best is None or gap < best[0]):
-                    best = (gap, params)
-            picked = best or fallback
-            if picked is None:
-                raise RuntimeError(f"empty grid for {method}")
-            chosen[(scenario.name, method)] = picked[1]
+            configs = grid(method, quick)
+            mean = {
+                number: (
+                    statistics.fmean(g for g, _ in scores[(name, method, number)]),
+                    statistics.fmean(t for _, t in scores[(name, method, number)]),
+                )
+                for number in range(len(configs))
+            }
+            within = [n for n, (_, t) in mean.items() if t <= TUNE_TIME_BUDGET]
+            pool = within or list(mean)
+            best = min(pool, key=lambda n: mean[n][0])
+            chosen[(name, method)] = configs[best]
             say(
-                f"  tuned {scenario.name:10s} {method:15s} val Avg.Gap {picked[0]:5.2f}  "
-                f"{short(picked[1])}{'' if best else '  (no config within the time budget)'}"
+                f"  tuned {name:10s} {method:15s} val Avg.Gap {mean[best][0]:5.2f} time {mean[best][1]:.2f}  "
+                f"{short(configs[best])}{'' if within else '  (no config within the time budget)'}"
             )
 
     # report on fresh seeds and the test split

@@ -68,3 +68,35 @@ def test_same_seed_same_result(trained_mlp, digits):
         unlearn(model, "classifier", "random_label", METHODS["random_label"], digits["forget"], digits["retain"])
         results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     assert torch.equal(results[0], results[1])
+
+
+def test_transformers_image_classifier_with_lora(tmp_path):
+    """A ViT from a config, fed `pixel_values` as safetensors gives them, unlearned through a LoRA adapter."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from workers.engines.unlearn import ClassifierData
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
+    base = ViTForImageClassification(config)
+    pixels = torch.randn(24, 1, 8, 8)
+    labels = torch.arange(24) % 3
+    forget = ClassifierData.from_tensors({"pixel_values": pixels[:6], "labels": labels[:6]})
+    retain = ClassifierData.from_tensors({"pixel_values": pixels[6:], "labels": labels[6:]})
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    out = unlearn(model, "classifier", "random_label", {"lr": 1e-2, "steps": 5}, forget, retain, retain)
+    assert {"UA", "RA", "TA", "MIA"} <= out.report["after"].keys()
+    assert all(torch.equal(p.detach(), frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    model.save_pretrained(tmp_path)
+    PeftModel.from_pretrained(ViTForImageClassification(config), tmp_path)
