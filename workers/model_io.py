@@ -51,6 +51,9 @@ def load_model(directory: Path, model: ModelRecord) -> tuple[nn.Module, Any]:
         AutoModelForSequenceClassification,
         AutoTokenizer,
     )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no progress bars in the worker's logs
 
     raw_config = json.loads((directory / "config.json").read_text())
     if "auto_map" in raw_config:

@@ -169,7 +169,8 @@ def run_unlearn(context: JobContext) -> JobResult:
             outcome.model.peft_config["default"].base_model_name_or_path = (  # type: ignore[union-attr, index]
                 adapter.base_model if spec.adapter and adapter.base_model else model_record.id
             )
-            outcome.model.save_pretrained(out_dir)
+            # embeddings are never LoRA targets here; False also keeps peft from looking the base up online
+            outcome.model.save_pretrained(out_dir, save_embedding_layers=False)
             output = {
                 "kind": "adapter",
                 "id": output_adapter_id(job.id),
