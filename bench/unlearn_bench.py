@@ -133,7 +133,7 @@ def scenarios(splits: dict[str, ClassifierData], seed: int) -> list[Scenario]:
 
 def grid(method: str, quick: bool) -> list[dict[str, Any]]:
     base = {"batch_size": 64, "max_grad_norm": 100.0}
-    options: dict[str, dict[str, list[Any]]] = {
+    table: dict[str, dict[str, list[Any]]] = {
         "finetune": {"lr": [1e-3, 1e-2], "steps": [30, 60, 100]},
         "grad_ascent": {"lr": [1e-4, 3e-4, 1e-3], "steps": [5, 10, 20]},
         "grad_ascent+gu": {"lr": [3e-4, 1e-3], "steps": [5, 10, 20], "gu": [True], "gu_retain_samples": [8]},
@@ -149,7 +149,8 @@ def grid(method: str, quick: bool) -> list[dict[str, Any]]:
             "max_grad_norm": [7.0],
         },
         "l1_sparse": {"lr": [1e-3, 1e-2], "steps": [50, 100], "l1": [1e-5, 1e-4]},
-    }[method]
+    }
+    options = table[method]
     if quick:
         options = {
             key: values[:2] if key in ("lr", "steps", "alpha", "k") else values[:1] for key, values in options.items()

@@ -81,7 +81,7 @@ def unlearn(
     entry = get("unlearn", method)
     raw = params.model_dump(by_alias=True) if isinstance(params, BaseModel) else dict(params)
     try:
-        checked = entry.params_model.model_validate(raw)
+        checked: Any = entry.params_model.model_validate(raw)
     except ValidationError as error:
         raise UnlearnError(f"invalid {method} params: {error}") from None
     if family not in UNLEARN_FAMILIES.get(method, frozenset()):

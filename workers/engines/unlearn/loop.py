@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import BaseModel
 from torch import Tensor, nn
 
 from workers.engines.unlearn import gu as gu_projection
@@ -117,14 +116,14 @@ def _unflat(vector: Tensor, like: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _make_optimizer(params: BaseModel, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+def _make_optimizer(params: Any, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
     lr, decay = float(params.lr), float(params.weight_decay)
     if params.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=decay)
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=decay)
 
 
-def _schedule(optimizer: torch.optim.Optimizer, params: BaseModel) -> torch.optim.lr_scheduler.LRScheduler:
+def _schedule(optimizer: torch.optim.Optimizer, params: Any) -> torch.optim.lr_scheduler.LRScheduler:
     steps = int(params.steps)
     if params.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
@@ -132,7 +131,7 @@ def _schedule(optimizer: torch.optim.Optimizer, params: BaseModel) -> torch.opti
 
 
 class _Trainer:
-    def __init__(self, ctx: UnlearnContext, objective: Objective, params: BaseModel) -> None:
+    def __init__(self, ctx: UnlearnContext, objective: Objective, params: Any) -> None:
         self.ctx, self.objective, self.params = ctx, objective, params
         named = objective.trainable if objective.trainable is not None else ctx.trainable
         if not named:
@@ -228,17 +227,17 @@ class _Trainer:
 def train(
     ctx: UnlearnContext,
     objective: Objective,
-    params: BaseModel,
+    params: Any,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """Run the objective for `params.steps` iterations; returns the loop's report."""
+    """Run the objective for `params.steps` iterations (`params`: a validated `<Method>Params`)."""
     started = time.perf_counter()
     if objective.edit is not None:
         if should_cancel is not None and should_cancel():
             raise UnlearnCancelled(0)
-        report = objective.edit()
-        return {"steps": 0, "optimizer_steps": 0, "train_seconds": time.perf_counter() - started, **report}
+        edited = objective.edit()
+        return {"steps": 0, "train_seconds": time.perf_counter() - started, **edited}
     trainer = _Trainer(ctx, objective, params)
     steps = int(params.steps)
     every = max(1, steps // 100)

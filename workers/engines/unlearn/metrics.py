@@ -13,7 +13,7 @@ predictions match the rest), and the Min-K% (k = 0.4) membership AUC of forget v
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,12 +24,14 @@ from torch import Tensor, nn
 from workers.engines.unlearn.data import ClassifierData, Data, LMData, batches, to_device
 from workers.engines.unlearn.losses import classifier_logits, lm_logits, per_sample_ce, token_nll
 
+D = TypeVar("D", LMData, ClassifierData)
+
 EVAL_BATCH = 64
 MAX_EVAL_ROWS = 2000  # larger splits are measured on a fixed, seeded subset
 MIN_K = 0.4
 
 
-def _capped(data: Data, seed: int) -> Data:
+def _capped(data: D, seed: int) -> D:
     if len(data) <= MAX_EVAL_ROWS:
         return data
     picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:MAX_EVAL_ROWS]

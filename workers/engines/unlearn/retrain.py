@@ -7,6 +7,8 @@ reference that evaluations and benchmarks compare unlearning methods against.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -20,15 +22,18 @@ def reinitialize(model: nn.Module, is_peft: bool) -> None:
     with torch.no_grad():
         if is_peft:
             for module in model.modules():
-                if hasattr(module, "reset_lora_parameters") and hasattr(module, "lora_A"):
-                    for adapter in list(module.lora_A.keys()):
-                        module.reset_lora_parameters(adapter, True)
-        elif hasattr(model, "_init_weights"):
-            model.apply(model._init_weights)
+                reset: Any = getattr(module, "reset_lora_parameters", None)
+                adapters: Any = getattr(module, "lora_A", None)
+                if callable(reset) and isinstance(adapters, nn.ModuleDict):
+                    for adapter in list(adapters.keys()):
+                        reset(adapter, True)
+        elif callable(init := getattr(model, "_init_weights", None)):
+            model.apply(init)
         else:
             for module in model.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+                reset_parameters: Any = getattr(module, "reset_parameters", None)
+                if callable(reset_parameters):
+                    reset_parameters()
 
 
 @register("unlearn", "retrain", RetrainParams)

@@ -23,7 +23,9 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.*)$")
 
 def _selected(name: str, layers: set[int], module: str) -> bool:
     match = _LAYER.search(name)
-    return bool(match) and int(match.group(1)) in layers and module in match.group(2)
+    if match is None:
+        return False
+    return int(match.group(1)) in layers and module in match.group(2)
 
 
 @register("unlearn", "rmu", RmuParams)
