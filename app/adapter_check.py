@@ -108,9 +108,13 @@ def read_header(
     InvalidAdapter = error  # noqa: N806 - one name for the error class keeps the checks below readable
     size = path.stat().st_size
     with path.open("rb") as source:
-        head = source.read(8)
-        if head[:2] in _PICKLE_MAGIC or head[:4] in _PICKLE_MAGIC:
+        head = source.read(9)
+        # a safetensors header (JSON) starts with "{" at byte 8; without it, pickle/zip magic means a checkpoint.
+        # (With it, the magic is only a header length such as 0x0480, which a padded header may have.)
+        if (head[:2] in _PICKLE_MAGIC or head[:4] in _PICKLE_MAGIC) and head[8:9] != b"{":
             raise UnsupportedMediaType("pickle/zip weights are refused: upload adapter_model.safetensors")
+        head = head[:8]
+        source.seek(len(head))
         if len(head) < 8:
             raise InvalidAdapter("weights file is truncated: no safetensors header")
         (header_len,) = struct.unpack("<Q", head)

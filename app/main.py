@@ -10,6 +10,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import logs
@@ -51,8 +52,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "`Authorization: Bearer <key>`.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
     app.state.api_keys = settings.parsed_api_keys()
+    # the app keeps only the keys' digests: its settings copy names each key by `sha256:<hex>`, never raw
+    hashed = ",".join(
+        f"sha256:{key.digest}:{key.tenant}:{'+'.join(sorted(key.scopes))}" for key in app.state.api_keys.values()
+    )
+    app.state.settings = settings = settings.model_copy(update={"api_keys": SecretStr(hashed)})
     index = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
     app.state.records = Records(Storage(settings), index)
     app.state.celery = make_celery(settings, "amend-api")
