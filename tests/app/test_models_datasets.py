@@ -377,3 +377,18 @@ def test_reindex_rebuilds_models_and_datasets(api, lm_inputs):
     assert counts["models"] == 1 and counts["datasets"] == 2
     assert api.get(f"/v1/models/{lm_inputs['model']}").status_code == 200
     assert len(api.get("/v1/datasets").json()["items"]) == 2
+
+
+def test_an_adapter_under_unlearning_cannot_be_deleted(api, lm_inputs, adapter_dir):
+    directory = adapter_dir()
+    adapter = api.post(
+        "/v1/adapters",
+        files={
+            "config": ("adapter_config.json", (directory / "adapter_config.json").read_bytes()),
+            "weights": ("adapter_model.safetensors", (directory / "adapter_model.safetensors").read_bytes()),
+        },
+    ).json()["id"]
+    job = api.post("/v1/jobs", json=unlearn_body(lm_inputs, adapter=adapter))
+    assert job.status_code == 202, job.text
+    refused = api.delete(f"/v1/adapters/{adapter}")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "adapter_in_use"

@@ -1,0 +1,157 @@
+"""The unlearn handler in-process (real redis-server, moto S3, no Celery): a tiny BERT text classifier through
+a fresh LoRA, redelivery without recomputing, cancellation, and models that must not load."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+from app import audit
+from app.main import create_app
+from app.records import add_event, now
+from app.schemas.jobs import JobRecord
+from tests.conftest import tenant_keys
+from workers.pipeline import InputRejected, JobCancelled, JobContext
+
+WORDS = ["good", "bad", "fine", "awful", "movie", "book", "very", "not"]
+
+
+def bert_dir(tmp_path):
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    directory = tmp_path / "tiny-bert"
+    BertForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def api(redis_url, redis_client, moto_s3):
+    key_a, _, api_keys = tenant_keys()
+    from app.settings import Settings
+
+    settings = Settings(environment="test", redis_url=redis_url, s3_bucket="unit", api_keys=api_keys)
+    with TestClient(create_app(settings)) as client:
+        client.headers["Authorization"] = f"Bearer {key_a}"
+        yield client
+
+
+def upload_model(client, directory) -> dict:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path in sorted(directory.iterdir()):
+            tar.add(path, arcname=path.name)
+    response = client.post("/v1/models", files={"archive": ("m.tar", buffer.getvalue())})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def upload_rows(client, rows, num_labels=2) -> str:
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+    response = client.post("/v1/datasets", files={"file": ("rows.jsonl", data)}, data={"num_labels": str(num_labels)})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def context_for(client, job_id: str) -> JobContext:
+    records = client.app.state.records
+    return JobContext(records.get_job(job_id), records, client.app.state.settings, SimpleNamespace(lost=False))
+
+
+def start(client, body) -> str:
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+
+    def running(record: JobRecord) -> bool:
+        record.state, record.started_at, record.attempts = "running", now(), 1
+        add_event(record, "running")
+        return True
+
+    client.app.state.records.mutate_job(job_id, running)
+    return job_id
+
+
+@pytest.fixture
+def text_job(api, tmp_path):
+    model = upload_model(api, bert_dir(tmp_path))
+    forget = upload_rows(api, [{"text": "very awful movie", "label": 0}, {"text": "not good book", "label": 0}])
+    retain = upload_rows(api, [{"text": f"{a} {b}", "label": i % 2} for i, (a, b) in
+                               enumerate([("good", "movie"), ("bad", "book"), ("fine", "book"), ("awful", "movie")])])
+    return {
+        "type": "unlearn", "model": model["id"], "forget": {"dataset": forget, "rows": [1]}, "retain": retain,
+        "method": "random_label", "params": {"steps": 3, "lr": 0.01, "batch_size": 2}, "output": "adapter",
+    }
+
+
+def test_text_classifier_through_a_fresh_lora_and_redelivery(api, text_job):
+    from workers.unlearning import existing_result, run_unlearn
+
+    job_id = start(api, text_job)
+    context = context_for(api, job_id)
+    assert existing_result(context.records, context.job) is None
+    result = run_unlearn(context)
+    assert result.adapter_id == "ad_" + job_id.split("_", 1)[1] and result.audit_key and result.report_key
+    assert {"forget_accuracy", "retain_accuracy"} <= set(result.report["after"])
+    signed = context.records.storage.get_json(result.audit_key)
+    assert audit.verify(signed, context.settings.audit_hmac_key.get_secret_value())
+    assert signed["forget"]["row_ids"] == [1] and len(signed["forget"]["row_sha256"]) == 1
+    adapter = api.get(f"/v1/adapters/{result.adapter_id}").json()
+    assert adapter["source_job_id"] == job_id and "classifier" in adapter["target_modules"]
+    # a redelivered copy finds everything stored and does not recompute
+    assert existing_result(context.records, context.job) == result
+
+
+def test_a_cancelled_job_stops(api, text_job):
+    from workers.unlearning import run_unlearn
+
+    job_id = start(api, text_job)
+    context = context_for(api, job_id)
+    context.records.index.set(context.records.cancel_key(job_id), "1")
+    with pytest.raises(JobCancelled):
+        run_unlearn(context)
+
+
+def test_a_model_whose_files_changed_in_storage_is_rejected(api, text_job):
+    from workers.unlearning import run_unlearn
+
+    job_id = start(api, text_job)
+    context = context_for(api, job_id)
+    record = context.records.get_resource("models", context.job.tenant, text_job["model"])
+    key = f"tenants/{record.tenant}/models/{record.id}/files/config.json"
+    config = context.records.storage.get_json(key) | {"auto_map": {"AutoModel": "evil.Model"}}
+    context.records.storage.put_json(key, config)
+    with pytest.raises(InputRejected, match="SHA-256"):
+        run_unlearn(context)
+
+
+def test_load_model_refuses_custom_code_even_past_the_door(tmp_path):
+    from app.schemas.models import ModelRecord
+    from workers.model_io import load_model
+
+    directory = bert_dir(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModel": "x.Y"}}))
+    record = ModelRecord(
+        id="md_0123456789abcdef01", tenant="t", name="m", family="classifier",
+        architecture="BertForSequenceClassification", model_type="bert", num_labels=2, has_tokenizer=True,
+        files=[], size_bytes=0, sha256="0" * 64, source="upload", created_at=now(),
+    )
+    with pytest.raises(InputRejected, match="custom code"):
+        load_model(directory, record)
