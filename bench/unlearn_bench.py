@@ -18,7 +18,8 @@ invented people × attributes (TOFU-style single-answer QA); 10% of the people a
 trains a fresh model on the rest, and 10% more people are held out (never trained). Every method runs
 AdamW 1e-3 with the forget rows and as many retain rows per step, and stops early by a rule that needs no
 retrained model: forget exact-match at or below the held-out people's (i.e. the model answers forgotten
-people like people it never saw), checked every 10 steps, at most 150 steps.
+people like people it never saw), checked every 5 steps, at most 150 steps. RMU alone gets lr 1e-2, set a
+priori (its loss is an activation MSE); nothing else is tuned for the language model.
 """
 
 from __future__ import annotations
@@ -139,7 +140,12 @@ def grid(method: str, quick: bool) -> list[dict[str, Any]]:
         "grad_ascent+gu": {"lr": [3e-4, 1e-3], "steps": [5, 10, 20], "gu": [True], "gu_retain_samples": [8]},
         "random_label": {"lr": [1e-4, 3e-4, 1e-3], "steps": [20, 50, 100]},
         "salun": {"lr": [1e-4, 3e-4, 1e-3], "steps": [20, 50, 100], "q": [0.5, 0.3]},
-        "ssd": {"alpha": [2.0, 3.0, 5.0, 10.0], "lambda": [1.0], "batch_size": [8]},
+        "ssd": {
+            "alpha": [2.0, 3.0, 5.0, 10.0, 30.0],
+            "lambda": [1.0],
+            "batch_size": [8],
+            "importance_on": ["retain_and_forget", "retain"],
+        },
         "sfron": {
             "lr": [0.01, 0.03],
             "steps": [40, 80],
@@ -360,6 +366,7 @@ def tiny_llama(vocab: int, seed: int) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
+CHECK_EVERY = 5  # steps between two checks of the early-stopping rule
 LM_TRAIN = {"lr": 3e-3, "batch_size": 64, "lr_schedule": "cosine", "max_grad_norm": 1.0, "seed": 0}
 
 LM_METHODS: dict[str, dict[str, Any]] = {
@@ -371,7 +378,16 @@ LM_METHODS: dict[str, dict[str, Any]] = {
     "simnpo+gu": {"gu": True, "gu_retain_samples": 8},
     "idk": {},
     "flat": {},
-    "rmu": {"layer": 1, "trained_layers": [0, 1], "trained_module": "mlp", "steering_coeff": 20.0, "alpha": 10.0},
+    # RMU's loss is an activation MSE on the MLP weights only: its step size is set a priori (the unit tests'
+    # tiny model needed 3e-2; not tuned on this bench)
+    "rmu": {
+        "lr": 1e-2,
+        "layer": 1,
+        "trained_layers": [0, 1],
+        "trained_module": "mlp",
+        "steering_coeff": 20.0,
+        "alpha": 10.0,
+    },
 }
 
 
@@ -426,7 +442,7 @@ def lm_bench(quick: bool) -> dict[str, bool]:
 
         def should_stop(model: nn.Module = model, steps_taken: list[int] = steps_taken) -> bool:
             steps_taken[0] += 1
-            if steps_taken[0] == 1 or (steps_taken[0] - 1) % 10:
+            if steps_taken[0] == 1 or (steps_taken[0] - 1) % CHECK_EVERY:
                 return False
             now = lm_report(model, data["forget"], None, data["holdout"], torch.device("cpu"))
             model.train()

@@ -6,12 +6,16 @@
 - `ClassifierData.from_tensors({"pixel_values" | "input_ids"(+"attention_mask") | "inputs", "labels"})`:
   the dict `safetensors.torch.load_file` returns. `inputs` is a plain tensor for a model called positionally.
 
+From stored objects (bytes, never paths): `LMData.from_jsonl(blob, tokenizer)` and
+`ClassifierData.from_safetensors(blob)`.
+
 Both expose `len()`, `collate(indices) -> dict[str, Tensor]` (always with `labels`) and `subset(indices)`.
 `BatchStream` draws seeded, reshuffled batches from either without end.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +26,7 @@ from torch import Tensor
 from workers.engines.unlearn.errors import UnlearnError
 
 IGNORE_INDEX = -100
+MAX_ROWS = 1_000_000
 _INPUT_KEYS = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "inputs")
 
 
@@ -81,6 +86,11 @@ class LMData:
             completions if paired else None,
             meta,
         )
+
+    @classmethod
+    def from_jsonl(cls, blob: bytes | str, tokenizer: Any, max_length: int = 512, max_rows: int = MAX_ROWS) -> LMData:
+        """Rows from JSON Lines: one object per non-empty line, `{"prompt","completion"}` or `{"text"}`."""
+        return cls.from_rows(parse_jsonl(blob, max_rows), tokenizer, max_length)
 
     def with_completion(self, completion: str) -> LMData:
         """The same prompts, each answered by `completion` (the template of `idk` and `flat`)."""
@@ -146,6 +156,18 @@ class ClassifierData:
         inputs = {key: value for key, value in tensors.items() if key in _INPUT_KEYS}
         return cls(inputs, tensors[label_key])
 
+    @classmethod
+    def from_safetensors(cls, blob: bytes) -> ClassifierData:
+        """From the bytes of a safetensors file holding `pixel_values` or `input_ids`(+mask) and `labels`."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            tensors = load(blob)
+        except (SafetensorError, ValueError) as error:
+            raise UnlearnError(f"not a readable safetensors file: {error}") from None
+        return cls.from_tensors(tensors)
+
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
@@ -161,6 +183,28 @@ class ClassifierData:
 
 
 Data = LMData | ClassifierData
+
+
+def parse_jsonl(blob: bytes | str, max_rows: int = MAX_ROWS) -> list[dict[str, Any]]:
+    """JSON objects, one per non-empty line, each with string `prompt`+`completion` or `text`."""
+    text = blob.decode("utf-8") if isinstance(blob, bytes) else blob
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if len(rows) >= max_rows:
+            raise UnlearnError(f"more than {max_rows} rows")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UnlearnError(f"line {number}: not JSON ({error.msg})") from None
+        fields = ("prompt", "completion") if isinstance(row, dict) and "prompt" in row else ("text",)
+        if not isinstance(row, dict) or not all(isinstance(row.get(f), str) for f in fields):
+            raise UnlearnError(f"line {number}: expected string prompt+completion or text")
+        rows.append({f: row[f] for f in fields})
+    if not rows:
+        raise UnlearnError("no rows")
+    return rows
 
 
 class BatchStream:

@@ -6,9 +6,10 @@
 - `model`: a transformers model (or any `nn.Module` classifier), or a peft `PeftModel` — then only the
   parameters peft left trainable (the LoRA factors, plus `modules_to_save`) change, and the caller saves
   the new adapter with `outcome.model.save_pretrained(dir)`. The model is updated in place and returned.
-- `forget`, `retain`, `evaluation`: `LMData.from_rows(rows, tokenizer)` for a causal LM (JSONL rows
-  `{"prompt","completion"}` or `{"text"}`), `ClassifierData.from_tensors(safetensors_dict)` for a
-  classifier (`pixel_values` or `input_ids`(+`attention_mask`), `labels`). `evaluation` is the test set
+- `forget`, `retain`, `evaluation`: for a causal LM `LMData.from_jsonl(jsonl_bytes, tokenizer)` (or
+  `LMData.from_rows(rows, tokenizer)`; rows `{"prompt","completion"}` or `{"text"}`), for a classifier
+  `ClassifierData.from_safetensors(file_bytes)` (or `.from_tensors(dict)`; `pixel_values` or
+  `input_ids`(+`attention_mask`), and `labels`). `evaluation` is the test set
   (classifier: TA and MIA) or held-out rows (causal LM: Min-K% AUC); it is never trained on.
 - `params`: the method's `<Method>Params` (from `app.schemas.unlearn`) or a plain dict; validated again.
 - `progress(fraction, stage)` is called with stages "evaluating", "preparing", "unlearning", "done";

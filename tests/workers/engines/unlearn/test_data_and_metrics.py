@@ -72,3 +72,29 @@ def test_reports_of_trained_models(trained_lm, lm_data, trained_mlp, digits):
     assert 0.9 < lm["forget_probability"] <= 1.0
     cls = classifier_report(trained_mlp, digits["forget"], digits["retain"], digits["test"], torch.device("cpu"))
     assert cls["UA"] < 10 and cls["RA"] > 90 and 0 <= cls["MIA"] <= 100
+
+
+def test_jsonl_and_safetensors_bytes(tokenizer):
+    from safetensors.torch import save
+
+    blob = (
+        b'{"prompt": "person1 city ?", "completion": "value3"}\n\n{"prompt": "person2 pet ?", "completion": "value1"}\n'
+    )
+    data = LMData.from_jsonl(blob, tokenizer)
+    assert len(data) == 2 and data.completions == ["value3", "value1"]
+    assert len(LMData.from_jsonl('{"text": "person1 city value3"}', tokenizer)) == 1
+    for bad in (b"not json\n", b'{"prompt": "a"}\n', b"[1, 2]\n", b'{"text": 3}\n', b"\n"):
+        with pytest.raises(UnlearnError):
+            LMData.from_jsonl(bad, tokenizer)
+    tensors = ClassifierData.from_safetensors(
+        save(
+            {
+                "input_ids": torch.ones(3, 4, dtype=torch.long),
+                "attention_mask": torch.ones(3, 4, dtype=torch.long),
+                "labels": torch.tensor([0, 1, 0]),
+            }
+        )
+    )
+    assert len(tensors) == 3 and set(tensors.inputs) == {"input_ids", "attention_mask"}
+    with pytest.raises(UnlearnError):
+        ClassifierData.from_safetensors(b"garbage")
