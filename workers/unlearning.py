@@ -158,19 +158,20 @@ def run_unlearn(context: JobContext) -> JobResult:
 
         context.progress(0.92, "storing the output")
         engine_report = outcome.report
+        trained: Any = outcome.model
         out_dir = root / "output"
         out_dir.mkdir()
         if spec.output == "weights":
-            outcome.model.save_pretrained(out_dir, safe_serialization=True)
+            trained.save_pretrained(out_dir, safe_serialization=True)
             files = model_output_files(out_dir, model_dir)
             listing = [ModelFile(name=n, size=p.stat().st_size, sha256=file_sha256(p)) for n, p in files.items()]
             output = {"kind": "weights", "id": output_model_id(job.id), "sha256": manifest_sha256(listing)}
         else:
-            outcome.model.peft_config["default"].base_model_name_or_path = (  # type: ignore[union-attr, index]
+            trained.peft_config["default"].base_model_name_or_path = (
                 adapter.base_model if spec.adapter and adapter.base_model else model_record.id
             )
             # embeddings are never LoRA targets here; False also keeps peft from looking the base up online
-            outcome.model.save_pretrained(out_dir, save_embedding_layers=False)
+            trained.save_pretrained(out_dir, save_embedding_layers=False)
             output = {
                 "kind": "adapter",
                 "id": output_adapter_id(job.id),
@@ -187,7 +188,7 @@ def run_unlearn(context: JobContext) -> JobResult:
             **metrics,
         }
         report = {"summary": summary, "job_id": job.id, **engine_report}
-        record = {
+        audit_record = {
             "version": 1,
             "job_id": job.id,
             "tenant": job.tenant,
@@ -208,7 +209,7 @@ def run_unlearn(context: JobContext) -> JobResult:
             "metrics": metrics,
             "report_key": report_key(job),
         }
-        signed = audit.sign(record, settings.audit_hmac_key.get_secret_value())
+        signed = audit.sign(audit_record, settings.audit_hmac_key.get_secret_value())
         name = spec.name or f"{model_record.name}-{spec.method}"
         if spec.output == "weights":
             records.storage.put_json(report_key(job), report)

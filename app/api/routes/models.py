@@ -6,11 +6,12 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from app.api.deps import Reader, RecordsDep, SettingsDep, Writer
 from app.api.routes.adapters import _copy_bounded
@@ -56,10 +57,12 @@ def get_model(model_id: ModelId, caller: Reader, records: RecordsDep) -> ModelRe
 ModelDep = Annotated[ModelRecord, Depends(get_model)]
 
 
-def _register_archive(upload: UploadFile, name: str, tenant: str, records: Records, settings: Settings) -> ModelRecord:
+def _register_archive(
+    upload: StarletteUploadFile, name: str, tenant: str, records: Records, settings: Settings
+) -> ModelRecord:
     with tempfile.TemporaryDirectory(prefix="amend-model-") as scratch:
         archive = Path(scratch) / "archive"
-        _copy_bounded(upload, archive, settings.max_model_archive_bytes)
+        _copy_bounded(upload, archive, settings.max_model_archive_bytes)  # type: ignore[arg-type]
         files = extract_archive(
             archive, Path(scratch) / "files", max_files=settings.max_model_files, max_bytes=settings.max_model_bytes
         )
@@ -90,7 +93,7 @@ async def register_model(request: Request, caller: Writer, records: RecordsDep, 
         form = await request.form(max_files=1, max_fields=4)
         try:
             archive, name = form.get("archive"), form.get("name")
-            if not hasattr(archive, "file") or isinstance(archive, str):
+            if not isinstance(archive, StarletteUploadFile):
                 raise BadRequest("multipart upload needs a file field 'archive' (a tar or tar.gz of the model)")
             if name is not None and (not isinstance(name, str) or not 1 <= len(name) <= 128):
                 raise Unprocessable("name must be 1..128 characters")
@@ -100,7 +103,7 @@ async def register_model(request: Request, caller: Writer, records: RecordsDep, 
                     "config.json and *.safetensors instead."
                 )
             record = await run_in_threadpool(
-                _register_archive, archive, name or "model", caller.tenant, records, settings  # type: ignore[arg-type]
+                _register_archive, archive, name or "model", caller.tenant, records, settings
             )
         finally:
             await form.close()
