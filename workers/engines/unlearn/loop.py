@@ -162,14 +162,18 @@ class _Trainer:
         return to_device(stream.next(), self.ctx.device)
 
     def _retain_basis(self) -> Tensor:
-        """Orthonormal rows spanning per-sample retain gradients (model in eval mode: no dropout, no BN)."""
-        loss_fn = self.objective.retain_loss or (lambda m, b, s: self.ctx.task_loss(m, b))
+        """Orthonormal rows spanning per-sample gradients of the task loss (CE / answer NLL) on retain rows.
+
+        The task loss, not the method's retain term: that term may vanish at θ0 (RMU's activation MSE) or be
+        weighted by α = 0, and its span would then be empty. Eval mode: no dropout, no batch-norm statistics.
+        """
+        loss_fn = self.ctx.task_loss
         was_training = self.ctx.model.training
         self.ctx.model.eval()
         vectors = []
         for _ in range(int(self.params.gu_retain_samples)):
             sample = to_device(self.gu_stream.next(), self.ctx.device)
-            vectors.append(_flat(_grads(loss_fn(self.ctx.model, sample, -1), self.parameters)))
+            vectors.append(_flat(_grads(loss_fn(self.ctx.model, sample), self.parameters)))
         self.ctx.model.train(was_training)
         return gu_projection.orthonormal_basis(vectors)
 

@@ -45,3 +45,34 @@ def test_gu_runs_in_the_loop_and_reports_the_kept_fraction(lm, lm_data, tokenize
         tokenizer=tokenizer,
     )
     assert 0.0 < out.report["gu_kept_fraction"] <= 1.0
+
+
+def test_the_loop_steps_orthogonally_to_every_retain_sample(lm, lm_data, tokenizer):
+    """Inside the loop: with 4 retain rows and gu_retain_samples=4, the forget gradient the optimiser gets is
+    orthogonal to each row's task-loss gradient."""
+    from app.schemas.unlearn import NpoParams
+    from workers.engines.registry import get
+    from workers.engines.unlearn.loop import UnlearnContext, _flat, _grads, _Trainer
+
+    retain = lm_data["retain"].subset(range(4))
+    params = NpoParams(lr=1e-3, steps=1, gu=True, gu_retain_samples=4)
+    trainable = [(n, p) for n, p in lm.named_parameters() if p.requires_grad]
+    ctx = UnlearnContext(
+        lm,
+        "causal_lm",
+        lm_data["forget"],
+        retain,
+        tokenizer,
+        torch.Generator().manual_seed(0),
+        torch.device("cpu"),
+        trainable,
+        False,
+    )
+    trainer = _Trainer(ctx, get("unlearn", "npo").function(ctx, params), params)
+    lm.eval()
+    projected = _flat(trainer._forget_grads(0))
+    assert 0.0 < trainer.kept[0] < 1.0
+    for row in range(4):
+        g = _flat(_grads(ctx.task_loss(lm, retain.collate([row])), trainer.parameters))
+        cosine = float(projected.double() @ g.double()) / float(projected.double().norm() * g.double().norm())
+        assert abs(cosine) < 1e-4, cosine
