@@ -102,8 +102,19 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def max_tokens(model: nn.Module) -> int:
+    """Rows are truncated to what the model's positions allow (absolute position embeddings crash past it)."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(MAX_TEXT_TOKENS, int(positions)) if isinstance(positions, int) and positions > 0 else MAX_TEXT_TOKENS
+
+
 def load_data(
-    path: Path, dataset: DatasetRecord, rows: Sequence[int] | None, family: str, tokenizer: Any
+    path: Path,
+    dataset: DatasetRecord,
+    rows: Sequence[int] | None,
+    family: str,
+    tokenizer: Any,
+    max_length: int = MAX_TEXT_TOKENS,
 ) -> Any:
     """The engine's data container for `rows` of a fetched dataset (all rows when None)."""
     from workers.engines.unlearn import ClassifierData, LMData
@@ -123,14 +134,14 @@ def load_data(
     if dataset.kind == "lm":
         if family != "causal_lm":
             raise InputRejected(f"dataset {dataset.id} holds language-model rows; the model is a {family}")
-        return LMData.from_rows(picked, tokenizer)
+        return LMData.from_rows(picked, tokenizer, max_length=max_length)
     if tokenizer is None:
         raise InputRejected(f"dataset {dataset.id} holds text rows but the model has no tokenizer")
     encoded = tokenizer(
         [row["text"] for row in picked],
         padding=True,
         truncation=True,
-        max_length=MAX_TEXT_TOKENS,
+        max_length=max_length,
         return_tensors="pt",
     )
     tensors = {key: encoded[key] for key in ("input_ids", "attention_mask") if key in encoded}

@@ -94,7 +94,7 @@ def run_unlearn(context: JobContext) -> JobResult:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from workers.engines.unlearn import UnlearnCancelled, unlearn
-    from workers.model_io import fetch_dataset, fetch_model, load_data, load_model, model_output_files
+    from workers.model_io import fetch_dataset, fetch_model, load_data, load_model, max_tokens, model_output_files
 
     job, records, settings = context.job, context.records, context.settings
     spec = UnlearnJobCreate.model_validate(job.spec)
@@ -110,6 +110,7 @@ def run_unlearn(context: JobContext) -> JobResult:
         context.progress(0.02, "fetching the model")
         model_dir = fetch_model(records, model_record, root / "model")
         model, tokenizer = load_model(model_dir, model_record)
+        max_length = max_tokens(model)
         adapter_in: dict[str, Any] | None = None
         if spec.adapter:
             try:
@@ -132,7 +133,9 @@ def run_unlearn(context: JobContext) -> JobResult:
         row_ids = spec.forget.rows if spec.forget.rows is not None else list(range(forget_record.rows))
         if row_ids and row_ids[-1] >= forget_record.rows:
             raise InputRejected(f"forget row {row_ids[-1]} does not exist in dataset {forget_record.id}")
-        forget = load_data(fetch_dataset(records, forget_record, root), forget_record, row_ids, family, tokenizer)
+        forget = load_data(
+            fetch_dataset(records, forget_record, root), forget_record, row_ids, family, tokenizer, max_length
+        )
         inputs: dict[str, Any] = {"model": {"id": model_record.id, "sha256": model_record.sha256},
                                   "adapter": adapter_in}
         splits: dict[str, Any] = {}
@@ -141,7 +144,9 @@ def run_unlearn(context: JobContext) -> JobResult:
                 splits[role], inputs[role] = None, None
                 continue
             record = _dataset(records, job.tenant, dataset_id)
-            splits[role] = load_data(fetch_dataset(records, record, root), record, None, family, tokenizer)
+            splits[role] = load_data(
+                fetch_dataset(records, record, root), record, None, family, tokenizer, max_length
+            )
             inputs[role] = {"id": record.id, "sha256": record.sha256, "rows": record.rows}
 
         def engine_progress(fraction: float, stage: str) -> None:

@@ -93,7 +93,8 @@ def text_job(api, tmp_path):
     model = upload_model(api, bert_dir(tmp_path))
     forget = upload_rows(api, [{"text": "very awful movie", "label": 0}, {"text": "not good book", "label": 0}])
     retain = upload_rows(api, [{"text": f"{a} {b}", "label": i % 2} for i, (a, b) in
-                               enumerate([("good", "movie"), ("bad", "book"), ("fine", "book"), ("awful", "movie")])])
+                               enumerate([("good", "movie"), ("bad", "book"), ("fine", "book"), ("awful", "movie")])]
+                         + [{"text": " ".join(["very"] * 40 + ["good"]), "label": 1}])  # longer than 32 positions
     return {
         "type": "unlearn", "model": model["id"], "forget": {"dataset": forget, "rows": [1]}, "retain": retain,
         "method": "random_label", "params": {"steps": 3, "lr": 0.01, "batch_size": 2}, "output": "adapter",
