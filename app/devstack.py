@@ -86,10 +86,15 @@ class Service:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def signal(self, sig: int) -> None:
+    def signal(self, sig: int, group: bool = True) -> None:
+        """Signal the whole process group (as when a machine is lost), or the main process only (as an
+        orchestrator's SIGTERM reaches a container's PID 1)."""
         if self.alive():
             try:
-                os.killpg(self.pid, sig)
+                if group:
+                    os.killpg(self.pid, sig)
+                else:
+                    os.kill(self.pid, sig)
             except ProcessLookupError:
                 pass
 

@@ -52,7 +52,7 @@ def test_sigterm_finishes_the_running_job(rstack, rclient, adapter_dir):
     worker = rstack.start_worker(app=WORKER_APP)
     job_id = submit(rclient, ids, "slow-term")
     wait_until(lambda: rclient.get(f"/v1/jobs/{job_id}").json()["state"] == "running", 60, "the job to start")
-    worker.signal(signal.SIGTERM)
+    worker.signal(signal.SIGTERM, group=False)  # warm shutdown: the running job finishes first
     worker.process.wait(60)
     job = rclient.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "succeeded", job
