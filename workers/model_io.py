@@ -78,7 +78,10 @@ def load_model(directory: Path, model: ModelRecord) -> tuple[nn.Module, Any]:
         raise InputRejected(f"model {model.id} does not load with transformers: {error}") from None
     tokenizer = None
     if TOKENIZER_FILES & {path.name for path in directory.iterdir()}:
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
+        except (OSError, ValueError, KeyError) as error:
+            raise InputRejected(f"model {model.id}: its tokenizer does not load: {error}") from None
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
     return network, tokenizer

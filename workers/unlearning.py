@@ -122,7 +122,10 @@ def run_unlearn(context: JobContext) -> JobResult:
                 records.storage.download(keys.adapter(job.tenant, adapter.id, name), adapter_dir / name)
             if file_sha256(adapter_dir / "adapter_model.safetensors") != adapter.sha256:
                 raise InputRejected(f"adapter {adapter.id} does not match its recorded SHA-256")
-            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+            try:
+                model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+            except (RuntimeError, ValueError, KeyError) as error:  # shapes or module names do not match
+                raise InputRejected(f"adapter {adapter.id} does not fit model {model_record.id}: {error}") from None
             adapter_in = {"id": adapter.id, "sha256": adapter.sha256}
         elif spec.output == "adapter":
             model = get_peft_model(model, LoraConfig(**FRESH_LORA))  # type: ignore[arg-type]

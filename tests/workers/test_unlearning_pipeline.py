@@ -156,3 +156,19 @@ def test_load_model_refuses_custom_code_even_past_the_door(tmp_path):
     )
     with pytest.raises(InputRejected, match="custom code"):
         load_model(directory, record)
+
+
+def test_an_adapter_that_does_not_fit_the_model_is_rejected(api, text_job, adapter_dir):
+    from workers.unlearning import run_unlearn
+
+    directory = adapter_dir()  # a LoRA for the tiny Llama (q_proj, v_proj), not for this BERT
+    adapter = api.post(
+        "/v1/adapters",
+        files={
+            "config": ("adapter_config.json", (directory / "adapter_config.json").read_bytes()),
+            "weights": ("adapter_model.safetensors", (directory / "adapter_model.safetensors").read_bytes()),
+        },
+    ).json()["id"]
+    job_id = start(api, text_job | {"adapter": adapter})
+    with pytest.raises(InputRejected, match="does not fit"):
+        run_unlearn(context_for(api, job_id))
