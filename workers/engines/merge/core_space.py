@@ -65,7 +65,8 @@ def stack_factors(name: str, tasks: Sequence[TaskFactors | None]) -> StackedFact
 class CoreBasis:
     """Core-space bases of G modules that share K (all float64, batched on the first axis).
 
-    coords_B = U_refᵀB_s (G,K,K), coords_A = A_sV_ref (G,K,K), lift_B with U_ref = B_s·lift_B,
+    coords_B = U_refᵀB_s (G,d_B,K), coords_A = A_sV_ref (G,K,d_A) (d_B = min(m, K), d_A = min(n, K) for
+    singular bases, K for triangular ones), lift_B with U_ref = B_s·lift_B,
     lift_A with V_refᵀ = lift_A·A_s; gram_B, gram_A the Grams; rank_B, rank_A the numerical ranks.
     """
 
@@ -157,6 +158,11 @@ def core_bases(stacks: Sequence[StackedFactors], singular: bool = True) -> CoreB
             )
     gram_B, z_B, s_B, s_B_inv, rank_B = _basis(mats_B, rows=False)
     gram_A, z_A, s_A, s_A_inv, rank_A = _basis(mats_A, rows=True)
+    # a thin SVD has min(m, K) left and min(n, K) right singular vectors: keep that many (descending)
+    d_B = min(int(mats_B[0].shape[0]), gram_B.shape[-1])
+    d_A = min(int(mats_A[0].shape[1]), gram_A.shape[-1])
+    z_B, s_B, s_B_inv = z_B[..., :d_B], s_B[..., :d_B], s_B_inv[..., :d_B]
+    z_A, s_A, s_A_inv = z_A[..., :d_A], s_A[..., :d_A], s_A_inv[..., :d_A]
     return CoreBasis(
         coords_B=s_B.unsqueeze(-1) * z_B.mT,  # S Zᵀ = U_refᵀ B_s
         coords_A=z_A * s_A.unsqueeze(-2),  # Z_A S_A = A_s V_ref
@@ -192,7 +198,7 @@ def truncate(core: Tensor, targets: Sequence[RankTarget]) -> list[tuple[Tensor, 
     for i, target in enumerate(targets):
         k = target.choose(s[i])
         if float(s[i, 0]) <= 0.0:  # zero update: one zero direction
-            out.append((core.new_zeros(core.shape[-1], 1), core.new_zeros(1, core.shape[-1])))
+            out.append((core.new_zeros(core.shape[-2], 1), core.new_zeros(1, core.shape[-1])))
             continue
         root = s[i, :k].sqrt()
         yh = (x[i, :, :k].mT @ core[i]) / s[i, :k].unsqueeze(-1)
@@ -227,10 +233,14 @@ def lifted_grams(basis: CoreBasis, i: int, left: Tensor, right: Tensor) -> Modul
 
 
 def batches(modules: Mapping[str, Sequence[TaskFactors | None]], chunk: int = 32) -> list[list[str]]:
-    """Module names in batches whose present tasks and ranks agree (so their cores share K), ≤ `chunk`
-    per batch, so only one batch of stacked factors is alive at a time."""
-    groups: dict[tuple[tuple[int, ...], ...], list[str]] = {}
+    """Module names in batches whose present tasks and ranks agree (so their cores share K, and their
+    singular bases min(m, K) and min(n, K)), ≤ `chunk` per batch, so only one batch of stacked factors is
+    alive at a time."""
+    groups: dict[tuple[object, ...], list[str]] = {}
     for name, tasks in modules.items():
-        key = tuple((t, f.rank) for t, f in enumerate(tasks) if f is not None)
+        present = [(t, f) for t, f in enumerate(tasks) if f is not None]
+        k = sum(f.rank for _, f in present)
+        m, n = int(present[0][1].lora_B.shape[0]), int(present[0][1].lora_A.shape[1])
+        key = (tuple((t, f.rank) for t, f in present), min(m, k), min(n, k))
         groups.setdefault(key, []).append(name)
     return [g[i : i + chunk] for g in groups.values() for i in range(0, len(g), chunk)]

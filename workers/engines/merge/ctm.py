@@ -88,18 +88,20 @@ def _ritz_update(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     return krylov @ vectors, values
 
 
-def hooi(cores: Factored, r: int, max_iter: int) -> tuple[Tensor, Tensor, list[int], Tensor, Tensor]:
-    """Tucker-2 (modes 0, 1; ranks [r, r]) of the stacked cores by HOOI from an HOSVD start.
+def hooi(cores: Factored, ranks: tuple[int, int], max_iter: int) -> tuple[Tensor, Tensor, list[int], Tensor, Tensor]:
+    """Tucker-2 (modes 0, 1; ranks [r_B, r_A], both r unless a stack has lower rank) of the stacked cores by
+    HOOI from an HOSVD start.
 
-    Each half-sweep maximises Σ_t‖PᵀM_tQ‖² over P with Q fixed (the top-r eigenspace of Σ(M_tQ)(M_tQ)ᵀ,
+    Each half-sweep maximises Σ_t‖PᵀM_tQ‖² over P with Q fixed (the top eigenspace of Σ(M_tQ)(M_tQ)ᵀ,
     reached by a Rayleigh–Ritz step from the current P), then over Q. Stops when the objective improves by
-    at most 1e-6 relative (tensorly's tol) or after `max_iter` sweeps. Returns P, Q (G, K, r) orthonormal,
-    the sweeps each module ran, and the objective at the HOSVD start and at the end (both (G,)).
+    at most 1e-6 relative (tensorly's tol) or after `max_iter` sweeps. Returns P (G,K,r_B), Q (G,K,r_A)
+    orthonormal, the sweeps each module ran, and the objective at the HOSVD start and at the end.
     """
+    r_B, r_A = ranks
     transposed = _transpose(cores)
     # HOSVD start: top-r eigenvectors of Σ M_tM_tᵀ and Σ M_tᵀM_t
-    p, _ = _top_eig(_mode_gram(cores), r)
-    q, _ = _top_eig(_mode_gram(transposed), r)
+    p, _ = _top_eig(_mode_gram(cores), r_B)
+    q, _ = _top_eig(_mode_gram(transposed), r_A)
     start = (p.mT @ _unfold(cores, q)).square().sum(dim=(1, 2))
     objective = start
     done = torch.zeros_like(start, dtype=torch.bool)
@@ -123,18 +125,19 @@ def hooi(cores: Factored, r: int, max_iter: int) -> tuple[Tensor, Tensor, list[i
     return p, q, sweeps, start, objective
 
 
-def tucker_rank(target: RankTarget, balanced: Factored, i: int, rank_B: int, rank_A: int) -> int:
-    """r for module i: the target rank, or the smallest r keeping `energy` of both mode spectra of the
-    balanced cores; never above the numerical ranks of the stacks."""
-    cap = max(1, min(rank_B, rank_A))
-    if target.energy is None:
-        return max(1, min(target.rank, cap))
-    one = ([lf[i : i + 1] for lf in balanced[0]], [r[i : i + 1] for r in balanced[1]])
-    ranks = []
-    for gram in (_mode_gram(one)[0], _mode_gram(_transpose(one))[0]):
-        values = torch.linalg.eigvalsh(gram).flip(-1).clamp(min=0)
-        ranks.append(RankTarget(rank=cap, energy=target.energy).choose(values.sqrt()))
-    return max(1, min(max(ranks), cap))
+def tucker_rank(target: RankTarget, balanced: Factored, i: int, rank_B: int, rank_A: int) -> tuple[int, int]:
+    """Tucker ranks (r_B, r_A) for module i: r = the target rank, or the smallest r keeping `energy` of
+    both mode spectra of the balanced cores; each mode capped by its stack's numerical rank (so a rank
+    above the exact one is exact, and the output rank is at most r)."""
+    r = target.rank
+    if target.energy is not None:
+        one = ([lf[i : i + 1] for lf in balanced[0]], [x[i : i + 1] for x in balanced[1]])
+        ranks = []
+        for gram in (_mode_gram(one)[0], _mode_gram(_transpose(one))[0]):
+            values = torch.linalg.eigvalsh(gram).flip(-1).clamp(min=0)
+            ranks.append(RankTarget(rank=gram.shape[-1], energy=target.energy).choose(values.sqrt()))
+        r = max(ranks)
+    return max(1, min(r, rank_B)), max(1, min(r, rank_A))
 
 
 def isotropize(core: Tensor) -> Tensor:
@@ -168,13 +171,14 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
             sub = ([lf[idx] for lf in balanced[0]], [x[idx] for x in balanced[1]])
             # 3. Tucker-2 by HOOI from HOSVD: shared subspaces P, Q
             p, q, sweeps, start, final = hooi(sub, r, params.max_iter)
+            r_B, r_A = r
             fit_total = core_norms(sub).square().sum(dim=1).clamp(min=torch.finfo(torch.float64).tiny)
             # 4. coordinates of the original cores: C_t = (PᵀL_t)(R_tQ)
             c_t = torch.stack([(p.mT @ lf[idx]) @ (x[idx] @ q) for lf, x in zip(*factors, strict=True)], dim=1)
             g, t = c_t.shape[:2]
             # 5. merge the coordinates with the rule, optionally isotropize
-            outcome = apply_rule(params.rule, c_t.reshape(g, t, r * r), options, [batch[i] for i in idx])
-            merged = outcome.merged.reshape(g, r, r)
+            outcome = apply_rule(params.rule, c_t.reshape(g, t, r_B * r_A), options, [batch[i] for i in idx])
+            merged = outcome.merged.reshape(g, r_B, r_A)
             if params.isotropize:
                 merged = isotropize(merged)
             conflicts = outcome.conflicts()
@@ -183,7 +187,7 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
             for j, i in enumerate(idx):
                 if svd is not None:
                     x, s, yh = svd[0][j], svd[1][j], svd[2][j]
-                    k = RankTarget(rank=r).choose(s)
+                    k = RankTarget(rank=min(r)).choose(s)
                     root = s[:k].sqrt()
                     left = lam * (p[j] @ (x[:, :k] * root))
                     right = (root.unsqueeze(-1) * yh[:k]) @ q[j].mT

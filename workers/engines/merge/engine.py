@@ -146,7 +146,10 @@ def merge_modules(
     checked = _params(entry.params_model, params)
     job = validate_inputs(modules, output, progress)
     job.progress(0.0, f"merging {len(job.modules)} modules of {job.num_tasks} adapters ({method})")
-    merged = entry.function(job, checked)
+    try:
+        merged = entry.function(job, checked)
+    except torch.linalg.LinAlgError as exc:  # only reachable with non-finite intermediates (overflow)
+        raise MergeNumericError(f"{method}: a factorisation failed on non-finite values ({exc})") from None
     lambda_ = float(getattr(checked, "lambda_", 1.0))
     per_module: dict[str, dict[str, Any]] = {}
     for name, result in merged.items():

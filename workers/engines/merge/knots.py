@@ -28,13 +28,13 @@ def _align(name: str, job: MergeJob) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     stack = stack_factors(name, job.modules[name])
     basis = core_bases([stack], singular=False)
     m_t = cores(basis, stack.ranks)[0]  # (T, K, K)
-    t, kk, _ = m_t.shape
-    # SVD of [M_1 … M_T] (K × T·K) = SVD of [ΔW_1 … ΔW_T] in core coordinates
-    x, s, yh = torch.linalg.svd(m_t.permute(1, 0, 2).reshape(kk, t * kk), full_matrices=False)
+    t, d_B, d_A = m_t.shape
+    # SVD of [M_1 … M_T] (d_B × T·d_A) = SVD of [ΔW_1 … ΔW_T] in core coordinates
+    x, s, yh = torch.linalg.svd(m_t.permute(1, 0, 2).reshape(d_B, t * d_A), full_matrices=False)
     k = max(1, int((s > s[0] * RANK_TOL).sum()))
     u = stack.lora_B @ (basis.lift_B[0] @ x[:, :k]).to(stack.lora_B.dtype)
     # per-task blocks Σ·V_tᵀ = Σ·Y_tᵀ·V_refᵀ (k × n)
-    y_t = (s[:k, None] * yh[:k]).reshape(k, t, kk).permute(1, 0, 2)  # (T, k, K)
+    y_t = (s[:k, None] * yh[:k]).reshape(k, t, d_A).permute(1, 0, 2)  # (T, k, d_A)
     reps = (y_t @ basis.lift_A[0]).to(stack.lora_A.dtype) @ stack.lora_A
     return u, reps, stack.tasks
 

@@ -33,10 +33,10 @@ def merge_in_space(
         # core bases and per-task cores M_t (lossless)
         basis = core_bases(stacks, singular=rule != "task_arithmetic")
         m_t = cores(basis, stacks[0].ranks)
-        g, t, k, _ = m_t.shape
+        g, t, d_B, d_A = m_t.shape
         # merge the cores with the rule, then λ
-        outcome = apply_rule(rule, m_t.reshape(g, t, k * k), options, batch)
-        merged = lambda_ * outcome.merged.reshape(g, k, k)
+        outcome = apply_rule(rule, m_t.reshape(g, t, d_B * d_A), options, batch)
+        merged = lambda_ * outcome.merged.reshape(g, d_B, d_A)
         conflicts = outcome.conflicts()
         # exact rank-r truncation on the K×K core
         parts = truncate(merged, [job.targets[name] for name in batch])
