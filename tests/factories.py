@@ -54,7 +54,9 @@ def make_adapter(
 
 if __name__ == "__main__":  # `python -m tests.factories DIR`: two demo adapters for the README walk-through
     import sys
+    import warnings
 
+    warnings.filterwarnings("ignore")
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "amend-demo")
     make_adapter(target / "one", seed=1, r=4, alpha=8)
     make_adapter(target / "two", seed=2, r=4, alpha=16, targets=("q_proj", "v_proj", "o_proj"))
