@@ -32,6 +32,7 @@ bench: install
 	$(PY) -m bench.merge_bench
 	$(PY) -m bench.merge_quality
 	$(PY) -m bench.unlearn_bench
+	$(PY) -m bench.soak --minutes 10
 
 clean:
 	rm -rf .amend-data
