@@ -11,8 +11,7 @@ from workers.engines.merge.types import TaskFactors
 def make_tasks(seed: int, m: int, n: int, ranks: list[int], scale: float = 1.0) -> list[TaskFactors]:
     g = torch.Generator().manual_seed(seed)
     return [
-        TaskFactors(lora_A=torch.randn(r, n, generator=g), lora_B=torch.randn(m, r, generator=g) * scale)
-        for r in ranks
+        TaskFactors(lora_A=torch.randn(r, n, generator=g), lora_B=torch.randn(m, r, generator=g) * scale) for r in ranks
     ]
 
 

@@ -94,9 +94,7 @@ def test_core_space_ties_matches_a_plain_reference() -> None:
 def test_full_space_ties_matches_a_plain_reference() -> None:
     tasks = make_tasks(5, 6, 5, [2, 2, 1])
     merged = plain_ties(torch.stack([delta(f).flatten() for f in tasks]), 0.5).reshape(6, 5)
-    out = merge_modules(
-        "ties", {"m": tasks}, TiesParams(density=0.5, space="full"), MergeOutput(rank=6)
-    ).modules["m"]
+    out = merge_modules("ties", {"m": tasks}, TiesParams(density=0.5, space="full"), MergeOutput(rank=6)).modules["m"]
     assert rel(dense(out), merged) < 1e-5
 
 
@@ -108,7 +106,9 @@ def test_ties_density_one_on_agreeing_signs_is_the_mean(space: str) -> None:
     tasks = [TaskFactors(base.lora_A, base.lora_B * w) for w in weights]
     ties = merge_modules("ties", {"m": tasks}, TiesParams(density=1.0, space=space), MergeOutput()).modules["m"]
     ta = merge_modules(
-        "task_arithmetic", {"m": tasks}, TaskArithmeticParams.model_validate({"lambda": 1 / 3, "space": space}),
+        "task_arithmetic",
+        {"m": tasks},
+        TaskArithmeticParams.model_validate({"lambda": 1 / 3, "space": space}),
         MergeOutput(),
     ).modules["m"]
     assert rel(dense(ties), dense(ta)) < 1e-5
@@ -147,9 +147,11 @@ def test_copies_with_weights_one_over_t_give_the_adapter(method: str) -> None:
     (task,) = make_tasks(9, M, N, [3])
     t = 4
     copies = [TaskFactors(task.lora_A, task.lora_B / t) for _ in range(t)]
-    out = run(method, {"m": copies}, density=1.0).modules["m"] if method == "dare_linear" else run(
-        method, {"m": copies}
-    ).modules["m"]
+    out = (
+        run(method, {"m": copies}, density=1.0).modules["m"]
+        if method == "dare_linear"
+        else run(method, {"m": copies}).modules["m"]
+    )
     assert out.rank == 3
     assert rel(dense(out), delta(task)) < 1e-5, method
 
@@ -292,7 +294,9 @@ def test_modules_of_different_shapes_and_ranks_batch_correctly() -> None:
 def test_mtc_params_rule_space_full_equals_full_space_ties() -> None:
     tasks = make_tasks(25, 8, 6, [2, 2])
     a = merge_modules(
-        "merge_then_compress", {"m": tasks}, MergeThenCompressParams(rule="ties", space="full", density=0.5),
+        "merge_then_compress",
+        {"m": tasks},
+        MergeThenCompressParams(rule="ties", space="full", density=0.5),
         MergeOutput(rank=2),
     ).modules["m"]
     b = merge_modules("ties", {"m": tasks}, TiesParams(space="full", density=0.5), MergeOutput(rank=2)).modules["m"]

@@ -1,0 +1,235 @@
+"""PEFT LoRA adapter files <-> per-module factors (A, B with weight·scaling folded in). No storage clients here.
+
+`read_adapter_factors` reads an `adapter_model.safetensors` lazily, one tensor at a time (safe_open),
+normalises module names (PEFT's `base_model.model.` prefix and `.lora_A.weight` suffix stripped), and folds
+the per-module scaling — lora_alpha/r, or lora_alpha/√r with rsLoRA, honouring `rank_pattern` and
+`alpha_pattern` with PEFT's key matching — and the job's weight into lora_B, in float32. PEFT stores LoRA
+factors of fan_in_fan_out (GPT-2 Conv1D) layers already in the (out, in) orientation — only the delta
+weight is transposed to the layer's layout — so the factors need no transpose either way.
+
+`merge_adapter_files` is the file-to-file merge the pipeline calls: validate, check base models and shapes
+before any compute, read, merge with `workers.engines.merge.engine.merge_modules`, write a PEFT adapter
+(`adapter_model.safetensors` + `adapter_config.json`, loadable with `PeftModel.from_pretrained`) and a
+`merge_report.json`, and return the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from app.schemas.merge import MergeOutput
+from workers.engines import registry
+from workers.engines.merge.engine import merge_modules
+from workers.engines.merge.errors import MergeInputError
+from workers.engines.merge.types import TaskFactors
+
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+_FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
+
+
+class AdapterFormatError(ValueError):
+    """The adapter files cannot be read as a plain LoRA adapter; the message says what and where."""
+
+
+def pattern_value(pattern: Mapping[str, Any] | None, name: str, default: Any) -> Any:
+    """PEFT's `rank_pattern` / `alpha_pattern` lookup: the first key that is the module name or a regex
+    matching a dotted suffix of it (`(.*\\.)?(key)$`), else `default`."""
+    for key, value in (pattern or {}).items():
+        try:
+            if key == name or re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error:
+            raise AdapterFormatError(f"pattern key {key!r} is not a valid regular expression") from None
+    return default
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """Refuse what is not a plain LoRA: other PEFT types, DoRA, LoRA biases."""
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterFormatError(f"peft_type {peft_type!r} is not supported; only LORA adapters can be merged")
+    if config.get("use_dora"):
+        raise AdapterFormatError("DoRA adapters (use_dora) are not supported: their magnitude vector cannot be merged")
+    if config.get("lora_bias"):
+        raise AdapterFormatError("adapters with lora_bias are not supported: the bias terms cannot be merged")
+
+
+def module_name(key: str) -> str:
+    """`base_model.model.model.layers.0.q_proj.lora_A.weight` -> `model.layers.0.q_proj`."""
+    match = _KEY.match(key)
+    name = match.group("module") if match else key
+    return name[len(PREFIX) :] if name.startswith(PREFIX) else name
+
+
+def _pairs(keys: Sequence[str], where: str) -> dict[str, dict[str, str]]:
+    pairs: dict[str, dict[str, str]] = {}
+    for key in keys:
+        if "lora_embedding_" in key:
+            raise AdapterFormatError(f"{where}: embedding LoRA module {key!r} is not supported")
+        if "lora_magnitude_vector" in key:
+            raise AdapterFormatError(f"{where}: DoRA magnitude vector {key!r} is not supported")
+        match = _KEY.match(key)
+        if match is None:
+            if ".lora_" in key and key.endswith(".bias"):
+                raise AdapterFormatError(f"{where}: LoRA bias {key!r} is not supported (lora_bias)")
+            raise AdapterFormatError(
+                f"{where}: tensor {key!r} is not a LoRA factor (modules_to_save and other tensors cannot be merged)"
+            )
+        pairs.setdefault(module_name(key), {})[match.group("side")] = key
+    for name, sides in pairs.items():
+        if set(sides) != {"A", "B"}:
+            missing = "lora_B" if "A" in sides else "lora_A"
+            raise AdapterFormatError(f"{where}: module {name!r} has no {missing} weight")
+    return pairs
+
+
+def adapter_shapes(weights_path: Path) -> dict[str, tuple[int, int, int, str]]:
+    """(m, n, r, dtype) per module, from the safetensors header only (no tensor is read)."""
+    where = str(Path(weights_path).name)
+    out: dict[str, tuple[int, int, int, str]] = {}
+    with safe_open(str(weights_path), framework="pt") as handle:
+        for name, sides in _pairs(list(handle.keys()), where).items():
+            a, b = handle.get_slice(sides["A"]), handle.get_slice(sides["B"])
+            shape_a, shape_b = list(a.get_shape()), list(b.get_shape())
+            if len(shape_a) != 2 or len(shape_b) != 2:
+                raise AdapterFormatError(
+                    f"{where}: module {name!r} has {len(shape_a)}-D LoRA weights (conv layers are not supported)"
+                )
+            if shape_a[0] != shape_b[1]:
+                raise AdapterFormatError(
+                    f"{where}: module {name!r}: lora_A {shape_a} and lora_B {shape_b} ranks differ"
+                )
+            if a.get_dtype() != b.get_dtype():
+                raise AdapterFormatError(f"{where}: module {name!r}: lora_A and lora_B dtypes differ")
+            out[name] = (shape_b[0], shape_a[1], shape_a[0], a.get_dtype())
+    return out
+
+
+def scaling(config: Mapping[str, Any], name: str, rank: int) -> float:
+    """The module's LoRA scaling: alpha/r, or alpha/√r with use_rslora (rank/alpha patterns honoured)."""
+    r = int(pattern_value(config.get("rank_pattern"), name, config.get("r", rank)))
+    alpha = float(pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", r)))
+    if r != rank:
+        raise AdapterFormatError(f"module {name!r}: the config says r={r} but the weights have rank {rank}")
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def read_adapter_factors(config: dict, weights_path: Path, weight: float) -> dict[str, TaskFactors]:
+    """Every module's factors in float32, (out, in) orientation, with weight·scaling folded into lora_B."""
+    check_config(config)
+    where = str(Path(weights_path).name)
+    factors: dict[str, TaskFactors] = {}
+    with safe_open(str(weights_path), framework="pt") as handle:
+        for name, sides in _pairs(list(handle.keys()), where).items():
+            lora_A, lora_B = handle.get_tensor(sides["A"]), handle.get_tensor(sides["B"])
+            if lora_A.dim() != 2 or lora_B.dim() != 2:
+                raise AdapterFormatError(
+                    f"{where}: module {name!r} has {lora_A.dim()}-D LoRA weights (conv layers are not supported)"
+                )
+            if lora_A.dtype not in _FLOAT_DTYPES or lora_B.dtype not in _FLOAT_DTYPES:
+                raise AdapterFormatError(f"{where}: module {name!r}: unsupported dtype {lora_A.dtype}")
+            if lora_A.shape[0] != lora_B.shape[1]:
+                raise AdapterFormatError(f"{where}: module {name!r}: lora_A and lora_B ranks differ")
+            scale = weight * scaling(config, name, int(lora_A.shape[0]))
+            factors[name] = TaskFactors(lora_A=lora_A.float(), lora_B=lora_B.float() * scale)
+    return factors
+
+
+def _output_config(inputs: Sequence[tuple[dict, Path, float]], ranks: dict[str, int]) -> dict[str, Any]:
+    counts = Counter(ranks.values())
+    r = max(counts.items(), key=lambda item: (item[1], -item[0]))[0] if counts else 1
+    pattern = {name: k for name, k in ranks.items() if k != r}
+    first = inputs[0][0]
+    return {
+        "peft_type": "LORA",
+        "task_type": first.get("task_type"),
+        "base_model_name_or_path": first.get("base_model_name_or_path"),
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in ranks}),
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": bool(first.get("fan_in_fan_out", False)),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def merge_adapter_files(
+    inputs: Sequence[tuple[dict, Path, float]],
+    method: str,
+    params: dict,
+    output: dict,
+    out_dir: Path,
+    progress: Callable[[float, str], None] | None = None,
+) -> dict:
+    """Merge PEFT adapters file to file: inputs are (adapter_config, adapter_model.safetensors, weight).
+
+    Writes `out_dir/adapter_model.safetensors`, `adapter_config.json` and `merge_report.json`; returns
+    the report. Refuses (MergeInputError / AdapterFormatError) before any compute when the parameters,
+    base models, formats or shapes do not allow the merge.
+    """
+    entry = registry.get("merge", method)
+    try:
+        checked = entry.params_model.model_validate(params)
+        spec = MergeOutput.model_validate(output)
+    except ValidationError as exc:
+        raise MergeInputError(f"invalid merge parameters or output: {exc}") from None
+    if not inputs:
+        raise MergeInputError("no adapters to merge")
+    for config, _, _ in inputs:
+        check_config(config)
+    bases = {str(config.get("base_model_name_or_path")) for config, _, _ in inputs}
+    if len(bases) > 1 and not getattr(checked, "allow_base_mismatch", False):
+        raise MergeInputError(f"adapters are for different base models: {sorted(bases)} (allow_base_mismatch)")
+    # shapes from the headers, before reading any tensor
+    shapes = [adapter_shapes(path) for _, path, _ in inputs]
+    seen: dict[str, tuple[int, int, int]] = {}
+    for t, per_module in enumerate(shapes):
+        for name, (m, n, _, _) in per_module.items():
+            if name in seen and seen[name][:2] != (m, n):
+                raise MergeInputError(
+                    f"module {name!r}: base shapes differ (adapter {seen[name][2]}: {seen[name][0]}×{seen[name][1]}, "
+                    f"adapter {t}: {m}×{n})"
+                )
+            seen.setdefault(name, (m, n, t))
+    dtypes = {dtype for per_module in shapes for (_, _, _, dtype) in per_module.values()}
+    # read, merge, write
+    factors = [read_adapter_factors(config, Path(path), float(weight)) for config, path, weight in inputs]
+    names = list(dict.fromkeys(name for per_adapter in factors for name in per_adapter))
+    modules = {name: [per_adapter.get(name) for per_adapter in factors] for name in names}
+    del factors
+    result = merge_modules(method, modules, checked, spec, progress)
+    out_dtype = _torch_dtype(dtypes.pop()) if len(dtypes) == 1 else torch.float32
+    tensors: dict[str, torch.Tensor] = {}
+    for name, merged in result.modules.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = merged.lora_A.to(out_dtype).contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = merged.lora_B.to(out_dtype).contiguous()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = _output_config(inputs, {name: m.rank for name, m in result.modules.items()})
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / "merge_report.json").write_text(json.dumps(result.report))
+    return result.report
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    return table.get(name, torch.float32)
