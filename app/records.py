@@ -50,7 +50,7 @@ def redis_errors() -> Iterator[None]:
         raise IndexUnavailable("the Redis index is unavailable; retry shortly") from error
 
 
-def _text(value: bytes | str) -> str:
+def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -238,7 +238,7 @@ class Records:
         if tenant is not None and record.tenant != tenant:
             raise NotFound(f"job {job_id} not found")
         if progress is not None and record.state == "running":
-            value, _, stage = _text(progress).partition("|")
+            value, _, stage = as_text(progress).partition("|")
             record.progress, record.stage = max(record.progress, float(value)), stage
         return record
 
@@ -299,7 +299,7 @@ class Records:
 
     def active_jobs(self, tenant: str) -> list[JobRecord]:
         with redis_errors():
-            ids = [_text(i) for i in self.index.smembers(self.active_key(tenant))]
+            ids = [as_text(i) for i in self.index.smembers(self.active_key(tenant))]
         jobs = []
         for job_id in ids:
             try:
@@ -316,7 +316,7 @@ class Records:
             if self.index.set(slot, job_id, nx=True, ex=7 * 24 * 3600):
                 return None
             holder = self.index.get(slot)
-        return _text(holder) if holder else None
+        return as_text(holder) if holder else None
 
     def release_idempotency_key(self, tenant: str, key: str) -> None:
         digest = hashlib.sha256(key.encode()).hexdigest()
@@ -334,7 +334,7 @@ class Records:
         upper = f"({after}" if after else "+"
         with redis_errors():
             while len(kept) < limit:
-                batch = [_text(i) for i in self.index.zrevrangebylex(zset, upper, "-", start=0, num=max(limit, 50))]
+                batch = [as_text(i) for i in self.index.zrevrangebylex(zset, upper, "-", start=0, num=max(limit, 50))]
                 if not batch:
                     return kept, None
                 for item in batch:
