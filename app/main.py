@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
@@ -19,10 +20,27 @@ from app.errors import AmendError
 from app.limits import BodySizeLimit
 from app.queue import make_celery, reindex_and_requeue
 from app.records import Records
+from app.schemas.common import ErrorBody
 from app.settings import Settings, get_settings
 from app.storage import Storage
 
 log = logging.getLogger(__name__)
+# The errors every /v1 route may answer, documented once in the OpenAPI spec with the one error shape.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "Invalid upload (adapter, model or dataset) or unparsable body",
+        401: "Missing or invalid API key",
+        403: "The API key lacks the scope",
+        404: "Not found, or another tenant's",
+        409: "Conflict: in use, idempotency key reused, job already finished",
+        413: "Request body or file too large",
+        415: "Unsupported media type (pickle checkpoints are refused)",
+        422: "Invalid request",
+        429: "Tenant quota exceeded",
+        503: "Redis or object storage unavailable; retry",
+    }.items()
+}
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 400: "bad_request"}
 
 
@@ -92,8 +110,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + settings.max_config_bytes + (1 << 20))
     app.include_router(health.router)
-    app.include_router(adapters.router)
-    app.include_router(jobs.router)
-    app.include_router(models.router)
-    app.include_router(datasets.router)
+    for router in (adapters.router, jobs.router, models.router, datasets.router):
+        app.include_router(router, responses=ERROR_RESPONSES)
     return app

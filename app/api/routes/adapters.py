@@ -126,7 +126,12 @@ def get_adapter(adapter: AdapterDep) -> AdapterPublic:
     return adapter.public()
 
 
-@router.get("/{adapter_id}/files/{filename}", summary="Download an adapter file (streamed)")
+@router.get(
+    "/{adapter_id}/files/{filename}",
+    summary="Download an adapter file (streamed)",
+    responses={200: {"description": "The file", "content": {
+        "application/json": {}, "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+)
 def download_adapter_file(
     adapter: AdapterDep,
     records: RecordsDep,

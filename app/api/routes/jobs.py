@@ -161,7 +161,12 @@ def _etag(job: JobPublic) -> str:
     return '"' + hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:32] + '"'
 
 
-@router.get("/{job_id}", response_model=JobPublic, summary="Get a job (ETag / If-None-Match for cheap polling)")
+@router.get(
+    "/{job_id}",
+    response_model=JobPublic,
+    summary="Get a job (ETag / If-None-Match for cheap polling)",
+    responses={304: {"description": "Not modified: If-None-Match matched the job's ETag"}},
+)
 def get_job(
     job: JobDep, if_none_match: Annotated[str | None, Header(max_length=200)] = None
 ) -> Response:
@@ -219,7 +224,36 @@ def get_audit(job: JobDep, records: RecordsDep, settings: SettingsDep) -> Any:
     return {**record, "signature_valid": valid}
 
 
-@router.get("/{job_id}/events", summary="Progress as server-sent events until the job finishes")
+# one server-sent event: its `data` is JSON with the job's state (and progress and stage for `progress`)
+_SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["progress", "end"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "type": "object",
+                "required": ["state"],
+                "properties": {
+                    "state": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+                    "progress": {"type": "number", "minimum": 0, "maximum": 1},
+                    "stage": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Progress as server-sent events until the job finishes",
+    response_class=StreamingResponse,
+    responses={200: {"description": "`event: progress` and a final `event: end`", "content": {
+        "text/event-stream": {"schema": _SSE_EVENT}}}},
+)
 async def job_events(job: JobDep, records: RecordsDep, request: Request) -> StreamingResponse:
     async def stream() -> AsyncIterator[bytes]:
         last: tuple[str, float, str] | None = None

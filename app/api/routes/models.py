@@ -139,7 +139,13 @@ def get_model_record(model: ModelDep) -> ModelPublic:
     return model.public()
 
 
-@router.get("/{model_id}/files/{filename}", summary="Download one of a model's files (streamed)")
+@router.get(
+    "/{model_id}/files/{filename}",
+    summary="Download one of a model's files (streamed)",
+    response_class=StreamingResponse,
+    responses={200: {"description": "The file", "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+)
 def download_model_file(
     model: ModelDep, records: RecordsDep, filename: Annotated[str, PathParam(max_length=128)]
 ) -> StreamingResponse:
