@@ -5,6 +5,7 @@ Two ways in, one set of rules for the files:
   components, symlinks, hard links, devices and FIFOs, nested directories (one top-level directory is
   stripped), duplicate names, more than `max_files` files, more than `max_bytes` uncompressed bytes (a tar
   bomb is refused from the member headers before its bytes are written, and the copy is bounded too).
+  Hidden files (.DS_Store, ._* AppleDouble files) are skipped, never stored.
 - `collect_directory`: a directory under an operator-configured root (AMEND_MODEL_ROOTS). The resolved
   path must lie inside a root (403 otherwise), and so must every symlink's target.
 
@@ -142,6 +143,8 @@ def extract_archive(archive: Path, dest: Path, *, max_files: int, max_bytes: int
                     raise InvalidModel(f"archive member {member.name!r} has an empty path")
                 if len(parts) > 2:
                     raise InvalidModel(f"archive member {member.name!r} is nested: put the files at the top level")
+                if parts[-1].startswith("."):
+                    continue  # .DS_Store, ._* AppleDouble, .gitattributes: never extracted, never stored
                 check_name(parts[-1])
                 if len(staged) >= max_files:
                     raise InvalidModel(f"the archive has more than {max_files} files")

@@ -392,3 +392,13 @@ def test_an_adapter_under_unlearning_cannot_be_deleted(api, lm_inputs, adapter_d
     assert job.status_code == 202, job.text
     refused = api.delete(f"/v1/adapters/{adapter}")
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "adapter_in_use"
+
+
+def test_archive_made_with_tar_dot_and_hidden_files_is_accepted(api, tmp_path):
+    directory = write_dir(tmp_path / "made-by-tar", model_files() | {".DS_Store": b"\0\1", "._config.json": b"x"})
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(directory, arcname=".")  # like `tar -czf model.tgz -C dir .`: ./config.json, ...
+    response = post_tar(api, buffer.getvalue())
+    assert response.status_code == 201, response.text
+    assert {f["name"] for f in response.json()["files"]} == {"config.json", "model.safetensors", "tokenizer.json"}
