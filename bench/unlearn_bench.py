@@ -379,11 +379,12 @@ LM_METHODS: dict[str, dict[str, Any]] = {
     "idk": {},
     "flat": {},
     # RMU's loss is an activation MSE on the MLP weights only: its step size is set a priori (the unit tests'
-    # tiny model needed 3e-2; not tuned on this bench)
+    # tiny model needed 3e-2; not tuned on this bench). It steers the inner layer: in transformers the last
+    # hidden state is taken after the final norm, which caps its norm below c.
     "rmu": {
         "lr": 1e-2,
-        "layer": 1,
-        "trained_layers": [0, 1],
+        "layer": 0,
+        "trained_layers": [0],
         "trained_module": "mlp",
         "steering_coeff": 20.0,
         "alpha": 10.0,

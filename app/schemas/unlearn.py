@@ -116,7 +116,12 @@ class FlatParams(_UnlearnParams, _Gradient):
 class RmuParams(_UnlearnParams, _Gradient):
     """`rmu`: steer layer-`layer` activations of forget text to c·u, keep retain activations at θ0's."""
 
-    layer: int = Field(1, ge=0, le=MAX_LAYER, description="Decoder layer whose output is steered.")
+    layer: int = Field(
+        1,
+        ge=0,
+        le=MAX_LAYER,
+        description="Decoder layer whose output is steered; use an inner one (the last is read after the final norm).",
+    )
     steering_coeff: float = Field(6.5, gt=0.0, le=1e4, description="Norm c of the random steering vector.")
     alpha: float = Field(100.0, ge=0.0, le=1e5, description="Weight of the retain activation MSE.")
     trained_layers: tuple[int, ...] | None = Field(
