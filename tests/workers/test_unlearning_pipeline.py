@@ -172,3 +172,40 @@ def test_an_adapter_that_does_not_fit_the_model_is_rejected(api, text_job, adapt
     job_id = start(api, text_job | {"adapter": adapter})
     with pytest.raises(InputRejected, match="does not fit"):
         run_unlearn(context_for(api, job_id))
+
+
+def test_causal_lm_full_weights_are_registered_as_a_new_model(api, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.factories import tiny_llama
+    from tests.integration.test_unlearn_e2e import word_tokenizer
+    from workers.unlearning import run_unlearn
+
+    directory = tmp_path / "tiny-lm"
+    tiny_llama(0, vocab_size=32).save_pretrained(directory, safe_serialization=True)
+    word_tokenizer().save_pretrained(directory)
+    model = upload_model(api, directory)
+
+    def lm_rows(rows) -> str:
+        data = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+        return api.post("/v1/datasets", files={"file": ("rows.jsonl", data)}).json()["id"]
+
+    forget = lm_rows([{"prompt": "person0 city ?", "completion": "value1"}])
+    holdout = lm_rows([{"prompt": "person5 city ?", "completion": "value3"}])
+    body = {"type": "unlearn", "model": model["id"], "forget": {"dataset": forget}, "eval": holdout,
+            "method": "grad_ascent", "params": {"steps": 2, "lr": 0.01}, "output": "weights"}
+    job_id = start(api, body)
+    result = run_unlearn(context_for(api, job_id))
+    assert result.model_id == "md_" + job_id.split("_", 1)[1] and result.adapter_id is None
+    assert "min_k_auc" in result.report["after"]
+    record = api.get(f"/v1/models/{result.model_id}").json()
+    assert record["family"] == "causal_lm" and record["has_tokenizer"] and record["source_job_id"] == job_id
+    local = tmp_path / "downloaded"
+    local.mkdir()
+    for item in record["files"]:
+        (local / item["name"]).write_bytes(api.get(f"/v1/models/{record['id']}/files/{item['name']}").content)
+    loaded = AutoModelForCausalLM.from_pretrained(local, use_safetensors=True)
+    original = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+    changed = [n for n, p in loaded.named_parameters() if not torch.equal(p, original.state_dict()[n])]
+    assert changed  # the weights were trained
+    assert AutoTokenizer.from_pretrained(local)("person0 city ?")["input_ids"]
