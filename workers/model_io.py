@@ -87,6 +87,23 @@ def load_model(directory: Path, model: ModelRecord) -> tuple[nn.Module, Any]:
     return network, tokenizer
 
 
+_TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def stored_dtype(directory: Path) -> torch.dtype:
+    """The float dtype most of a model's stored weights use (training runs in float32; outputs go back)."""
+    from collections import Counter
+
+    from app.adapter_check import ALL_DTYPES, read_header
+
+    counts: Counter[str] = Counter()
+    for path in directory.glob("*.safetensors"):
+        for info in read_header(path, 1 << 30, 1 << 20, dtypes=ALL_DTYPES).values():
+            if info.dtype in _TORCH_DTYPES:
+                counts[info.dtype] += 1
+    return _TORCH_DTYPES[counts.most_common(1)[0][0]] if counts else torch.float32
+
+
 def fetch_dataset(records: Records, dataset: DatasetRecord, into: Path) -> Path:
     path = into / f"{dataset.id}-{DATA_FILES[dataset.format]}"
     records.storage.download(keys.dataset(dataset.tenant, dataset.id, DATA_FILES[dataset.format]), path)

@@ -94,7 +94,15 @@ def run_unlearn(context: JobContext) -> JobResult:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from workers.engines.unlearn import UnlearnCancelled, unlearn
-    from workers.model_io import fetch_dataset, fetch_model, load_data, load_model, max_tokens, model_output_files
+    from workers.model_io import (
+        fetch_dataset,
+        fetch_model,
+        load_data,
+        load_model,
+        max_tokens,
+        model_output_files,
+        stored_dtype,
+    )
 
     job, records, settings = context.job, context.records, context.settings
     spec = UnlearnJobCreate.model_validate(job.spec)
@@ -170,7 +178,7 @@ def run_unlearn(context: JobContext) -> JobResult:
         out_dir = root / "output"
         out_dir.mkdir()
         if spec.output == "weights":
-            trained.save_pretrained(out_dir, safe_serialization=True)
+            trained.to(stored_dtype(model_dir)).save_pretrained(out_dir, safe_serialization=True)
             files = model_output_files(out_dir, model_dir)
             listing = [ModelFile(name=n, size=p.stat().st_size, sha256=file_sha256(p)) for n, p in files.items()]
             output = {"kind": "weights", "id": output_model_id(job.id), "sha256": manifest_sha256(listing)}

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
 from app import audit
+from app.adapter_check import ALL_DTYPES, read_header
 from app.main import create_app
 from app.records import add_event, now
 from app.schemas.jobs import JobRecord
@@ -182,7 +183,7 @@ def test_causal_lm_full_weights_are_registered_as_a_new_model(api, tmp_path):
     from workers.unlearning import run_unlearn
 
     directory = tmp_path / "tiny-lm"
-    tiny_llama(0, vocab_size=32).save_pretrained(directory, safe_serialization=True)
+    tiny_llama(0, vocab_size=32).to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)
     word_tokenizer().save_pretrained(directory)
     model = upload_model(api, directory)
 
@@ -204,6 +205,8 @@ def test_causal_lm_full_weights_are_registered_as_a_new_model(api, tmp_path):
     local.mkdir()
     for item in record["files"]:
         (local / item["name"]).write_bytes(api.get(f"/v1/models/{record['id']}/files/{item['name']}").content)
+    stored = read_header(local / "model.safetensors", 1 << 24, 1000, dtypes=ALL_DTYPES)
+    assert {info.dtype for info in stored.values()} == {"BF16"}  # trained in float32, stored as it came
     loaded = AutoModelForCausalLM.from_pretrained(local, use_safetensors=True)
     original = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
     changed = [n for n, p in loaded.named_parameters() if not torch.equal(p, original.state_dict()[n])]
