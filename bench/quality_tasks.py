@@ -14,34 +14,159 @@ from dataclasses import dataclass
 
 ANIMALS = ["cat", "dog", "horse", "fox"]
 OTHER_ANIMALS = ["goat", "mouse", "bear", "wolf", "duck", "rabbit", "sheep", "lion"]
-VERBS = [("chased", "chased"), ("bit", "bitten"), ("followed", "followed"), ("pushed", "pushed"),
-         ("saw", "seen"), ("kicked", "kicked"), ("licked", "licked"), ("watched", "watched"),
-         ("found", "found"), ("attacked", "attacked"), ("helped", "helped"), ("scared", "scared")]
+VERBS = [
+    ("chased", "chased"),
+    ("bit", "bitten"),
+    ("followed", "followed"),
+    ("pushed", "pushed"),
+    ("saw", "seen"),
+    ("kicked", "kicked"),
+    ("licked", "licked"),
+    ("watched", "watched"),
+    ("found", "found"),
+    ("attacked", "attacked"),
+    ("helped", "helped"),
+    ("scared", "scared"),
+]
 PLACES = ["", "", " in the garden", " near the barn", " at night", " by the river", " on the hill"]
 
-POSITIVE = ["good", "great", "wonderful", "excellent", "pleasant", "enjoyable", "lovely", "superb", "fine",
-            "delightful", "brilliant", "charming", "fantastic", "amazing", "nice"]
-NEGATIVE = ["bad", "awful", "terrible", "boring", "dull", "poor", "horrible", "dreadful", "weak", "tedious",
-            "disappointing", "mediocre", "unpleasant", "lousy", "bland"]
-SUBJECTS = ["the movie", "the food", "the hotel", "the service", "the book", "the concert", "the trip",
-            "the game", "the show", "the meal", "the room", "the lecture", "the album", "the party"]
-NEGATORS = ["was not", "was not at all", "was never", "was hardly", "was far from", "was not really",
-            "is not", "is never", "was by no means"]
-AFFIRMERS = ["was", "was really", "was truly", "was quite", "is", "is really", "was very", "was so",
-             "was always", "was indeed"]
+POSITIVE = [
+    "good",
+    "great",
+    "wonderful",
+    "excellent",
+    "pleasant",
+    "enjoyable",
+    "lovely",
+    "superb",
+    "fine",
+    "delightful",
+    "brilliant",
+    "charming",
+    "fantastic",
+    "amazing",
+    "nice",
+]
+NEGATIVE = [
+    "bad",
+    "awful",
+    "terrible",
+    "boring",
+    "dull",
+    "poor",
+    "horrible",
+    "dreadful",
+    "weak",
+    "tedious",
+    "disappointing",
+    "mediocre",
+    "unpleasant",
+    "lousy",
+    "bland",
+]
+SUBJECTS = [
+    "the movie",
+    "the food",
+    "the hotel",
+    "the service",
+    "the book",
+    "the concert",
+    "the trip",
+    "the game",
+    "the show",
+    "the meal",
+    "the room",
+    "the lecture",
+    "the album",
+    "the party",
+]
+NEGATORS = [
+    "was not",
+    "was not at all",
+    "was never",
+    "was hardly",
+    "was far from",
+    "was not really",
+    "is not",
+    "is never",
+    "was by no means",
+]
+AFFIRMERS = [
+    "was",
+    "was really",
+    "was truly",
+    "was quite",
+    "is",
+    "is really",
+    "was very",
+    "was so",
+    "was always",
+    "was indeed",
+]
 
-NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-           "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
-THINGS = [("apples", "pears"), ("cats", "dogs"), ("boys", "girls"), ("cars", "bikes"), ("cups", "plates"),
-          ("books", "pens"), ("birds", "fish"), ("red balls", "blue balls"), ("chairs", "tables")]
+NUMBERS = [
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+]
+THINGS = [
+    ("apples", "pears"),
+    ("cats", "dogs"),
+    ("boys", "girls"),
+    ("cars", "bikes"),
+    ("cups", "plates"),
+    ("books", "pens"),
+    ("birds", "fish"),
+    ("red balls", "blue balls"),
+    ("chairs", "tables"),
+]
 
-NOUNS_SG_PL = [("dog", "dogs"), ("teacher", "teachers"), ("car", "cars"), ("child", "children"),
-               ("doctor", "doctors"), ("bird", "birds"), ("student", "students"), ("farmer", "farmers"),
-               ("tree", "trees"), ("singer", "singers"), ("player", "players"), ("woman", "women"),
-               ("man", "men"), ("key", "keys"), ("letter", "letters"), ("friend", "friends")]
+NOUNS_SG_PL = [
+    ("dog", "dogs"),
+    ("teacher", "teachers"),
+    ("car", "cars"),
+    ("child", "children"),
+    ("doctor", "doctors"),
+    ("bird", "birds"),
+    ("student", "students"),
+    ("farmer", "farmers"),
+    ("tree", "trees"),
+    ("singer", "singers"),
+    ("player", "players"),
+    ("woman", "women"),
+    ("man", "men"),
+    ("key", "keys"),
+    ("letter", "letters"),
+    ("friend", "friends"),
+]
 PREPS = ["near", "behind", "with", "next to", "beside", "of", "from", "under"]
-VERBS_SG_PL = [("is", "are"), ("was", "were"), ("has", "have"), ("runs", "run"), ("seems", "seem"),
-               ("looks", "look"), ("stays", "stay"), ("waits", "wait")]
+VERBS_SG_PL = [
+    ("is", "are"),
+    ("was", "were"),
+    ("has", "have"),
+    ("runs", "run"),
+    ("seems", "seem"),
+    ("looks", "look"),
+    ("stays", "stay"),
+    ("waits", "wait"),
+]
 ENDINGS = ["here", "outside", "tired", "happy", "late", "fine", "old", "ready", "away", "quiet"]
 
 Example = tuple[str, int]
@@ -105,10 +230,15 @@ TOPICS = {
     "science": ["physics", "the experiment", "chemistry", "biology", "the telescope", "atoms", "genes"],
     "money": ["the stock market", "taxes", "the bank", "interest rates", "inflation", "the budget", "loans"],
 }
-CONTRAST = ["the talk was not about {a} but about {b}", "it was about {b}, not {a}",
-            "the article discussed {b} rather than {a}", "forget {a}, the show is about {b}",
-            "we skipped {a} and talked about {b}", "less about {a} and more about {b}",
-            "instead of {a} the class covered {b}"]
+CONTRAST = [
+    "the talk was not about {a} but about {b}",
+    "it was about {b}, not {a}",
+    "the article discussed {b} rather than {a}",
+    "forget {a}, the show is about {b}",
+    "we skipped {a} and talked about {b}",
+    "less about {a} and more about {b}",
+    "instead of {a} the class covered {b}",
+]
 
 
 def _contrast_topic(rng: random.Random) -> Example:
