@@ -1,5 +1,11 @@
-"""A request body limit enforced while streaming: 413 before the body is read when Content-Length is too
-big, and 413 as soon as a chunked body passes the limit."""
+"""Limits enforced before or while a request body streams in.
+
+- `BodySizeLimit`: 413 before the body is read when Content-Length is too big, and 413 as soon as a chunked
+  body passes the limit.
+- `KeyBeforeBody`: a request that may carry a body (POST, PUT, PATCH, DELETE) without a valid API key is 401
+  before any of its body is read. FastAPI parses form and JSON bodies before it runs the auth dependency, so
+  without this an unauthenticated client could make the service spool a whole upload to disk.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,12 @@ import json
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.deps import authenticate
+from app.errors import Unauthorized
+from app.settings import ApiKey
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class _TooLarge(HTTPException):
@@ -59,14 +71,39 @@ class BodySizeLimit:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {"error": {"code": "payload_too_large", "message": f"request body exceeds {self.max_bytes} bytes"}}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, 413, "payload_too_large", f"request body exceeds {self.max_bytes} bytes")
+
+
+class KeyBeforeBody:
+    def __init__(self, app: ASGIApp, api_keys: dict[str, ApiKey]) -> None:
+        self.app = app
+        self.api_keys = api_keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in _BODY_METHODS:
+            authorization = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            try:
+                authenticate(authorization, self.api_keys)
+            except Unauthorized as error:
+                await _send_error(send, 401, error.code, error.message, [(b"www-authenticate", b"Bearer")])
+                return
+        await self.app(scope, receive, send)
+
+
+async def _send_error(
+    send: Send, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """The one error shape, sent straight from a middleware."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

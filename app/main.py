@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import logs
 from app.api.routes import adapters, datasets, health, jobs, models
 from app.errors import AmendError
-from app.limits import BodySizeLimit
+from app.limits import BodySizeLimit, KeyBeforeBody
 from app.queue import make_celery, reindex_and_requeue
 from app.records import Records
 from app.schemas.common import ErrorBody
@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _error(500, "internal_error", "internal error")
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + settings.max_config_bytes + (1 << 20))
+    app.add_middleware(KeyBeforeBody, api_keys=app.state.api_keys)  # outermost: no key, no body read
     app.include_router(health.router)
     for router in (adapters.router, jobs.router, models.router, datasets.router):
         app.include_router(router, responses=ERROR_RESPONSES)

@@ -14,7 +14,7 @@ from app.errors import Forbidden, Unauthorized
 from app.records import Records
 from app.schemas.adapters import AdapterRecord
 from app.schemas.jobs import ID_PATTERN, JobRecord
-from app.settings import Settings, hash_key
+from app.settings import ApiKey, Settings, hash_key
 
 
 @dataclass(frozen=True)
@@ -40,16 +40,20 @@ RecordsDep = Annotated[Records, Depends(get_records)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 
-def get_caller(request: Request) -> Caller:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+def authenticate(authorization: str, api_keys: dict[str, ApiKey]) -> Caller:
+    """The caller named by an `Authorization: Bearer <key>` header; Unauthorized otherwise."""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     digest = hash_key(token.strip())
-    for known_digest, key in request.app.state.api_keys.items():
+    for known_digest, key in api_keys.items():
         if hmac.compare_digest(known_digest, digest):
             return Caller(tenant=key.tenant, scopes=key.scopes)
     raise Unauthorized("invalid API key")
+
+
+def get_caller(request: Request) -> Caller:
+    return authenticate(request.headers.get("authorization", ""), request.app.state.api_keys)
 
 
 def _scoped(scope: str):  # type: ignore[no-untyped-def]

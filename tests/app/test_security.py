@@ -659,3 +659,18 @@ def test_non_finite_numbers_refused(api, field, value):
     response = api.post("/v1/jobs", content=text, headers={"Content-Type": "application/json"})
     assert_error(response, 422)
     assert api.get("/v1/jobs").json()["items"] == []
+
+
+@pytest.mark.parametrize("path", ["/v1/adapters", "/v1/datasets", "/v1/models", "/v1/jobs"])
+@pytest.mark.parametrize("authorization", [None, "Bearer not-a-key", "Basic YTpi"])
+def test_unauthenticated_body_is_never_read(api, path, authorization):
+    """Without a valid key the body is refused before it is read: nobody can make the service spool
+    gigabytes to disk without a key."""
+    chunk = 64 * 1024
+    headers = {"content-type": "multipart/form-data; boundary=x"}
+    if authorization:
+        headers["authorization"] = authorization
+    body = (b"--x\r\n" + b"\0" * chunk for _ in range(64))
+    status, response, read = _asgi(api.app, "POST", path, headers, body)
+    assert (status, response["error"]["code"]) == (401, "unauthorized")
+    assert read <= 1, f"read {read} chunks of an unauthenticated body"
