@@ -186,13 +186,15 @@ def collect_directory(path: str, roots: list[str], *, max_files: int, max_bytes:
     """The files of a directory under one of `roots`; returns file name -> path (symlinks resolved)."""
     if not roots:
         raise Forbidden("registering models by path is disabled: the operator has set no AMEND_MODEL_ROOTS")
+    if "\x00" in path:
+        raise InvalidModel("path contains a NUL byte")
     requested = Path(path)
     if not requested.is_absolute():
         raise InvalidModel("path must be absolute")
     resolved_roots = [Path(root).resolve() for root in roots]
     try:
         directory = requested.resolve(strict=True)
-    except (FileNotFoundError, RuntimeError, OSError):
+    except (RuntimeError, OSError, ValueError):  # missing, a symlink loop, unreadable
         directory = None
     root = next((r for r in resolved_roots if directory is not None and _inside(directory, r)), None)
     if root is None or directory is None:

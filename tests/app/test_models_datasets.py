@@ -191,7 +191,7 @@ def test_register_by_path_inside_the_root(api, roots):
     assert outside.exists()
 
 
-@pytest.mark.parametrize("where", ["outside", "escaping-symlink", "dir-symlink", "missing", "relative"])
+@pytest.mark.parametrize("where", ["outside", "escaping-symlink", "dir-symlink", "missing", "relative", "nul"])
 def test_register_by_path_outside_the_root_is_refused(api, roots, where):
     outside = write_dir(roots.parent / "elsewhere", model_files())
     if where == "outside":
@@ -206,6 +206,8 @@ def test_register_by_path_outside_the_root_is_refused(api, roots, where):
         path, status = str(roots / "link"), 403
     elif where == "missing":
         path, status = str(roots / "nope"), 403
+    elif where == "nul":
+        path, status = str(roots) + "/a\x00b", 400
     else:
         path, status = "tiny", 400
     response = api.post("/v1/models", json={"path": path})
