@@ -3,19 +3,24 @@
 Two ways a dead worker strands a job:
 - the job is `running` and its lease (workers/lease.py) expired: the worker died mid-job;
 - the job is still `queued` but its message was delivered to a worker that died before starting it: the
-  message sits in the broker's unacked set until the visibility timeout. Every worker marks the jobs it
-  receives (`delivered:{job}` = its name) and keeps a liveness key (`worker:{name}`) fresh; a queued job
-  delivered to a worker whose liveness key expired is re-enqueued.
+  message sits in the Redis transport's unacked set (kombu's `unacked` / `unacked_index`) until the
+  visibility timeout. With late acks and prefetch 1 a live worker starts a delivered job at once, so a
+  queued job whose message has been unacknowledged for two lease periods was stranded.
 
 Every worker's main process runs the reaper on a timer. Re-enqueueing is safe to race: a `reaped` marker
-lets one reaper act per attempt, and a duplicate copy of a job is a no-op anyway (the lease and the final
-state stop it). A job re-enqueued after its last allowed attempt fails with `worker_crashed`.
+lets one reaper act per attempt (or per delivery), and a duplicate copy of a job is a no-op anyway (the
+lease and the final state stop it; so is the stale message the broker restores later). A job re-enqueued
+after its last allowed attempt fails with `worker_crashed`.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import threading
+import time
+from collections.abc import Iterator
 
 from celery import Celery
 
@@ -24,30 +29,37 @@ from app.queue import enqueue
 from app.records import PREFIX, Records, as_text
 from workers.lease import lease_key
 
-
-def delivered_key(job_id: str) -> str:
-    return f"{PREFIX}delivered:{job_id}"
-
-
-def worker_key(worker: str) -> str:
-    return f"{PREFIX}worker:{worker}"
-
-
 log = logging.getLogger(__name__)
+UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport defaults
 
 
-def _stranded(records: Records, job_id: str, state: str, attempts: int) -> str | None:
-    """Why this job is stranded (a marker naming the case), or None while its worker lives."""
-    if state == "running":
-        return None if records.index.exists(lease_key(job_id)) else f"running:{attempts}"
-    if state == "queued":
-        worker = records.index.get(delivered_key(job_id))
-        if worker is not None and not records.index.exists(worker_key(as_text(worker))):
-            return f"delivered:{as_text(worker)}"
-    return None
+def stale_deliveries(records: Records, older_than: float) -> Iterator[tuple[str, str]]:
+    """(delivery tag, job id) of messages delivered more than `older_than` seconds ago and not yet acked."""
+    cutoff = time.time() - older_than
+    for tag in records.index.zrangebyscore(UNACKED_INDEX, "-inf", cutoff):
+        raw = records.index.hget(UNACKED, tag)
+        if raw is None:
+            continue
+        try:
+            message = json.loads(raw)[0]
+            body = message["body"]
+            if message.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            args = json.loads(body)[0]
+            yield as_text(tag), str(args[0])
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue
 
 
-def reap_once(records: Records, celery: Celery) -> list[str]:
+def _requeue(records: Records, celery: Celery, job_id: str, job_type: str, reason: str) -> bool:
+    if not records.index.set(f"{PREFIX}reaped:{job_id}:{reason}", "1", nx=True, ex=86400):
+        return False
+    log.warning("job lost its worker; re-enqueueing", extra={"job_id": job_id, "reason": reason})
+    enqueue(celery, job_id, job_type)
+    return True
+
+
+def reap_once(records: Records, celery: Celery, lease_seconds: float) -> list[str]:
     """One sweep; returns the ids of the jobs it re-enqueued."""
     requeued: list[str] = []
     for active_set in records.index.scan_iter(match=f"{PREFIX}active:*", count=200):
@@ -57,33 +69,29 @@ def reap_once(records: Records, celery: Celery) -> list[str]:
                 job = records.get_job(job_id)
             except NotFound:
                 continue
-            reason = _stranded(records, job_id, job.state, job.attempts)
-            if reason is None or not records.index.set(f"{PREFIX}reaped:{job_id}:{reason}", "1", nx=True, ex=86400):
-                continue
-            log.warning("job lost its worker; re-enqueueing", extra={"job_id": job_id, "reason": reason})
-            records.index.delete(delivered_key(job_id))
-            enqueue(celery, job_id, job.type)
+            if job.state == "running" and not records.index.exists(lease_key(job_id)):
+                if _requeue(records, celery, job_id, job.type, f"running:{job.attempts}"):
+                    requeued.append(job_id)
+    for tag, job_id in stale_deliveries(records, older_than=2 * lease_seconds):
+        try:
+            job = records.get_job(job_id)
+        except NotFound:
+            continue
+        if job.state == "queued" and _requeue(records, celery, job_id, job.type, f"delivery:{tag}"):
             requeued.append(job_id)
     return requeued
 
 
 class ReaperThread(threading.Thread):
-    """Keeps this worker's liveness key fresh and sweeps for stranded jobs."""
-
-    def __init__(self, records: Records, celery: Celery, worker: str, lease_seconds: int) -> None:
+    def __init__(self, records: Records, celery: Celery, lease_seconds: int) -> None:
         super().__init__(name="amend-reaper", daemon=True)
-        self.records, self.celery, self.worker = records, celery, worker
-        self.lease_seconds = lease_seconds
+        self.records, self.celery, self.lease_seconds = records, celery, lease_seconds
         self.stopped = threading.Event()
 
-    def beat(self) -> None:
-        self.records.index.set(worker_key(self.worker), "1", ex=self.lease_seconds)
-
     def run(self) -> None:
-        while not self.stopped.wait(max(self.lease_seconds / 3, 0.5)):
+        while not self.stopped.wait(max(self.lease_seconds / 2, 0.5)):
             try:
-                self.beat()
-                reap_once(self.records, self.celery)
+                reap_once(self.records, self.celery, self.lease_seconds)
             except (ServiceUnavailable, OSError) as error:
                 log.warning("reaper sweep failed", extra={"error": str(error)})
             except Exception:  # noqa: BLE001 - the reaper must outlive one bad sweep

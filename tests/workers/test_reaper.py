@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from app.queue import make_celery, queue_for
+from app.queue import enqueue, make_celery, queue_for
 from app.records import Records, add_event, new_id, now
 from app.schemas.jobs import JobRecord
 from app.storage import Storage
 from workers.lease import lease_key
-from workers.reaper import delivered_key, reap_once, worker_key
+from workers.reaper import reap_once
 
 
 @pytest.fixture
@@ -39,23 +41,34 @@ def queued_messages(redis_client) -> int:
 def test_running_job_without_lease_is_requeued_once(records, celery, redis_client):
     alive, dead = job(records, "running"), job(records, "running")
     redis_client.set(lease_key(alive), "token", ex=30)
-    assert reap_once(records, celery) == [dead]
+    assert reap_once(records, celery, lease_seconds=30) == [dead]
     assert queued_messages(redis_client) == 1
-    assert reap_once(records, celery) == []  # one re-enqueue per attempt
+    assert reap_once(records, celery, lease_seconds=30) == []  # one re-enqueue per attempt
 
 
-def test_queued_job_delivered_to_a_dead_worker_is_requeued(records, celery, redis_client):
-    on_live, on_dead, waiting = job(records, "queued"), job(records, "queued"), job(records, "queued")
-    redis_client.set(worker_key("w-live"), "1", ex=30)
-    redis_client.set(delivered_key(on_live), "w-live")
-    redis_client.set(delivered_key(on_dead), "w-dead")
-    assert reap_once(records, celery) == [on_dead]
-    assert not redis_client.exists(delivered_key(on_dead))
+def test_queued_job_whose_delivery_was_never_acked_is_requeued(records, celery, redis_client):
+    stranded, waiting = job(records, "queued"), job(records, "queued")
+    enqueue(celery, stranded, "merge")
+    connection = celery.connection_for_read()
+    consumer = connection.SimpleQueue(queue_for("merge"))
+    message = consumer.get(timeout=5)  # delivered and never acked: its worker "died" holding it
+    assert message.payload  # the message really left the queue
+    enqueue(celery, waiting, "merge")  # still in the queue: not stranded
     assert queued_messages(redis_client) == 1
-    assert waiting not in reap_once(records, celery)
+    assert reap_once(records, celery, lease_seconds=30) == []  # too recent to call it stranded
+    time.sleep(0.2)
+    assert reap_once(records, celery, lease_seconds=0.05) == [stranded]
+    assert queued_messages(redis_client) == 2
+    assert reap_once(records, celery, lease_seconds=0.05) == []  # one re-enqueue per delivery
+    connection.release()
 
 
 def test_finished_jobs_are_never_touched(records, celery, redis_client):
     done = job(records, "succeeded")
-    redis_client.set(delivered_key(done), "w-dead")
-    assert reap_once(records, celery) == []
+    enqueue(celery, done, "merge")
+    connection = celery.connection_for_read()
+    assert connection.SimpleQueue(queue_for("merge")).get(timeout=5).payload  # an unacked stale copy
+    time.sleep(0.2)
+    assert reap_once(records, celery, lease_seconds=0.05) == []
+    assert queued_messages(redis_client) == 0
+    connection.release()
