@@ -157,6 +157,9 @@ def main() -> None:
               f"{quantile(0.99):>8.2f}s")
         if failed:
             print("failures:", {final[j]["error"]["code"] for j in failed})
+        for job_id in lost:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            print(f"lost {job_id}: state={job['state']} attempts={job['attempts']} stage={job['stage']!r}")
         print("PASS" if not lost and not duplicated and not missing_output else "FAIL: jobs lost or duplicated")
     finally:
         for service in workers + services[::-1]:
