@@ -404,3 +404,18 @@ def test_archive_made_with_tar_dot_and_hidden_files_is_accepted(api, tmp_path):
     response = post_tar(api, buffer.getvalue())
     assert response.status_code == 201, response.text
     assert {f["name"] for f in response.json()["files"]} == {"config.json", "model.safetensors", "tokenizer.json"}
+
+
+def test_image_classifier_refuses_text_rows_and_text_classifier_refuses_images(api):
+    vit = post_tar(api, make_tar(model_files(CLASSIFIER_CONFIG))).json()["id"]
+    text = post_dataset(api, jsonl([{"text": "x", "label": 0}] * 2), num_labels=3).json()["id"]
+    body = {"type": "unlearn", "model": vit, "forget": {"dataset": text}, "retain": text, "method": "random_label"}
+    response = api.post("/v1/jobs", json=body)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "incompatible_inputs", response.text
+    bert_config = {"architectures": ["BertForSequenceClassification"], "model_type": "bert", "num_labels": 3}
+    bert = post_tar(api, make_tar(model_files(bert_config))).json()["id"]
+    tensors = {"pixel_values": np.zeros((2, 1, 2, 2), np.float32), "labels": np.array([0, 1], np.int64)}
+    images = post_dataset(api, save_numpy(tensors), filename="x.safetensors", num_labels=3).json()["id"]
+    response = api.post("/v1/jobs", json=body | {"model": bert, "forget": {"dataset": images}, "retain": images})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "incompatible_inputs", response.text
+    assert api.post("/v1/jobs", json=body | {"model": bert}).status_code == 202

@@ -64,6 +64,12 @@ def _check_unlearn_inputs(records: Records, tenant: str, spec: UnlearnJobCreate)
             )
         if dataset.kind == "text_classification" and not model.has_tokenizer:
             raise Unprocessable(f"model {model.id} has no tokenizer for text rows", code="incompatible_inputs")
+        images = model.architecture.endswith("ForImageClassification")
+        if model.family == "classifier" and images != (dataset.kind == "image_classification"):
+            raise Unprocessable(
+                f"dataset {dataset.id} holds {dataset.kind} rows, which {model.architecture} cannot take",
+                code="incompatible_inputs",
+            )
         if dataset.num_labels is not None and model.num_labels is not None and dataset.num_labels > model.num_labels:
             raise Unprocessable(
                 f"dataset {dataset.id} has {dataset.num_labels} labels, model {model.id} only {model.num_labels}",
