@@ -147,6 +147,41 @@ def read_adapter_factors(config: dict, weights_path: Path, weight: float) -> dic
     return factors
 
 
+def _read_stacked(
+    inputs: Sequence[tuple[dict, Path, float]], shapes: list[dict[str, tuple[int, int, int, str]]]
+) -> dict[str, list[TaskFactors | None]]:
+    """Every module's factors for all adapters, read straight into one float32 buffer per module and side
+    (B_s = [B_1 … B_T], A_s = [A_1; …; A_T]) so the engine stacks them without another copy; each
+    adapter's TaskFactors are slices of those buffers, with weight·scaling folded into lora_B."""
+    names = list(dict.fromkeys(name for per_adapter in shapes for name in per_adapter))
+    handles = [safe_open(str(path), framework="pt") for _, path, _ in inputs]
+    pairs = [_pairs(list(h.keys()), Path(path).name) for h, (_, path, _) in zip(handles, inputs, strict=True)]
+    try:
+        modules: dict[str, list[TaskFactors | None]] = {}
+        for name in names:
+            present = [t for t, per_adapter in enumerate(shapes) if name in per_adapter]
+            m, n, _, _ = shapes[present[0]][name]
+            total = sum(shapes[t][name][2] for t in present)
+            stack_B = torch.empty(m, total)
+            stack_A = torch.empty(total, n)
+            row: list[TaskFactors | None] = [None] * len(inputs)
+            start = 0
+            for t in present:
+                config, _, weight = inputs[t]
+                r = shapes[t][name][2]
+                sides = pairs[t][name]
+                part_B, part_A = stack_B[:, start : start + r], stack_A[start : start + r]
+                part_B.copy_(handles[t].get_tensor(sides["B"]))
+                part_B.mul_(float(weight) * scaling(config, name, r))
+                part_A.copy_(handles[t].get_tensor(sides["A"]))
+                row[t] = TaskFactors(lora_A=part_A, lora_B=part_B)
+                start += r
+            modules[name] = row
+        return modules
+    finally:
+        handles.clear()
+
+
 def _output_config(inputs: Sequence[tuple[dict, Path, float]], ranks: dict[str, int]) -> dict[str, Any]:
     counts = Counter(ranks.values())
     r = max(counts.items(), key=lambda item: (item[1], -item[0]))[0] if counts else 1
@@ -210,11 +245,8 @@ def merge_adapter_files(
                 )
             seen.setdefault(name, (m, n, t))
     dtypes = {dtype for per_module in shapes for (_, _, _, dtype) in per_module.values()}
-    # read, merge, write
-    factors = [read_adapter_factors(config, Path(path), float(weight)) for config, path, weight in inputs]
-    names = list(dict.fromkeys(name for per_adapter in factors for name in per_adapter))
-    modules = {name: [per_adapter.get(name) for per_adapter in factors] for name in names}
-    del factors
+    # read (into per-module stacked buffers), merge, write
+    modules = _read_stacked(inputs, shapes)
     result = merge_modules(method, modules, checked, spec, progress)
     out_dtype = _torch_dtype(dtypes.pop()) if len(dtypes) == 1 else torch.float32
     tensors: dict[str, torch.Tensor] = {}

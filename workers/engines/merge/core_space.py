@@ -49,13 +49,33 @@ class StackedFactors:
         return out
 
 
+def _adjacent(parts: list[Tensor], dim: int) -> Tensor | None:
+    """The whole buffer when `parts` are consecutive slices (along `dim`) of one row-major 2-D tensor, as
+    the adapter reader produces them; None otherwise (then the parts are concatenated)."""
+    first = parts[0]
+    rows, cols = first.shape
+    total = sum(int(p.shape[dim]) for p in parts)
+    full = (rows, total) if dim == 1 else (total, cols)
+    if first.stride() != (full[1], 1):
+        return None
+    pointer = first.data_ptr()
+    for part in parts:
+        if part.data_ptr() != pointer or part.stride() != first.stride() or part.dtype != first.dtype:
+            return None
+        pointer += (part.shape[1] if dim == 1 else part.shape[0] * cols) * part.element_size()
+    return first.as_strided(full, (full[1], 1))
+
+
 def stack_factors(name: str, tasks: Sequence[TaskFactors | None]) -> StackedFactors:
-    """Concatenate the present tasks' factors of one module (B side by side, A on top of each other)."""
+    """Concatenate the present tasks' factors of one module (B side by side, A on top of each other);
+    factors that already are adjacent slices of one buffer are used in place, without a copy."""
     present = [(t, f) for t, f in enumerate(tasks) if f is not None]
+    parts_B, parts_A = [f.lora_B for _, f in present], [f.lora_A for _, f in present]
+    lora_B, lora_A = _adjacent(parts_B, 1), _adjacent(parts_A, 0)
     return StackedFactors(
         name=name,
-        lora_B=torch.cat([f.lora_B for _, f in present], dim=1),
-        lora_A=torch.cat([f.lora_A for _, f in present], dim=0),
+        lora_B=lora_B if lora_B is not None else torch.cat(parts_B, dim=1),
+        lora_A=lora_A if lora_A is not None else torch.cat(parts_A, dim=0),
         ranks=tuple(f.rank for _, f in present),
         tasks=tuple(t for t, _ in present),
     )

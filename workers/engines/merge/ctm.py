@@ -28,23 +28,33 @@ from workers.engines.registry import register
 HOOI_TOL = 1e-6
 
 
-Factored = tuple[list[Tensor], list[Tensor]]
+Factored = tuple[Tensor, Tensor]
 
 
 def factored_cores(coords_B: Tensor, coords_A: Tensor, ranks: list[int]) -> Factored:
-    """The cores as low-rank factors M_t = L_t·R_t, L_t = (U_refᵀB_t) (G,K,r_t), R_t = (A_tV_ref) (G,r_t,K).
+    """The cores as low-rank factors M_t = L_t·R_t: L (G,T,d_B,ρ) with L_t = U_refᵀB_t, R (G,T,ρ,d_A) with
+    R_t = A_tV_ref, ρ = max r_t (smaller ranks zero-padded, which leaves every product unchanged).
 
-    HOOI only ever multiplies cores by thin matrices, so it works on these factors: T·K·r_t·r flops per
-    product instead of T·K²·r, and no (G,T,K,K) stack is formed.
+    HOOI only ever multiplies cores by thin matrices, so it works on these factors: T·d·ρ·r flops per
+    product instead of T·d²·r, and no (G,T,d,d) stack is formed.
     """
-    bounds = [0, *torch.tensor(ranks).cumsum(0).tolist()]
-    spans = [slice(bounds[i], bounds[i + 1]) for i in range(len(ranks))]
-    return [coords_B[:, :, sl] for sl in spans], [coords_A[:, sl, :] for sl in spans]
+    g, d_B, _ = coords_B.shape
+    d_A = coords_A.shape[-1]
+    rho = max(ranks)
+    left = coords_B.new_zeros(g, len(ranks), d_B, rho)
+    right = coords_A.new_zeros(g, len(ranks), rho, d_A)
+    start = 0
+    for t, r in enumerate(ranks):
+        left[:, t, :, :r] = coords_B[:, :, start : start + r]
+        right[:, t, :r, :] = coords_A[:, start : start + r, :]
+        start += r
+    return left, right
 
 
 def core_norms(cores: Factored) -> Tensor:
     """‖M_t‖_F per (module, task), (G, T): ‖L_tR_t‖² = Σ (L_tᵀL_t)∘(R_tR_tᵀ)."""
-    return torch.stack([((lf.mT @ lf) * (r @ r.mT)).sum(dim=(1, 2)) for lf, r in zip(*cores, strict=True)], 1).sqrt()
+    left, right = cores
+    return ((left.mT @ left) * (right @ right.mT)).sum(dim=(-2, -1)).clamp(min=0).sqrt()
 
 
 def balance(cores: Factored, beta: float) -> Factored:
@@ -52,12 +62,12 @@ def balance(cores: Factored, beta: float) -> Factored:
     norms = core_norms(cores)  # (G, T)
     target = beta * norms + (1.0 - beta) * norms.mean(dim=1, keepdim=True)
     scale = torch.where(norms > 0, target / norms.clamp(min=torch.finfo(norms.dtype).tiny), 0.0)
-    return [lf * scale[:, t, None, None] for t, lf in enumerate(cores[0])], cores[1]
+    return cores[0] * scale[..., None, None], cores[1]
 
 
 def _transpose(cores: Factored) -> Factored:
     """The cores M_tᵀ = R_tᵀ·L_tᵀ."""
-    return [r.mT for r in cores[1]], [lf.mT for lf in cores[0]]
+    return cores[1].mT, cores[0].mT
 
 
 def _top_eig(sym: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -67,13 +77,16 @@ def _top_eig(sym: Tensor, r: int) -> tuple[Tensor, Tensor]:
 
 
 def _unfold(cores: Factored, basis: Tensor) -> Tensor:
-    """W = [M_1·basis … M_T·basis] (G, K, T·r), so that Σ_t (M_t·basis)(M_t·basis)ᵀ = WWᵀ."""
-    return torch.cat([lf @ (r @ basis) for lf, r in zip(*cores, strict=True)], dim=-1)
+    """W = [M_1·basis … M_T·basis] (G, d, T·r), so that Σ_t (M_t·basis)(M_t·basis)ᵀ = WWᵀ."""
+    left, right = cores
+    w = left @ (right @ basis.unsqueeze(1))  # (G, T, d, r)
+    return w.permute(0, 2, 1, 3).reshape(w.shape[0], w.shape[2], -1)
 
 
 def _mode_gram(cores: Factored) -> Tensor:
-    """Σ_t M_tM_tᵀ = Σ_t L_t(R_tR_tᵀ)L_tᵀ, (G, K, K)."""
-    return sum(lf @ (r @ r.mT) @ lf.mT for lf, r in zip(*cores, strict=True))  # type: ignore[return-value]
+    """Σ_t M_tM_tᵀ = Σ_t L_t(R_tR_tᵀ)L_tᵀ, (G, d, d)."""
+    left, right = cores
+    return (left @ (right @ right.mT) @ left.mT).sum(dim=1)
 
 
 def _ritz_update(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,41 +101,52 @@ def _ritz_update(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     return krylov @ vectors, values
 
 
+def _sweeps(cores: Factored, p: Tensor, q: Tensor, max_iter: int) -> tuple[Tensor, Tensor, list[int], Tensor]:
+    """HOOI sweeps from (p, q) in the cores' dtype until each module's objective improves by at most
+    HOOI_TOL relative, or `max_iter` sweeps; converged modules drop out of the batch."""
+    transposed = _transpose(cores)
+    objective = (p.mT @ _unfold(cores, q)).square().sum(dim=(1, 2))
+    sweeps = [0] * p.shape[0]
+    active = torch.arange(p.shape[0], device=p.device)
+    for sweep in range(1, max_iter + 1):
+        sub = (cores[0][active], cores[1][active])
+        sub_t = (transposed[0][active], transposed[1][active])
+        # P ← top-r eigenspace of Σ (M_tQ)(M_tQ)ᵀ
+        p_new, _ = _ritz_update(_unfold(sub, q[active]), p[active])
+        # Q ← top-r eigenspace of Σ (M_tᵀP)(M_tᵀP)ᵀ; the objective is the sum of its Ritz values
+        q_new, values = _ritz_update(_unfold(sub_t, p_new), q[active])
+        new = values.sum(dim=-1)
+        improved = new - objective[active]
+        p[active], q[active], objective[active] = p_new, q_new, new
+        for i in active.tolist():
+            sweeps[i] = sweep
+        active = active[improved > HOOI_TOL * new.abs().clamp(min=torch.finfo(new.dtype).tiny)]
+        if active.numel() == 0:
+            break
+    return p, q, sweeps, objective
+
+
 def hooi(cores: Factored, ranks: tuple[int, int], max_iter: int) -> tuple[Tensor, Tensor, list[int], Tensor, Tensor]:
     """Tucker-2 (modes 0, 1; ranks [r_B, r_A], both r unless a stack has lower rank) of the stacked cores by
     HOOI from an HOSVD start.
 
     Each half-sweep maximises Σ_t‖PᵀM_tQ‖² over P with Q fixed (the top eigenspace of Σ(M_tQ)(M_tQ)ᵀ,
-    reached by a Rayleigh–Ritz step from the current P), then over Q. Stops when the objective improves by
-    at most 1e-6 relative (tensorly's tol) or after `max_iter` sweeps. Returns P (G,K,r_B), Q (G,K,r_A)
-    orthonormal, the sweeps each module ran, and the objective at the HOSVD start and at the end.
+    reached by a Rayleigh–Ritz step from the current P), then over Q. A module stops when its objective
+    improves by at most 1e-6 relative (tensorly's tol) or after `max_iter` sweeps in all. The sweeps run in
+    float32 (they only choose subspaces), then continue in float64 until the float64 objective has
+    stopped improving too. Returns P (G,d_B,r_B), Q (G,d_A,r_A) orthonormal, the sweeps each module ran,
+    and the objective at the HOSVD start and at the end (both (G,)).
     """
     r_B, r_A = ranks
-    transposed = _transpose(cores)
     # HOSVD start: top-r eigenvectors of Σ M_tM_tᵀ and Σ M_tᵀM_t
     p, _ = _top_eig(_mode_gram(cores), r_B)
-    q, _ = _top_eig(_mode_gram(transposed), r_A)
+    q, _ = _top_eig(_mode_gram(_transpose(cores)), r_A)
     start = (p.mT @ _unfold(cores, q)).square().sum(dim=(1, 2))
-    objective = start
-    done = torch.zeros_like(start, dtype=torch.bool)
-    sweeps = [0] * p.shape[0]
-    for sweep in range(1, max_iter + 1):
-        # P ← top-r eigenspace of Σ (M_tQ)(M_tQ)ᵀ
-        p_new, _ = _ritz_update(_unfold(cores, q), p)
-        # Q ← top-r eigenspace of Σ (M_tᵀP)(M_tᵀP)ᵀ; the objective is the sum of its Ritz values
-        q_new, values = _ritz_update(_unfold(transposed, p_new), q)
-        new = values.sum(dim=-1)
-        active = ~done
-        p = torch.where(active[:, None, None], p_new, p)
-        q = torch.where(active[:, None, None], q_new, q)
-        improved = new - objective
-        objective = torch.where(active, new, objective)
-        for i in torch.nonzero(active).flatten().tolist():
-            sweeps[i] = sweep
-        done |= improved <= HOOI_TOL * objective.abs().clamp(min=torch.finfo(objective.dtype).tiny)
-        if bool(done.all()):
-            break
-    return p, q, sweeps, start, objective
+    single = (cores[0].float(), cores[1].float())
+    p32, q32, fast, _ = _sweeps(single, p.float(), q.float(), max_iter)
+    p, q = torch.linalg.qr(p32.double())[0], torch.linalg.qr(q32.double())[0]
+    p, q, polish, objective = _sweeps(cores, p, q, max(1, max_iter - max(fast)))
+    return p, q, [a + b for a, b in zip(fast, polish, strict=True)], start, objective
 
 
 def tucker_rank(target: RankTarget, balanced: Factored, i: int, rank_B: int, rank_A: int) -> tuple[int, int]:
@@ -131,7 +155,7 @@ def tucker_rank(target: RankTarget, balanced: Factored, i: int, rank_B: int, ran
     above the exact one is exact, and the output rank is at most r)."""
     r = target.rank
     if target.energy is not None:
-        one = ([lf[i : i + 1] for lf in balanced[0]], [x[i : i + 1] for x in balanced[1]])
+        one = (balanced[0][i : i + 1], balanced[1][i : i + 1])
         ranks = []
         for gram in (_mode_gram(one)[0], _mode_gram(_transpose(one))[0]):
             values = torch.linalg.eigvalsh(gram).flip(-1).clamp(min=0)
@@ -168,13 +192,13 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
         ]
         for r in sorted(set(ranks)):
             idx = [i for i, ri in enumerate(ranks) if ri == r]
-            sub = ([lf[idx] for lf in balanced[0]], [x[idx] for x in balanced[1]])
+            sub = (balanced[0][idx], balanced[1][idx])
             # 3. Tucker-2 by HOOI from HOSVD: shared subspaces P, Q
             p, q, sweeps, start, final = hooi(sub, r, params.max_iter)
             r_B, r_A = r
             fit_total = core_norms(sub).square().sum(dim=1).clamp(min=torch.finfo(torch.float64).tiny)
             # 4. coordinates of the original cores: C_t = (PᵀL_t)(R_tQ)
-            c_t = torch.stack([(p.mT @ lf[idx]) @ (x[idx] @ q) for lf, x in zip(*factors, strict=True)], dim=1)
+            c_t = (p.mT.unsqueeze(1) @ factors[0][idx]) @ (factors[1][idx] @ q.unsqueeze(1))  # (g, T, r_B, r_A)
             g, t = c_t.shape[:2]
             # 5. merge the coordinates with the rule, optionally isotropize
             outcome = apply_rule(params.rule, c_t.reshape(g, t, r_B * r_A), options, [batch[i] for i in idx])

@@ -1,0 +1,416 @@
+"""Merge speed: Amend's engine files-to-file against reading the adapters once and against PEFT.
+
+    python -m bench.merge_bench [--layers 32] [--tasks 2,4,8] [--quick] [--dtype fp32|bf16]
+                                [--peft-svd-tasks 2] [--peft-svd-layers 1] [--threads N]
+
+Generates PEFT-format LoRA adapters for a Llama-2-7B-shaped model (hidden 4096, intermediate 11008;
+q/k/v/o/gate/up/down; rank 16, alpha 32; random but realistic: decaying spectra, a subspace partly shared
+across tasks) in a temporary directory, then prints, side by side:
+
+- the time to merely read the T adapters once (safetensors -> float32 factors);
+- Amend `merge_adapter_files` (read, merge, write a PEFT adapter + report) for merge_then_compress, ctm,
+  ties (core space) and cat, each in a fresh process (so peak RSS is its own);
+- PEFT `add_weighted_adapter` with combination_type `svd` (dense ΔW + full SVD per module, output rank 16)
+  and `cat` on a one-layer LlamaForCausalLM with the same sizes (base weights allocated uninitialised, PEFT
+  runs its real code), extrapolated per layer to `--layers` layers. PEFT's svd takes minutes per layer on
+  two cores, so by default it is timed on 1 layer at T=2 only, and the extrapolation is stated;
+- ratios Amend/PEFT per layer (same output rank) and Amend/read-once; peak RSS against the input size;
+- the m×n-free check: the largest tensor any op creates while the engine merges one layer, against m·n.
+
+It stops by itself in about 10 minutes with the defaults (less with --quick: 4 layers, T in {2, 8}, PEFT
+svd on the two smallest modules of one layer only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+HIDDEN, INTERMEDIATE, RANK, ALPHA = 4096, 11008, 16, 32
+SHAPES = {  # module -> (out m, in n)
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
+    "mlp.up_proj": (INTERMEDIATE, HIDDEN),
+    "mlp.down_proj": (HIDDEN, INTERMEDIATE),
+}
+PREFIX = "base_model.model.model.layers"
+METHODS: list[tuple[str, str, dict[str, Any]]] = [
+    ("merge_then_compress", "merge_then_compress", {"rule": "task_arithmetic", "space": "core"}),
+    ("ctm", "ctm", {"rule": "ties", "density": 0.25, "beta": 0.25}),
+    ("ties (core)", "ties", {"space": "core", "density": 0.25}),
+    ("cat", "cat", {}),
+]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _config() -> dict[str, Any]:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "meta-llama/Llama-2-7b-hf",
+        "r": RANK,
+        "lora_alpha": ALPHA,
+        "target_modules": sorted(name.split(".")[-1] for name in SHAPES),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "inference_mode": True,
+    }
+
+
+def generate(root: Path, tasks: int, layers: int, dtype: str, seed: int = 0) -> list[Path]:
+    """T adapters (and one-layer copies for PEFT): B_t, A_t with decaying spectra; half of each task's
+    directions come from a subspace shared by all tasks (so tasks overlap, as fine-tunes of one base do)."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(seed)
+    decay = torch.logspace(0, -1, RANK)
+    shared = RANK // 2
+    per_task: list[dict[str, Any]] = [{} for _ in range(tasks)]
+    for layer in range(layers):
+        for module, (m, n) in SHAPES.items():
+            common_b = torch.randn(m, shared, generator=g)
+            common_a = torch.randn(shared, n, generator=g)
+            for t in range(tasks):
+                b = torch.randn(m, RANK, generator=g)
+                a = torch.randn(RANK, n, generator=g)
+                mix = torch.randn(shared, shared, generator=g) / shared**0.5
+                b[:, :shared] = 0.6 * common_b @ mix + 0.4 * b[:, :shared]
+                a[:shared] = 0.6 * mix.T @ common_a + 0.4 * a[:shared]
+                key = f"{PREFIX}.{layer}.{module}"
+                per_task[t][f"{key}.lora_B.weight"] = (b * decay * 2e-3).to(torch_dtype)
+                per_task[t][f"{key}.lora_A.weight"] = (a / n**0.5).to(torch_dtype)
+    paths = []
+    for t, tensors in enumerate(per_task):
+        for sub, keep in ((f"task{t}", tensors), (f"task{t}-layer0", _layer0(tensors))):
+            out = root / sub
+            out.mkdir(parents=True, exist_ok=True)
+            save_file(keep, str(out / "adapter_model.safetensors"))
+            (out / "adapter_config.json").write_text(json.dumps(_config()))
+        paths.append(root / f"task{t}")
+    return paths
+
+
+def _layer0(tensors: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in tensors.items() if k.startswith(f"{PREFIX}.0.")}
+
+
+def _inputs(paths: list[Path]) -> list[tuple[dict, Path, float]]:
+    return [
+        (json.loads((p / "adapter_config.json").read_text()), p / "adapter_model.safetensors", 1.0 / len(paths))
+        for p in paths
+    ]
+
+
+# ---- children (each in a fresh process) ------------------------------------------------------------------
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def child_read(paths: list[str], threads: int) -> dict[str, Any]:
+    _set_threads(threads)
+    from workers.lora import read_adapter_factors
+
+    base = _peak_rss_mb()
+    start = time.perf_counter()
+    factors = [read_adapter_factors(c, p, w) for c, p, w in _inputs([Path(p) for p in paths])]
+    seconds = time.perf_counter() - start
+    del factors
+    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base}
+
+
+def child_merge(paths: list[str], method: str, params: dict, out: str, threads: int) -> dict[str, Any]:
+    _set_threads(threads)
+    from workers.engines import registry
+    from workers.lora import merge_adapter_files
+
+    registry.load_all()
+    base = _peak_rss_mb()
+    marks: list[tuple[float, float, str]] = []
+    start = time.perf_counter()
+    report = merge_adapter_files(
+        _inputs([Path(p) for p in paths]),
+        method,
+        params,
+        {},
+        Path(out),
+        progress=lambda f, s: marks.append((time.perf_counter(), f, s)),
+    )
+    seconds = time.perf_counter() - start
+    merge_start, merge_end = marks[0][0], marks[-1][0]
+    summary = report["summary"]
+    sweeps = [m.get("hooi_sweeps") for m in report["modules"].values() if m.get("hooi_sweeps") is not None]
+    return {
+        "seconds": seconds,
+        "read_s": merge_start - start,
+        "merge_s": merge_end - merge_start,
+        "write_s": start + seconds - merge_end,
+        "peak_rss_mb": _peak_rss_mb(),
+        "base_rss_mb": base,
+        "energy_mean": summary["energy_kept_mean"],
+        "energy_worst": summary["energy_kept_worst_task"],
+        "rel_error": summary["rel_error_overall"],
+        "hooi_sweeps_max": max(sweeps) if sweeps else None,
+        "hooi_sweeps_mean": sum(sweeps) / len(sweeps) if sweeps else None,
+        "output_mb": (Path(out) / "adapter_model.safetensors").stat().st_size / 2**20,
+    }
+
+
+def child_peft(
+    paths: list[str], combination: str, threads: int, modules: list[str] | None, dtype: str
+) -> dict[str, Any]:
+    """PEFT add_weighted_adapter on a one-layer Llama with the 7B sizes; `modules` limits the targets."""
+    _set_threads(threads)
+    import torch
+    from peft import LoraConfig, PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=1,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=256,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    names = [f"t{i}" for i in range(len(paths))]
+    layer0 = [str(Path(p).parent / f"{Path(p).name}-layer0") for p in paths]
+    if modules is not None:  # a subset of the layer's modules (for --quick)
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=modules)
+        peft_model = PeftModel(model, config, adapter_name=names[0])
+        for name in names[1:]:
+            peft_model.add_adapter(name, config)
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        for name, path in zip(names, layer0, strict=True):
+            state = load_file(str(Path(path) / "adapter_model.safetensors"))
+            state = {k: v for k, v in state.items() if any(f".{m}." in k for m in modules)}
+            set_peft_model_state_dict(peft_model, state, adapter_name=name)
+    else:
+        peft_model = PeftModel.from_pretrained(model, layer0[0], adapter_name=names[0])
+        for name, path in zip(names[1:], layer0[1:], strict=True):
+            peft_model.load_adapter(path, adapter_name=name)
+    base = _peak_rss_mb()
+    weights = [1.0 / len(names)] * len(names)
+    start = time.perf_counter()
+    kwargs: dict[str, Any] = {"svd_rank": RANK} if combination == "svd" else {}
+    peft_model.add_weighted_adapter(names, weights, "merged", combination_type=combination, **kwargs)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base}
+
+
+def mn_free_check(threads: int) -> list[str]:
+    """Run the engine on one Llama-shaped layer (T=8) under a dispatch mode that records the largest
+    tensor any op creates; compare with m·n of the smallest module (4096²)."""
+    _set_threads(threads)
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from app.schemas.merge import MERGE_PARAMS, MergeOutput
+    from workers.engines.merge.engine import merge_modules
+    from workers.engines.merge.types import TaskFactors
+
+    class Largest(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.largest = (0, "")
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() > self.largest[0]:
+                    self.largest = (t.numel(), f"{func}{tuple(t.shape)}")
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    modules = {
+        f"model.layers.0.{name}": [
+            TaskFactors(torch.randn(RANK, n, generator=g) / n**0.5, torch.randn(m, RANK, generator=g) * 1e-3)
+            for _ in range(8)
+        ]
+        for name, (m, n) in SHAPES.items()
+    }
+    lines = []
+    for label, method, params in [*METHODS, ("task_arithmetic", "task_arithmetic", {"space": "core"})]:
+        mode = Largest()
+        with mode:
+            merge_modules(method, modules, MERGE_PARAMS[method].model_validate(params), MergeOutput())
+        numel, what = mode.largest
+        ok = numel < HIDDEN * HIDDEN
+        lines.append(
+            f"  {label:<22} largest tensor created: {numel:>12,d} elements ({what}); "
+            f"m·n = {HIDDEN * HIDDEN:,d} -> {'m×n-free' if ok else 'FORMS m×n'}"
+        )
+    return lines
+
+
+# ---- driver ---------------------------------------------------------------------------------------------
+
+
+def _run(pool_fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(pool_fn, *args).result()
+
+
+def _fmt(x: float | None, unit: str = "s", width: int = 9) -> str:
+    return f"{'n/a':>{width}}" if x is None else f"{x:>{width - len(unit)}.2f}{unit}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=None, help="layers (default 32; 4 with --quick)")
+    ap.add_argument("--tasks", default=None, help="comma-separated T values (default 2,4,8; 2,8 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="fewer layers and T; PEFT svd on 2 modules only")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in each child (0 = torch default)")
+    ap.add_argument("--peft-svd-tasks", default="2", help="T values at which PEFT svd is timed (default 2)")
+    ap.add_argument("--no-peft", action="store_true")
+    args = ap.parse_args(argv)
+    layers = args.layers or (4 if args.quick else 32)
+    task_list = [int(t) for t in (args.tasks or ("2,8" if args.quick else "2,4,8")).split(",")]
+    svd_tasks = {int(t) for t in args.peft_svd_tasks.split(",") if t}
+    svd_modules = ["q_proj", "k_proj"] if args.quick else None
+    out = print  # the bench prints; library code does not
+
+    load = os.getloadavg()
+    out(f"Amend merge bench: Llama-2-7B shapes, rank {RANK}, {layers} layers × {len(SHAPES)} modules, {args.dtype}")
+    out(
+        f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} (other processes share the CPUs), "
+        f"threads per run: {args.threads or 'torch default'}"
+    )
+    total_start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="amend-bench-") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        paths = generate(root / "adapters", max(task_list), layers, args.dtype)
+        out(f"generated {max(task_list)} adapters in {time.perf_counter() - t0:.0f}s under {root}")
+        for tasks in task_list:
+            chosen = [str(p) for p in paths[:tasks]]
+            size_mb = sum((Path(p) / "adapter_model.safetensors").stat().st_size for p in chosen) / 2**20
+            row: dict[str, Any] = {"T": tasks, "input_mb": size_mb}
+            row["read"] = _run(child_read, chosen, args.threads)
+            for label, method, params in METHODS:
+                row[label] = _run(
+                    child_merge, chosen, method, params, str(root / f"out-{method}-{tasks}"), args.threads
+                )
+            if not args.no_peft:
+                row["peft cat"] = _run(child_peft, chosen, "cat", args.threads, svd_modules, args.dtype)
+                if tasks in svd_tasks:
+                    row["peft svd"] = _run(child_peft, chosen, "svd", args.threads, svd_modules, args.dtype)
+            rows.append(row)
+            out(f"  T={tasks}: done ({time.perf_counter() - total_start:.0f}s elapsed)")
+    report(rows, layers, svd_modules, out)
+    out("")
+    out("m×n-free check (one layer, T=8, the engine's own ops recorded with a TorchDispatchMode):")
+    for line in mn_free_check_lines(args.threads):
+        out(line)
+    out(f"\ntotal bench time {time.perf_counter() - total_start:.0f}s")
+    return 0
+
+
+def mn_free_check_lines(threads: int) -> list[str]:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(mn_free_check, threads).result()
+
+
+def report(rows: list[dict[str, Any]], layers: int, svd_modules: list[str] | None, out: Callable[[str], None]) -> None:
+    labels = [label for label, _, _ in METHODS]
+    out("")
+    out(f"Files-to-file wall time for {layers} layers (read + merge + write; in parentheses: merge only)")
+    out(f"  {'T':>3} {'input':>9} {'read once':>10} " + "".join(f"{label:>24}" for label in labels))
+    for row in rows:
+        cells = "".join(
+            f"{row[label]['seconds']:>12.2f}s ({row[label]['merge_s']:>6.2f}s)" + " " * 2 for label in labels
+        )
+        out(f"  {row['T']:>3} {row['input_mb']:>7.0f}MB {row['read']['seconds']:>9.2f}s {cells}")
+    out("")
+    out("Amend / read-once (files-to-file time divided by the time to read the inputs once)")
+    for row in rows:
+        out(
+            f"  T={row['T']:<3} "
+            + "  ".join(f"{label}: {row[label]['seconds'] / row['read']['seconds']:.1f}×" for label in labels)
+        )
+    out("")
+    out("Quality (engine report): mean / worst-task energy kept, rel. error vs the full-rank sum; CtM HOOI sweeps")
+    for row in rows:
+        for label in labels:
+            r = row[label]
+            sweeps = (
+                f", HOOI sweeps mean {r['hooi_sweeps_mean']:.1f} max {r['hooi_sweeps_max']}"
+                if r["hooi_sweeps_max"]
+                else ""
+            )
+            out(
+                f"  T={row['T']:<3} {label:<20} E kept {r['energy_mean']:.3f} / {r['energy_worst']:.3f}, "
+                f"rel.err {r['rel_error']:.3f}, output {r['output_mb']:.0f}MB{sweeps}"
+            )
+    out("")
+    out("Peak RSS of each run (own process) vs the inputs' size on disk")
+    for row in rows:
+        out(
+            f"  T={row['T']:<3} inputs {row['input_mb']:.0f}MB; read once {row['read']['peak_rss_mb']:.0f}MB; "
+            + "; ".join(
+                f"{label} {row[label]['peak_rss_mb']:.0f}MB ({row[label]['peak_rss_mb'] / row['input_mb']:.1f}×)"
+                for label in labels
+            )
+        )
+    if not any("peft cat" in row for row in rows):
+        return
+    scope = f"modules {svd_modules} of 1 layer" if svd_modules else f"1 layer ({len(SHAPES)} modules)"
+    out("")
+    out(
+        f"PEFT add_weighted_adapter on {scope}, extrapolated ×{layers} layers"
+        + (" (and by module count, see note)" if svd_modules else "")
+    )
+    for row in rows:
+        amend_layer = {label: row[label]["merge_s"] / layers for label in labels}
+        pc = row["peft cat"]["seconds"]
+        line = f"  T={row['T']:<3} PEFT cat {pc:.3f}s/layer-scope -> Amend cat merge {amend_layer['cat']:.3f}s/layer"
+        if "peft svd" in row:
+            ps = row["peft svd"]["seconds"]
+            factor = len(SHAPES) / len(svd_modules) if svd_modules else 1.0
+            per_layer = ps * factor
+            line += (
+                f"; PEFT svd {ps:.1f}s measured -> {per_layer:.1f}s/layer -> {per_layer * layers:.0f}s for {layers} layers"
+                f"; Amend merge_then_compress {amend_layer['merge_then_compress']:.3f}s/layer "
+                f"(x{per_layer / max(amend_layer['merge_then_compress'], 1e-9):.0f} faster), "
+                f"ctm {amend_layer['ctm']:.3f}s/layer (x{per_layer / max(amend_layer['ctm'], 1e-9):.0f} faster)"
+                f"; PEFT svd peak RSS {row['peft svd']['peak_rss_mb']:.0f}MB"
+            )
+        out(line)
+    if svd_modules:
+        out("  note: --quick times PEFT svd on q_proj and k_proj only (4096×4096) and scales by 7/2; the MLP")
+        out("  modules (11008×4096) are slower, so this under-estimates PEFT's per-layer time.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
