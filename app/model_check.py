@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.adapter_check import ALL_DTYPES, check_finite, read_header
 from app.audit import canonical_json
-from app.errors import Forbidden, InvalidModel, NotFound, PayloadTooLarge, QuotaExceeded, UnsupportedMediaType
+from app.errors import Forbidden, InvalidModel, NotFound, PayloadTooLarge, UnsupportedMediaType
 from app.schemas.models import ModelFile, ModelRecord
 from app.storage import keys
 
@@ -351,8 +351,7 @@ def store_model(
         max_tensors=settings.max_tensors,
     )
     size = sum(path.stat().st_size for path in files.values())
-    if records.stored_bytes(tenant) + size > settings.max_bytes_per_tenant:
-        raise QuotaExceeded("this tenant's storage quota is used up; delete models or adapters first")
+    records.reserve_bytes(tenant, size, settings.max_bytes_per_tenant, "delete models or adapters first")
     stored: list[ModelFile] = []
     try:
         for file_name, path in sorted(files.items()):
@@ -380,6 +379,6 @@ def store_model(
             records.storage.delete_prefix(keys.model(tenant, model_id))
         except Exception:  # noqa: BLE001 - the original error is what the caller must see
             pass
+        records.release_bytes(tenant, size)
         raise
-    records.add_stored_bytes(tenant, size)
     return record

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from app.errors import Conflict, IndexUnavailable, NotFound
+from app.errors import Conflict, IndexUnavailable, NotFound, QuotaExceeded
 from app.schemas.adapters import AdapterRecord
 from app.schemas.datasets import DatasetRecord
 from app.schemas.jobs import ACTIVE_STATES, JobEvent, JobRecord
@@ -152,6 +152,23 @@ class Records:
     def add_stored_bytes(self, tenant: str, size: int) -> None:
         with redis_errors():
             self.index.incrby(f"{PREFIX}bytes:{tenant}", size)
+
+    def reserve_bytes(self, tenant: str, size: int, limit: int, hint: str) -> None:
+        """Count `size` bytes against the tenant's storage quota before storing them, atomically, so concurrent
+        uploads cannot all pass a check-then-add; QuotaExceeded (and nothing counted) past `limit`. A failed
+        upload gives the bytes back with `release_bytes`."""
+        with redis_errors():
+            total = self.index.incrby(f"{PREFIX}bytes:{tenant}", size)
+            if total > limit:
+                self.index.decrby(f"{PREFIX}bytes:{tenant}", size)
+                raise QuotaExceeded(f"this tenant's storage quota is used up; {hint}")
+
+    def release_bytes(self, tenant: str, size: int) -> None:
+        """Best effort: give back a failed upload's reservation (the original error is what callers see)."""
+        try:
+            self.add_stored_bytes(tenant, -size)
+        except IndexUnavailable:
+            log.warning("could not release reserved bytes", extra={"tenant": tenant, "bytes": size})
 
     # -- models and datasets (one generic path: kind is "models" or "datasets") ---------------------
     def put_resource(self, kind: str, record: ModelRecord | DatasetRecord) -> None:
@@ -296,6 +313,34 @@ class Records:
 
         _, next_cursor = self._page(f"{PREFIX}jobs:{tenant}", limit, cursor, keep)
         return found, next_cursor
+
+    # take a slot in the tenant's active set only while it has fewer than ARGV[2] members (one atomic step)
+    _TAKE_SLOT = (
+        "if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then return redis.call('SADD', KEYS[1], ARGV[1]) end "
+        "return -1"
+    )
+
+    def reserve_job_slot(self, tenant: str, job_id: str, limit: int) -> None:
+        """Count `job_id` as active before it is created, atomically, so concurrent submissions cannot all pass
+        a count-then-create; QuotaExceeded when the tenant already has `limit` queued or running jobs. Members
+        whose jobs have finished are pruned once before refusing. `release_job_slot` undoes a reservation."""
+        key = self.active_key(tenant)
+        with redis_errors():
+            for attempt in range(2):
+                if self.index.eval(self._TAKE_SLOT, 1, key, job_id, limit) != -1:
+                    return
+                if attempt == 0:
+                    for member in self.index.smembers(key):
+                        try:
+                            if self.get_job(as_text(member), tenant).state not in ACTIVE_STATES:
+                                self.index.srem(key, member)
+                        except NotFound:
+                            continue  # another submission's reservation, not yet created
+        raise QuotaExceeded(f"at most {limit} queued or running jobs per tenant")
+
+    def release_job_slot(self, tenant: str, job_id: str) -> None:
+        with redis_errors():
+            self.index.srem(self.active_key(tenant), job_id)
 
     def active_jobs(self, tenant: str) -> list[JobRecord]:
         with redis_errors():

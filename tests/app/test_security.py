@@ -674,3 +674,29 @@ def test_unauthenticated_body_is_never_read(api, path, authorization):
     status, response, read = _asgi(api.app, "POST", path, headers, body)
     assert (status, response["error"]["code"]) == (401, "unauthorized")
     assert read <= 1, f"read {read} chunks of an unauthenticated body"
+
+
+def _concurrently(calls: int, call) -> list:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(calls) as pool:
+        return list(pool.map(lambda _: call(), range(calls)))
+
+
+def test_storage_quota_holds_under_concurrent_uploads(make_api, adapter_dir):
+    directory = adapter_dir()
+    size = len((directory / WEIGHTS).read_bytes())
+    api = make_api(max_bytes_per_tenant=size + size // 2)
+    statuses = sorted(r.status_code for r in _concurrently(6, lambda: upload(api, directory)))
+    assert statuses.count(201) == 1, statuses
+    assert len(api.get("/v1/adapters").json()["items"]) == 1
+    assert api.records.stored_bytes("tenant-a") == size
+
+
+def test_job_quota_holds_under_concurrent_submissions(make_api, adapter_dir):
+    api = make_api(max_jobs_per_tenant=1)
+    adapter_id = upload(api, adapter_dir()).json()["id"]
+    responses = _concurrently(6, lambda: api.post("/v1/jobs", json=merge_body(adapter_id)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(202) == 1, statuses
+    assert len(api.get("/v1/jobs").json()["items"]) == 1

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from app.adapter_check import parse_config, validate_adapter
 from app.api.deps import AdapterDep, Reader, RecordsDep, SettingsDep, Writer
-from app.errors import PayloadTooLarge, QuotaExceeded, UnsupportedMediaType
+from app.errors import PayloadTooLarge, UnsupportedMediaType
 from app.records import new_id, now
 from app.schemas.adapters import AdapterPublic, AdapterRecord
 from app.schemas.common import Page
@@ -65,10 +65,9 @@ def upload_adapter(
             max_tensors=settings.max_tensors,
         )
         size = weights_path.stat().st_size
-        if records.stored_bytes(caller.tenant) + size > settings.max_bytes_per_tenant:
-            raise QuotaExceeded("this tenant's storage quota is used up; delete adapters first")
         adapter_id = new_id("ad")
         config_bytes = _canonical_config(config_dict)
+        records.reserve_bytes(caller.tenant, size, settings.max_bytes_per_tenant, "delete adapters first")
         try:
             records.storage.put_bytes(keys.adapter(caller.tenant, adapter_id, "adapter_config.json"), config_bytes)
             weights_key = keys.adapter(caller.tenant, adapter_id, "adapter_model.safetensors")
@@ -92,8 +91,8 @@ def upload_adapter(
             records.put_adapter(record)
         except BaseException:
             _discard(records, caller.tenant, adapter_id)
+            records.release_bytes(caller.tenant, size)
             raise
-        records.add_stored_bytes(caller.tenant, size)
     return record.public()
 
 

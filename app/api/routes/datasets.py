@@ -12,7 +12,7 @@ from fastapi import Path as PathParam
 from app.api.deps import Reader, RecordsDep, SettingsDep, Writer
 from app.api.routes.adapters import _copy_bounded
 from app.dataset_check import validate_jsonl, validate_tensors
-from app.errors import QuotaExceeded, UnsupportedMediaType
+from app.errors import UnsupportedMediaType
 from app.model_check import PICKLE_SUFFIXES
 from app.records import new_id, now
 from app.schemas.common import Page
@@ -66,8 +66,6 @@ def upload_dataset(
                 max_row_bytes=settings.max_dataset_row_bytes,
             )
         size = path.stat().st_size
-        if records.stored_bytes(caller.tenant) + size > settings.max_bytes_per_tenant:
-            raise QuotaExceeded("this tenant's storage quota is used up; delete datasets first")
         dataset_id = new_id("ds")
         record = DatasetRecord(
             id=dataset_id,
@@ -82,6 +80,7 @@ def upload_dataset(
             created_at=now(),
         )
         manifest = DatasetManifest(dataset_id=dataset_id, rows=summary.rows, row_sha256=summary.row_sha256)
+        records.reserve_bytes(caller.tenant, size, settings.max_bytes_per_tenant, "delete datasets first")
         try:
             records.storage.upload_path(data_key(record), path)
             records.storage.put_json(keys.dataset(caller.tenant, dataset_id, "manifest.json"), manifest.model_dump())
@@ -91,8 +90,8 @@ def upload_dataset(
                 records.storage.delete_prefix(keys.dataset(caller.tenant, dataset_id))
             except Exception:  # noqa: BLE001 - the original error is what the client must see
                 pass
+            records.release_bytes(caller.tenant, size)
             raise
-        records.add_stored_bytes(caller.tenant, size)
     return record.public()
 
 

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import audit
 from app.api.deps import CeleryDep, JobDep, Reader, RecordsDep, SettingsDep, Writer
-from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
+from app.errors import Conflict, NotFound, Unprocessable
 from app.queue import enqueue
 from app.records import Records, add_event, new_id, now
 from app.schemas.common import Page
@@ -138,8 +138,7 @@ def create_job(
             return existing.public()
     try:
         _check_inputs(records, caller.tenant, spec)
-        if len(records.active_jobs(caller.tenant)) >= settings.max_jobs_per_tenant:
-            raise QuotaExceeded(f"at most {settings.max_jobs_per_tenant} queued or running jobs per tenant")
+        records.reserve_job_slot(caller.tenant, job_id, settings.max_jobs_per_tenant)
         record = JobRecord(
             id=job_id,
             tenant=caller.tenant,
@@ -156,6 +155,7 @@ def create_job(
         add_event(record, "queued")
         records.create_job(record)
     except BaseException:
+        records.release_job_slot(caller.tenant, job_id)
         if idempotency_key:
             records.release_idempotency_key(caller.tenant, idempotency_key)
         raise
