@@ -31,9 +31,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 HIDDEN, INTERMEDIATE, RANK, ALPHA = 4096, 11008, 16, 32
@@ -136,11 +136,11 @@ def child_read(paths: list[str], threads: int) -> dict[str, Any]:
     from workers.lora import read_adapter_factors
 
     base = _peak_rss_mb()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     factors = [read_adapter_factors(c, p, w) for c, p, w in _inputs([Path(p) for p in paths])]
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     del factors
-    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base}
+    return {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base}
 
 
 def child_merge(paths: list[str], method: str, params: dict, out: str, threads: int) -> dict[str, Any]:
@@ -151,7 +151,7 @@ def child_merge(paths: list[str], method: str, params: dict, out: str, threads: 
     registry.load_all()
     base = _peak_rss_mb()
     marks: list[tuple[float, float, str]] = []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     report = merge_adapter_files(
         _inputs([Path(p) for p in paths]),
         method,
@@ -160,12 +160,13 @@ def child_merge(paths: list[str], method: str, params: dict, out: str, threads: 
         Path(out),
         progress=lambda f, s: marks.append((time.perf_counter(), f, s)),
     )
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     merge_start, merge_end = marks[0][0], marks[-1][0]
     summary = report["summary"]
     sweeps = [m.get("hooi_sweeps") for m in report["modules"].values() if m.get("hooi_sweeps") is not None]
     return {
         "seconds": seconds,
+        "cpu_s": cpu,
         "read_s": merge_start - start,
         "merge_s": merge_end - merge_start,
         "write_s": start + seconds - merge_end,
@@ -220,11 +221,11 @@ def child_peft(
             peft_model.load_adapter(path, adapter_name=name)
     base = _peak_rss_mb()
     weights = [1.0 / len(names)] * len(names)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     kwargs: dict[str, Any] = {"svd_rank": RANK} if combination == "svd" else {}
     peft_model.add_weighted_adapter(names, weights, "merged", combination_type=combination, **kwargs)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base}
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    return {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base}
 
 
 def mn_free_check(threads: int) -> list[str]:
@@ -275,9 +276,30 @@ def mn_free_check(threads: int) -> list[str]:
 # ---- driver ---------------------------------------------------------------------------------------------
 
 
-def _run(pool_fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(pool_fn, *args).result()
+def _target(queue: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    queue.put(fn(*args))
+
+
+def _run(fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+    """Run fn(*args) in a fresh spawned process (own peak RSS, no state shared between runs); returns its
+    result, or None when it exceeds `timeout` seconds (the process is then terminated)."""
+    ctx = get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_target, args=(queue, fn, args))
+    proc.start()
+    try:
+        return queue.get(timeout=timeout)
+    except Empty:
+        return None
+    finally:
+        if proc.is_alive() and timeout is not None:
+            proc.terminate()
+        proc.join()
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _fmt(x: float | None, unit: str = "s", width: int = 9) -> str:
@@ -293,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each child (0 = torch default)")
     ap.add_argument("--peft-svd-tasks", default="2", help="T values at which PEFT svd is timed (default 2)")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--peft-budget", type=float, default=420.0, help="seconds allowed for the PEFT svd run")
     args = ap.parse_args(argv)
     layers = args.layers or (4 if args.quick else 32)
     task_list = [int(t) for t in (args.tasks or ("2,8" if args.quick else "2,4,8")).split(",")]
@@ -325,42 +348,48 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_peft:
                 row["peft cat"] = _run(child_peft, chosen, "cat", args.threads, svd_modules, args.dtype)
                 if tasks in svd_tasks:
-                    row["peft svd"] = _run(child_peft, chosen, "svd", args.threads, svd_modules, args.dtype)
+                    row["peft svd"] = _run(
+                        child_peft, chosen, "svd", args.threads, svd_modules, args.dtype, timeout=args.peft_budget
+                    )
+                    if row["peft svd"] is None:
+                        row["peft svd"] = {"seconds": None, "budget": args.peft_budget}
             rows.append(row)
             out(f"  T={tasks}: done ({time.perf_counter() - total_start:.0f}s elapsed)")
     report(rows, layers, svd_modules, out)
     out("")
     out("m×n-free check (one layer, T=8, the engine's own ops recorded with a TorchDispatchMode):")
-    for line in mn_free_check_lines(args.threads):
+    for line in _run(mn_free_check, args.threads):
         out(line)
     out(f"\ntotal bench time {time.perf_counter() - total_start:.0f}s")
     return 0
 
 
-def mn_free_check_lines(threads: int) -> list[str]:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(mn_free_check, threads).result()
-
-
 def report(rows: list[dict[str, Any]], layers: int, svd_modules: list[str] | None, out: Callable[[str], None]) -> None:
     labels = [label for label, _, _ in METHODS]
     out("")
-    out(f"Files-to-file wall time for {layers} layers (read + merge + write; in parentheses: merge only)")
-    out(f"  {'T':>3} {'input':>9} {'read once':>10} " + "".join(f"{label:>24}" for label in labels))
+    out(f"1. Files-to-file for {layers} layers: wall s [CPU s of the run; merge-only wall s]")
+    out("   (read + merge + report + write a PEFT adapter; each run in a fresh process)")
+    out(f"  {'T':>3} {'inputs':>8} {'read once':>18}" + "".join(f"{label:>30}" for label in labels))
     for row in rows:
+        read = row["read"]
         cells = "".join(
-            f"{row[label]['seconds']:>12.2f}s ({row[label]['merge_s']:>6.2f}s)" + " " * 2 for label in labels
+            f"{row[label]['seconds']:>9.2f} [{row[label]['cpu_s']:>6.2f}; {row[label]['merge_s']:>6.2f}]" + " " * 4
+            for label in labels
         )
-        out(f"  {row['T']:>3} {row['input_mb']:>7.0f}MB {row['read']['seconds']:>9.2f}s {cells}")
+        out(f"  {row['T']:>3} {row['input_mb']:>6.0f}MB {read['seconds']:>7.2f} [{read['cpu_s']:>6.2f}]     {cells}")
     out("")
-    out("Amend / read-once (files-to-file time divided by the time to read the inputs once)")
+    out("2. Amend / read-once (files-to-file wall time over the wall time to read the inputs once; CPU in [])")
     for row in rows:
+        read = row["read"]
         out(
             f"  T={row['T']:<3} "
-            + "  ".join(f"{label}: {row[label]['seconds'] / row['read']['seconds']:.1f}×" for label in labels)
+            + "  ".join(
+                f"{label}: {row[label]['seconds'] / read['seconds']:.1f}× [{row[label]['cpu_s'] / read['cpu_s']:.1f}×]"
+                for label in labels
+            )
         )
     out("")
-    out("Quality (engine report): mean / worst-task energy kept, rel. error vs the full-rank sum; CtM HOOI sweeps")
+    out("3. Quality from the engine's report: energy kept mean / worst task, rel. error vs the full-rank sum")
     for row in rows:
         for label in labels:
             r = row[label]
@@ -374,42 +403,43 @@ def report(rows: list[dict[str, Any]], layers: int, svd_modules: list[str] | Non
                 f"rel.err {r['rel_error']:.3f}, output {r['output_mb']:.0f}MB{sweeps}"
             )
     out("")
-    out("Peak RSS of each run (own process) vs the inputs' size on disk")
+    out("4. Peak RSS of each run (its own process, including ~0.3-0.4 GB of imports) vs the inputs on disk")
     for row in rows:
-        out(
-            f"  T={row['T']:<3} inputs {row['input_mb']:.0f}MB; read once {row['read']['peak_rss_mb']:.0f}MB; "
-            + "; ".join(
-                f"{label} {row[label]['peak_rss_mb']:.0f}MB ({row[label]['peak_rss_mb'] / row['input_mb']:.1f}×)"
-                for label in labels
-            )
+        cells = "; ".join(
+            f"{label} {row[label]['peak_rss_mb']:.0f}MB ({row[label]['peak_rss_mb'] / row['input_mb']:.1f}×)"
+            for label in labels
         )
+        out(f"  T={row['T']:<3} inputs {row['input_mb']:.0f}MB; read once {row['read']['peak_rss_mb']:.0f}MB; {cells}")
     if not any("peft cat" in row for row in rows):
         return
-    scope = f"modules {svd_modules} of 1 layer" if svd_modules else f"1 layer ({len(SHAPES)} modules)"
+    factor = len(SHAPES) / len(svd_modules) if svd_modules else 1.0
+    scope = f"{svd_modules} of 1 layer, scaled ×{factor:.1f} to a layer" if svd_modules else "1 layer"
     out("")
-    out(
-        f"PEFT add_weighted_adapter on {scope}, extrapolated ×{layers} layers"
-        + (" (and by module count, see note)" if svd_modules else "")
-    )
+    out(f"5. PEFT add_weighted_adapter (live PeftModel, one-layer Llama with 7B sizes; measured on {scope})")
+    out(f"   vs Amend's merge-only time per layer (its {layers}-layer merge time / {layers}); same output rank")
     for row in rows:
-        amend_layer = {label: row[label]["merge_s"] / layers for label in labels}
-        pc = row["peft cat"]["seconds"]
-        line = f"  T={row['T']:<3} PEFT cat {pc:.3f}s/layer-scope -> Amend cat merge {amend_layer['cat']:.3f}s/layer"
-        if "peft svd" in row:
-            ps = row["peft svd"]["seconds"]
-            factor = len(SHAPES) / len(svd_modules) if svd_modules else 1.0
-            per_layer = ps * factor
+        amend = {label: row[label]["merge_s"] / layers for label in labels}
+        cat = row["peft cat"]["seconds"] * factor
+        line = f"  T={row['T']:<3} cat: PEFT {cat:.3f}s/layer vs Amend {amend['cat']:.3f}s/layer"
+        svd = row.get("peft svd")
+        if svd is not None and svd["seconds"] is None:
+            line += f"; svd: PEFT > {svd['budget']:.0f}s budget (stopped), so > {svd['budget'] * factor:.0f}s/layer"
+        elif svd is not None:
+            per_layer = svd["seconds"] * factor
             line += (
-                f"; PEFT svd {ps:.1f}s measured -> {per_layer:.1f}s/layer -> {per_layer * layers:.0f}s for {layers} layers"
-                f"; Amend merge_then_compress {amend_layer['merge_then_compress']:.3f}s/layer "
-                f"(x{per_layer / max(amend_layer['merge_then_compress'], 1e-9):.0f} faster), "
-                f"ctm {amend_layer['ctm']:.3f}s/layer (x{per_layer / max(amend_layer['ctm'], 1e-9):.0f} faster)"
-                f"; PEFT svd peak RSS {row['peft svd']['peak_rss_mb']:.0f}MB"
+                f"; svd (rank {RANK}): PEFT {per_layer:.1f}s/layer [CPU {svd['cpu_s'] * factor:.1f}s] -> "
+                f"~{per_layer * 32 / 60:.0f} min for 32 layers (extrapolated); Amend merge_then_compress "
+                f"{amend['merge_then_compress']:.3f}s/layer "
+                f"({per_layer / max(amend['merge_then_compress'], 1e-9):.0f}× "
+                f"faster), ctm {amend['ctm']:.3f}s/layer ({per_layer / max(amend['ctm'], 1e-9):.0f}× faster); "
+                f"PEFT svd peak RSS {svd['peak_rss_mb']:.0f}MB"
             )
         out(line)
     if svd_modules:
-        out("  note: --quick times PEFT svd on q_proj and k_proj only (4096×4096) and scales by 7/2; the MLP")
-        out("  modules (11008×4096) are slower, so this under-estimates PEFT's per-layer time.")
+        out("  note: --quick times PEFT on q_proj and k_proj only (4096×4096) and scales by 7/2; the MLP modules")
+        out("  (11008×4096) are slower for PEFT's dense SVD, so this under-estimates PEFT's per-layer time.")
+    out("  PEFT's svd is timed at T=2 only by default (--peft-svd-tasks); its cost is dominated by the dense")
+    out("  m×n SVD per module, which does not shrink with T.")
 
 
 if __name__ == "__main__":
