@@ -162,5 +162,11 @@ def merge_modules(
         result.grams = None
         result.report = per_module[name]
     job.progress(1.0, "merged")
-    report = {"method": method, "summary": summarize(per_module, job.num_tasks), "modules": per_module}
+    report = {
+        "method": method,
+        "params": checked.model_dump(mode="json", by_alias=True),
+        "output": output.model_dump(mode="json"),
+        "summary": summarize(per_module, job.num_tasks),
+        "modules": per_module,
+    }
     return MergeResult(modules=merged, report=report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -111,3 +112,25 @@ def test_report_matches_dense_computation(method, params) -> None:
     assert summary["energy_kept_per_task"][1] is None
     if method != "cat":
         assert all(0.0 <= rep["tasks"][t]["sign_conflict"] <= 1.0 for t in deltas)
+
+
+def test_adjacent_slices_are_stacked_in_place_and_others_are_copied() -> None:
+    from workers.engines.merge.core_space import stack_factors
+
+    buf_B, buf_A = torch.randn(8, 5), torch.randn(5, 6)
+    tasks = [TaskFactors(buf_A[:2], buf_B[:, :2]), TaskFactors(buf_A[2:], buf_B[:, 2:])]
+    stack = stack_factors("m", tasks)
+    assert stack.lora_B.data_ptr() == buf_B.data_ptr() and torch.equal(stack.lora_B, buf_B)
+    assert stack.lora_A.data_ptr() == buf_A.data_ptr() and torch.equal(stack.lora_A, buf_A)
+    swapped = stack_factors("m", tasks[::-1])
+    assert torch.equal(swapped.lora_B, torch.cat([buf_B[:, 2:], buf_B[:, :2]], 1))
+    assert swapped.lora_B.data_ptr() != buf_B.data_ptr()
+    separate = stack_factors("m", make_tasks(0, 8, 6, [2, 3]))
+    assert separate.lora_B.shape == (8, 5) and separate.lora_A.shape == (5, 6)
+
+
+def test_report_records_params_and_output() -> None:
+    res = merge_modules("ties", {"m": make_tasks(0, 8, 6, [2, 2])}, TiesParams(density=0.5), MergeOutput(rank=2))
+    assert res.report["params"]["density"] == 0.5 and res.report["params"]["lambda"] == 1.0
+    assert res.report["output"]["rank"] == 2
+    json.dumps(res.report)
