@@ -226,6 +226,11 @@ def run_unlearn(context: JobContext) -> JobResult:
             "report_key": report_key(job),
         }
         signed = audit.sign(audit_record, settings.audit_hmac_key.get_secret_value())
+        log.info(
+            "unlearned; storing the output",
+            extra={"job_id": job.id, "method": spec.method, "output": output["kind"], "output_id": output["id"],
+                   "forget_rows": len(row_ids)},
+        )
         name = spec.name or f"{model_record.name}-{spec.method}"
         if spec.output == "weights":
             records.storage.put_json(report_key(job), report)
