@@ -1,7 +1,8 @@
 """Limits enforced before or while a request body streams in.
 
 - `BodySizeLimit`: 413 before the body is read when Content-Length is too big, and 413 as soon as a chunked
-  body passes the limit.
+  body passes the limit. Only multipart uploads may be large; any other body (JSON, parsed whole in memory)
+  is held to `max_other_bytes`.
 - `KeyBeforeBody`: a request that may carry a body (POST, PUT, PATCH, DELETE) without a valid API key is 401
   before any of its body is read. FastAPI parses form and JSON bodies before it runs the auth dependency, so
   without this an unauthenticated client could make the service spool a whole upload to disk.
@@ -19,6 +20,8 @@ from app.errors import Unauthorized
 from app.settings import ApiKey
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# a job spec at its schema's limits (64 adapters, 4096 rank_pattern keys, 100k forget rows) is ~2 MiB
+MAX_OTHER_BODY_BYTES = 4 * 2**20
 
 
 class _TooLarge(HTTPException):
@@ -29,22 +32,26 @@ class _TooLarge(HTTPException):
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_other_bytes: int = MAX_OTHER_BODY_BYTES) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_other_bytes = max_other_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data")
+        limit = self.max_bytes if multipart else min(self.max_bytes, self.max_other_bytes)
+        declared = headers.get(b"content-length")
         if declared is not None:
             try:
-                too_big = int(declared) > self.max_bytes
+                too_big = int(declared) > limit
             except ValueError:
                 too_big = True
             if too_big:
-                await self._refuse(send)
+                await self._refuse(send, limit)
                 return
         seen = 0
         started = False
@@ -54,7 +61,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise _TooLarge
             return message
 
@@ -68,10 +75,10 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, limit)
 
-    async def _refuse(self, send: Send) -> None:
-        await _send_error(send, 413, "payload_too_large", f"request body exceeds {self.max_bytes} bytes")
+    async def _refuse(self, send: Send, limit: int) -> None:
+        await _send_error(send, 413, "payload_too_large", f"request body exceeds {limit} bytes")
 
 
 class KeyBeforeBody:
