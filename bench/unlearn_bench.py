@@ -476,12 +476,14 @@ def lm_bench(quick: bool) -> dict[str, bool]:
     winners = []
     for method, (m, steps, seconds) in rows.items():
         ok = abs(m["forget_exact_match"] - retrain_forget) <= 10.0 and original_retain - m["retain_exact_match"] <= 5.0
-        if ok and method not in ("(original)", "retrain"):
+        reference = method in ("(original)", "retrain")
+        if ok and not reference:
             winners.append(method)
+        verdict = "reference" if reference else ("met" if ok else "-")
         say(
             f"  {method:12s} {m['forget_exact_match']:10.1f} {m['retain_exact_match']:10.1f} "
             f"{m['holdout_exact_match']:9.1f} {m['forget_nll']:10.2f} {m['retain_nll']:10.2f} "
-            f"{m['min_k_auc']:8.2f} {steps:5d} {seconds:6.1f}  {'met' if ok else '-'}"
+            f"{m['min_k_auc']:8.2f} {steps:5d} {seconds:6.1f}  {verdict}"
         )
     say(
         f"\n  target: forget acc within 10 of retrain ({retrain_forget:.1f}) and retain acc within 5 of the "
