@@ -37,6 +37,7 @@ from workers.engines.merge.types import TaskFactors
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
 _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
+_FLOAT_NAMES = {"F32", "F16", "BF16", "F64"}
 
 
 class AdapterFormatError(ValueError):
@@ -113,6 +114,8 @@ def adapter_shapes(weights_path: Path) -> dict[str, tuple[int, int, int, str]]:
                 )
             if a.get_dtype() != b.get_dtype():
                 raise AdapterFormatError(f"{where}: module {name!r}: lora_A and lora_B dtypes differ")
+            if a.get_dtype() not in _FLOAT_NAMES:
+                raise AdapterFormatError(f"{where}: module {name!r}: unsupported dtype {a.get_dtype()}")
             out[name] = (shape_b[0], shape_a[1], shape_a[0], a.get_dtype())
     return out
 
