@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -110,6 +112,13 @@ class Settings(BaseSettings):
         self.parsed_api_keys()
         return self
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """repr() and str() hide a password inside a URL (REDIS_URL may carry one), as SecretStr hides the rest."""
+        for name, value in super().__repr_args__():
+            if name in ("redis_url", "s3_endpoint_url") and isinstance(value, str):
+                value = _without_password(value)
+            yield name, value
+
     def parsed_api_keys(self) -> dict[str, ApiKey]:
         """Digest -> ApiKey. Raw keys never stay in memory beyond this parse."""
         keys: dict[str, ApiKey] = {}
@@ -139,6 +148,14 @@ class Settings(BaseSettings):
                 raise ValueError("the same API key is configured twice")
             keys[digest] = ApiKey(digest, tenant, scopes)
         return keys
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 @lru_cache

@@ -142,3 +142,13 @@ def test_repr_and_dump_hide_secrets():
     for text in (repr(settings), str(settings), str(settings.model_dump()), settings.model_dump_json()):
         for secret in GOOD_SECRETS.values():
             assert secret not in text
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:hunter2-secret@redis:6379/0", "rediss://amend:hunter2-secret@redis.example:6380/1"]
+)
+def test_repr_hides_a_password_in_the_redis_url(url):
+    settings = Settings(redis_url=url)
+    assert settings.redis_url == url  # the services still get the real URL
+    for text in (repr(settings), str(settings)):
+        assert "hunter2-secret" not in text and ":***@" in text
