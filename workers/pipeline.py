@@ -14,6 +14,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,7 +24,7 @@ import redis
 from pydantic import ValidationError
 
 from app.adapter_check import validate_adapter
-from app.errors import NotFound, StorageUnavailable
+from app.errors import AmendError, NotFound, ServiceUnavailable
 from app.records import Records, add_event, now
 from app.schemas.adapters import AdapterRecord
 from app.schemas.jobs import FINAL_STATES, JobError, JobRecord, JobResult, MergeJobCreate
@@ -125,14 +126,18 @@ def _run_leased(job_id: str, settings: Settings, records: Records, lease: Lease)
         except (InputRejected, ValidationError, ValueError) as error:
             _finish(records, job_id, "failed", error=JobError(code="invalid_input", message=_message(error)))
             return
-        except StorageUnavailable as error:
+        except ServiceUnavailable as error:  # storage or Redis: retry with backoff, then fail with its code
             if attempt == STORAGE_RETRIES:
-                _finish(records, job_id, "failed", error=JobError(code="storage_unavailable", message=error.message))
+                _finish(records, job_id, "failed", error=JobError(code=error.code, message=error.message))
                 return
             delay = min(2.0 * 2**attempt, 30.0)
-            log.warning("storage unavailable; retrying", extra={"job_id": job_id, "delay": delay})
-            records.set_progress(job_id, 0.0, f"storage unavailable, retrying in {delay:.0f} s")
+            log.warning("service unavailable; retrying", extra={"job_id": job_id, "delay": delay, "code": error.code})
+            with suppress(ServiceUnavailable):
+                records.set_progress(job_id, 0.0, f"{error.message}; retrying in {delay:.0f} s")
             time.sleep(delay)
+        except AmendError as error:  # a typed refusal (quota, invalid adapter, ...): its own stable code
+            _finish(records, job_id, "failed", error=JobError(code=error.code, message=error.message))
+            return
         except Exception as error:  # noqa: BLE001 - the job records what went wrong
             log.exception("job failed", extra={"job_id": job_id})
             _finish(records, job_id, "failed", error=JobError(code="internal_error", message=_message(error)))

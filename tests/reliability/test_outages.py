@@ -60,7 +60,7 @@ def test_storage_down_during_result_write_job_retries_then_succeeds(rstack, rcli
     job_id = rclient.post("/v1/jobs", json=merge_body(ids, "slow-storage")).json()["id"]
     wait_until(lambda: rclient.get(f"/v1/jobs/{job_id}").json()["state"] == "running", 60, "the job to start")
     rstack.s3.stop()
-    wait_until(lambda: "storage unavailable" in rclient.get(f"/v1/jobs/{job_id}").json()["stage"], 60,
+    wait_until(lambda: "unreachable; retrying" in rclient.get(f"/v1/jobs/{job_id}").json()["stage"], 60,
                "the worker to notice storage is down")
     rstack.start_s3()
     done = wait_for_job(rclient, job_id, timeout=120)
