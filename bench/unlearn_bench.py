@@ -1,7 +1,8 @@
 """Unlearning benchmark: every method against `retrain`, on CPU, in minutes, through the engine's entry point.
 
     python -m bench.unlearn_bench            # full: classifier (3 seeds) + language model, ≤ ~15 min
-    python -m bench.unlearn_bench --quick    # smaller grids, 1 seed, smaller LM world (~3 min)
+    python -m bench.unlearn_bench --quick    # smoke run: tiny grids, 1 seed, smaller LM world (~2 min);
+                                             # its grids are too small to be held to the targets
     python -m bench.unlearn_bench --part classifier|lm
 
 (a) Classifier — sklearn digits (8×8), stratified 60/10/30 train/validation/test split, an MLP 64-256-256-10
