@@ -9,6 +9,7 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import Forbidden, Unauthorized
 from app.records import Records
@@ -52,7 +53,13 @@ def authenticate(authorization: str, api_keys: dict[str, ApiKey]) -> Caller:
     raise Unauthorized("invalid API key")
 
 
-def get_caller(request: Request) -> Caller:
+# declares the Bearer scheme in the OpenAPI spec for every route that needs a caller; `authenticate` checks
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
+
+
+def get_caller(
+    request: Request, _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Caller:
     return authenticate(request.headers.get("authorization", ""), request.app.state.api_keys)
 
 

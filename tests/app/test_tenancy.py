@@ -372,5 +372,14 @@ def test_every_route_needs_a_key(tenants):
             assert response.headers.get("WWW-Authenticate") == "Bearer"
         checked += 1
     assert checked >= 10
+    # and the spec says so: every operation but health declares the Bearer scheme
+    spec = client.app.openapi()
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for path, method, op in _operations(client):
+        declared = op.get("security")
+        if path in PUBLIC_PATHS:
+            assert not declared, f"{method} {path} is public but declares {declared}"
+        else:
+            assert declared == [{"HTTPBearer": []}], f"{method} {path} does not declare the Bearer scheme"
     for path in ("/docs", "/openapi.json"):
         assert client.get(path).status_code == 200
