@@ -152,8 +152,8 @@ def _run(operation, mode, auth: dict[str, str], path_parameters: dict[str, str] 
         suppress_health_check=list(HealthCheck),
     )
     def fuzz(case) -> None:
-        case.headers = {**(case.headers or {}), **auth}
-        case.call_and_validate(checks=checks)
+        # the key as an explicit header (not a generated one), so ignored_auth probes without it
+        case.call_and_validate(headers=auth, checks=checks)
 
     fuzz()
 
@@ -184,3 +184,14 @@ def test_conditional_get_status_is_documented(service):
     response = case.call()
     assert response.status_code == 304
     case.validate_response(response, checks=CHECKS)
+
+
+def test_ignored_auth_bites(service):
+    """The auth check above is not vacuous: with the key check switched off it fails."""
+    from app.api.deps import Caller, get_caller
+
+    schema, auth, ids = service
+    schema.app.dependency_overrides[get_caller] = lambda: Caller("tenant-a", frozenset({"read", "write", "admin"}))
+    case = schema["/v1/adapters/{adapter_id}"]["GET"].Case(path_parameters={"adapter_id": ids["adapter_id"]})
+    with pytest.raises(BaseException, match="without authentication"):
+        case.call_and_validate(headers=auth, checks=[ignored_auth])
