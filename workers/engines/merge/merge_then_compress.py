@@ -12,7 +12,8 @@ from __future__ import annotations
 from app.schemas.merge import MergeThenCompressParams
 from workers.engines.merge.core_space import batches, core_bases, cores, lift, lifted_grams, stack_factors, truncate
 from workers.engines.merge.full_space import merge_full
-from workers.engines.merge.rules import RuleOptions, apply_rule
+from workers.engines.merge.rules import RuleOptions, apply_rule, is_sum
+from workers.engines.merge.sparsify import elect_sign, sign_conflicts
 from workers.engines.merge.types import MergedModule, MergeJob
 from workers.engines.registry import register
 
@@ -35,9 +36,14 @@ def merge_in_space(
         m_t = cores(basis, stacks[0].ranks)
         g, t, d_B, d_A = m_t.shape
         # merge the cores with the rule, then λ
-        outcome = apply_rule(rule, m_t.reshape(g, t, d_B * d_A), options, batch)
-        merged = lambda_ * outcome.merged.reshape(g, d_B, d_A)
-        conflicts = outcome.conflicts()
+        if is_sum(rule):  # Σ_t M_t is the product of the stacked coordinates; signs only for the report
+            merged = lambda_ * (basis.coords_B @ basis.coords_A)
+            stats = m_t.reshape(g, t, d_B * d_A).float()
+            conflicts = sign_conflicts(stats, elect_sign(stats))
+        else:
+            outcome = apply_rule(rule, m_t.reshape(g, t, d_B * d_A), options, batch)
+            merged = lambda_ * outcome.merged.reshape(g, d_B, d_A)
+            conflicts = outcome.conflicts()
         # exact rank-r truncation on the K×K core
         parts = truncate(merged, [job.targets[name] for name in batch])
         for i, (stack, (left, right)) in enumerate(zip(stacks, parts, strict=True)):

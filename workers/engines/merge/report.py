@@ -57,11 +57,14 @@ def module_report(
     g_b, g_a = grams.gram_B, grams.gram_A
     bounds = [0, *torch.tensor(list(ranks)).cumsum(0).tolist()]
     sl = [slice(bounds[i], bounds[i + 1]) for i in range(len(ranks))]
-    # task inner products ⟨ΔW_s, ΔW_t⟩ = Σ (B_sᵀB_t)∘(A_sA_tᵀ)
-    inner = torch.tensor([[float((g_b[a, b] * g_a[a, b]).sum()) for b in sl] for a in sl], dtype=torch.float64)
+    # task inner products ⟨ΔW_s, ΔW_t⟩ = Σ (B_sᵀB_t)∘(A_sA_tᵀ): block sums of the elementwise product
+    blocks = torch.zeros(len(ranks), g_b.shape[0], dtype=torch.float64, device=g_b.device)
+    for i, s in enumerate(sl):
+        blocks[i, s] = 1.0
+    inner = (blocks @ (g_b * g_a) @ blocks.mT).cpu()
     norms_sq = inner.diagonal().clamp(min=0)
     # relative error against λ·Σ_t ΔW_t
-    ref_sq = lambda_**2 * float((g_b * g_a).sum())
+    ref_sq = lambda_**2 * float(inner.sum())
     out_sq = float((grams.out_B * grams.out_A).sum())
     dot = lambda_ * float((grams.cross_B * grams.cross_A).sum())
     err_sq = max(out_sq - 2.0 * dot + ref_sq, 0.0)

@@ -81,6 +81,13 @@ def generators_for(keys: list[str], seed: int, device: torch.device) -> list[tor
     return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(k.encode())) for k in keys]
 
 
+def is_sum(name: str) -> bool:
+    """True for rules that reduce to the plain sum of the task values (no pruning, no sign election), so a
+    caller may form the merged value directly (e.g. as a product of stacked factors)."""
+    rule = RULES[name]
+    return rule.sparsifier is None and not rule.elect
+
+
 def apply_rule(name: str, values: Tensor, options: RuleOptions, keys: list[str]) -> RuleOutcome:
     """Merge `values` (G, T, N) with rule `name`; `keys` name the G groups (seeds DARE per group)."""
     rule = RULES[name]
