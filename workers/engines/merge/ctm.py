@@ -165,8 +165,8 @@ def tucker_rank(target: RankTarget, balanced: Factored, i: int, rank_B: int, ran
 
 
 def isotropize(core: Tensor) -> Tensor:
-    """Replace the non-zero singular values of each merged core (G, r, r) by their mean (Iso-C)."""
-    x, s, yh = torch.linalg.svd(core)
+    """Replace the non-zero singular values of each merged core (G, r_B, r_A) by their mean (Iso-C)."""
+    x, s, yh = torch.linalg.svd(core, full_matrices=False)
     keep = s > s[:, :1] * RANK_TOL
     mean = (s * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp(min=1)
     return x @ ((mean * keep).unsqueeze(-1) * yh)
@@ -207,7 +207,7 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
                 merged = isotropize(merged)
             conflicts = outcome.conflicts()
             # 6. output factors in weight space
-            svd = torch.linalg.svd(merged) if params.balanced else None
+            svd = torch.linalg.svd(merged, full_matrices=False) if params.balanced else None
             for j, i in enumerate(idx):
                 if svd is not None:
                     x, s, yh = svd[0][j], svd[1][j], svd[2][j]

@@ -301,3 +301,15 @@ def test_mtc_params_rule_space_full_equals_full_space_ties() -> None:
     ).modules["m"]
     b = merge_modules("ties", {"m": tasks}, TiesParams(space="full", density=0.5), MergeOutput(rank=2)).modules["m"]
     assert rel(dense(a), dense(b)) < 1e-6
+
+
+def test_ctm_on_a_short_module_uses_unequal_tucker_ranks() -> None:
+    # m = 2 < n: the column stack has rank 2, the row stack rank 6; r = 4 gives Tucker ranks (2, 4)
+    tasks = make_tasks(26, 2, 9, [2, 2, 2])
+    for isotropize in (False, True):
+        out = merge_modules(
+            "ctm", {"m": tasks}, CtmParams(isotropize=isotropize, rule="ties", density=0.5), MergeOutput(rank=4)
+        ).modules["m"]
+        assert out.rank <= 2 and torch.isfinite(dense(out)).all()
+    exact = run("ctm", {"m": tasks}, MergeOutput(rank=6)).modules["m"]
+    assert rel(dense(exact), sum(delta(f) for f in tasks)) < 1e-5
