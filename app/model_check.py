@@ -37,12 +37,12 @@ from app.audit import canonical_json
 from app.errors import Forbidden, InvalidModel, NotFound, PayloadTooLarge, UnsupportedMediaType
 from app.schemas.models import ModelFile, ModelRecord
 from app.storage import keys
+from app.uploads import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
     from app.records import Records
     from app.settings import Settings
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 CODE_SUFFIXES = (".py", ".pyc", ".so", ".sh")
 KNOWN_FILES = frozenset(
     {

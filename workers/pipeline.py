@@ -23,7 +23,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from app.adapter_check import validate_adapter
+from app.adapter_store import store_adapter
 from app.errors import AmendError, NotFound, ServiceUnavailable
 from app.records import Records, add_event, now
 from app.schemas.adapters import AdapterRecord
@@ -221,35 +221,18 @@ def publish_adapter(
     """Store an output adapter and its report under keys derived from the job id; the record goes last."""
     job, records, settings = context.job, context.records, context.settings
     adapter_id = output_adapter_id(job.id)
-    config = json.loads((directory / "adapter_config.json").read_text())
-    weights = directory / "adapter_model.safetensors"
-    summary = validate_adapter(
-        config, weights, max_header_bytes=settings.max_safetensors_header_bytes, max_tensors=settings.max_tensors
-    )
-    config_bytes = json.dumps(config, indent=2, sort_keys=True).encode()
-    config_sha = records.storage.put_bytes(keys.adapter(job.tenant, adapter_id, "adapter_config.json"), config_bytes)
-    sha256 = records.storage.upload_path(keys.adapter(job.tenant, adapter_id, "adapter_model.safetensors"), weights)
     report_key = keys.job(job.tenant, job.id, "results/report.json")
     records.storage.put_json(report_key, report)
-    record = AdapterRecord(
-        id=adapter_id,
+    store_adapter(
+        records,
+        settings,
         tenant=job.tenant,
+        adapter_id=adapter_id,
         name=name,
-        base_model=summary.base_model,
-        rank=summary.rank,
-        alpha=summary.alpha,
-        target_modules=summary.target_modules,
-        n_modules=summary.n_modules,
-        dtype=summary.dtype,
-        use_rslora=summary.use_rslora,
-        size_bytes=weights.stat().st_size,
-        sha256=sha256,
-        config_sha256=config_sha,
-        created_at=now(),
+        config=json.loads((directory / "adapter_config.json").read_text()),
+        weights=directory / "adapter_model.safetensors",
         source_job_id=job.id,
     )
-    records.put_adapter(record)
-    records.add_stored_bytes(job.tenant, record.size_bytes)
     return JobResult(
         adapter_id=adapter_id, adapter_ids=[adapter_id], report=report.get("summary"), report_key=report_key
     )

@@ -10,15 +10,14 @@ from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi import Path as PathParam
 
 from app.api.deps import Reader, RecordsDep, SettingsDep, Writer
-from app.api.routes.adapters import _copy_bounded
 from app.dataset_check import validate_jsonl, validate_tensors
 from app.errors import UnsupportedMediaType
-from app.model_check import PICKLE_SUFFIXES
 from app.records import new_id, now
 from app.schemas.common import Page
 from app.schemas.datasets import DatasetManifest, DatasetPublic, DatasetRecord
 from app.schemas.jobs import ID_PATTERN
 from app.storage import keys
+from app.uploads import PICKLE_SUFFIXES, copy_bounded
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -51,7 +50,7 @@ def upload_dataset(
         raise UnsupportedMediaType(f"{file.filename!r} is a pickle file; upload JSONL or safetensors")
     with tempfile.TemporaryDirectory(prefix="amend-dataset-") as scratch:
         path = Path(scratch) / "data"
-        sha256 = _copy_bounded(file, path, settings.max_upload_bytes)
+        sha256 = copy_bounded(file, path, settings.max_upload_bytes)
         if filename.endswith(".safetensors"):
             summary = validate_tensors(
                 path,

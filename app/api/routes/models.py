@@ -14,15 +14,15 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from app.api.deps import Reader, RecordsDep, SettingsDep, Writer
-from app.api.routes.adapters import _copy_bounded
 from app.errors import BadRequest, NotFound, Unprocessable, UnsupportedMediaType
-from app.model_check import PICKLE_SUFFIXES, collect_directory, extract_archive, store_model
+from app.model_check import collect_directory, extract_archive, store_model
 from app.records import Records, new_id
 from app.schemas.common import Page
 from app.schemas.jobs import ID_PATTERN
 from app.schemas.models import ModelFromPath, ModelPublic, ModelRecord
 from app.settings import Settings
 from app.storage import keys
+from app.uploads import PICKLE_SUFFIXES, copy_bounded
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -62,7 +62,7 @@ def _register_archive(
 ) -> ModelRecord:
     with tempfile.TemporaryDirectory(prefix="amend-model-") as scratch:
         archive = Path(scratch) / "archive"
-        _copy_bounded(upload, archive, settings.max_model_archive_bytes)  # type: ignore[arg-type]
+        copy_bounded(upload, archive, settings.max_model_archive_bytes)  # type: ignore[arg-type]
         files = extract_archive(
             archive, Path(scratch) / "files", max_files=settings.max_model_files, max_bytes=settings.max_model_bytes
         )

@@ -1,0 +1,71 @@
+"""Publish an adapter — an upload or a job's output — by one path: validate, store the files, write the
+record last (publish by final PUT), count its bytes against the tenant's quota; on any failure remove what
+was written and give the bytes back, so a half-stored adapter is never visible."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from app.adapter_check import validate_adapter
+from app.records import Records, now
+from app.schemas.adapters import AdapterRecord
+from app.settings import Settings
+from app.storage import keys
+
+log = logging.getLogger(__name__)
+
+
+def store_adapter(
+    records: Records,
+    settings: Settings,
+    *,
+    tenant: str,
+    adapter_id: str,
+    name: str,
+    config: dict[str, Any],
+    weights: Path,
+    source_job_id: str | None = None,
+) -> AdapterRecord:
+    summary = validate_adapter(
+        config, weights, max_header_bytes=settings.max_safetensors_header_bytes, max_tensors=settings.max_tensors
+    )
+    size = weights.stat().st_size
+    config_bytes = json.dumps(config, indent=2, sort_keys=True).encode()
+    records.reserve_bytes(tenant, size, settings.max_bytes_per_tenant, "delete adapters first")
+    try:
+        config_sha256 = records.storage.put_bytes(keys.adapter(tenant, adapter_id, "adapter_config.json"), config_bytes)
+        sha256 = records.storage.upload_path(keys.adapter(tenant, adapter_id, "adapter_model.safetensors"), weights)
+        record = AdapterRecord(
+            id=adapter_id,
+            tenant=tenant,
+            name=name,
+            base_model=summary.base_model,
+            rank=summary.rank,
+            alpha=summary.alpha,
+            target_modules=summary.target_modules,
+            n_modules=summary.n_modules,
+            dtype=summary.dtype,
+            use_rslora=summary.use_rslora,
+            size_bytes=size,
+            sha256=sha256,
+            config_sha256=config_sha256,
+            created_at=now(),
+            source_job_id=source_job_id,
+        )
+        records.put_adapter(record)
+    except BaseException:
+        _discard(records, tenant, adapter_id)
+        records.release_bytes(tenant, size)
+        raise
+    return record
+
+
+def _discard(records: Records, tenant: str, adapter_id: str) -> None:
+    """Best effort: without its record nothing of a failed adapter is visible; this removes its files."""
+    try:
+        records.storage.delete_prefix(keys.adapter(tenant, adapter_id))
+    except Exception as error:  # noqa: BLE001 - the original error is what the caller must see
+        log.warning("could not remove a failed adapter's files", extra={"adapter_id": adapter_id, "error": str(error)})
