@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import tarfile
 import uuid
 
@@ -20,6 +21,7 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import save as save_numpy
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -31,7 +33,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from app.adapter_check import parse_config, validate_adapter
+from app.dataset_check import validate_jsonl
+from app.errors import AmendError
 from app.main import create_app
+from app.model_check import extract_archive
 from app.schemas.jobs import JobResult
 from app.settings import Settings
 from app.storage import keys
@@ -195,3 +201,136 @@ def test_ignored_auth_bites(service):
     case = schema["/v1/adapters/{adapter_id}"]["GET"].Case(path_parameters={"adapter_id": ids["adapter_id"]})
     with pytest.raises(BaseException, match="without authentication"):
         case.call_and_validate(headers=auth, checks=[ignored_auth])
+
+
+# -- the validators behind the uploads: any bytes give a typed refusal or a summary, never a crash -----
+
+_PARSER_SETTINGS = settings(
+    max_examples=150, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)
+_LORA_NAMES = st.sampled_from(
+    [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+        "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight",
+        "x.lora_A.weight",
+        "__metadata__",
+        "",
+    ]
+)
+_DTYPES = st.sampled_from(["F32", "F16", "BF16", "F64", "I32", "U8", "BOOL", "F8_E4M3", "nope", 3, None])
+_INTS = st.one_of(st.integers(-2, 40), st.integers(-(2**63), 2**64), st.floats(allow_nan=True), st.none())
+_ENTRY = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "dtype": _DTYPES,
+            "shape": st.one_of(st.lists(_INTS, max_size=3), st.text(max_size=3)),
+            "data_offsets": st.one_of(st.lists(_INTS, min_size=0, max_size=3), st.none()),
+        }
+    ),
+    st.text(max_size=5),
+    st.integers(),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@st.composite
+def _safetensors_bytes(draw) -> bytes:
+    """A header that is mostly well-formed JSON (names, dtypes, shapes, offsets drawn near the real ones),
+    a length prefix that may lie, and a payload of any size."""
+    header = draw(st.dictionaries(_LORA_NAMES, _ENTRY, max_size=4))
+    raw = json.dumps(header).encode() if draw(st.booleans()) else draw(st.binary(max_size=64))
+    length = draw(st.one_of(st.just(len(raw)), st.integers(0, 2**64 - 1), st.integers(0, len(raw) + 8)))
+    payload = draw(st.binary(max_size=512))
+    return struct.pack("<Q", length) + raw + payload if draw(st.integers(0, 9)) else draw(st.binary(max_size=16))
+
+
+def _config(rank: int = 4) -> dict:
+    return {"peft_type": "LORA", "r": rank, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+@_PARSER_SETTINGS
+@given(data=_safetensors_bytes(), rank=st.integers(1, 8))
+def test_adapter_weights_parser_never_crashes(tmp_path_factory, data, rank):
+    path = tmp_path_factory.mktemp("weights") / "adapter_model.safetensors"
+    path.write_bytes(data)
+    try:
+        summary = validate_adapter(_config(rank), path, max_header_bytes=4096, max_tensors=16)
+    except AmendError as error:
+        assert 400 <= error.status < 500
+    else:
+        assert summary.rank == rank and summary.n_modules >= 1
+
+
+@_PARSER_SETTINGS
+@given(raw=st.one_of(st.binary(max_size=300), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern",
+                         "use_dora", "lora_bias", "x"]), inner, max_size=6),
+    max_leaves=12,
+).map(lambda value: json.dumps(value).encode())))
+def test_adapter_config_parser_never_crashes(raw):
+    try:
+        config = parse_config(raw, 1024)
+    except AmendError as error:
+        assert 400 <= error.status < 500
+    else:
+        assert isinstance(config, dict) and str(config["peft_type"]).upper() == "LORA"
+
+
+_ROW = st.one_of(
+    st.fixed_dictionaries({"prompt": st.text(max_size=5), "completion": st.text(max_size=5)}),
+    st.fixed_dictionaries({"text": st.one_of(st.text(max_size=5), st.integers())}),
+    st.fixed_dictionaries({"text": st.text(max_size=5), "label": st.one_of(st.integers(-3, 5), st.floats(),
+                                                                           st.booleans(), st.text(max_size=2))}),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@_PARSER_SETTINGS
+@given(lines=st.lists(st.one_of(_ROW.map(lambda row: json.dumps(row).encode()), st.binary(max_size=20),
+                                st.just(b""), st.just(b"NaN"), st.just(b'{"text": Infinity}')), max_size=6),
+       num_labels=st.one_of(st.none(), st.integers(1, 4)))
+def test_dataset_parser_never_crashes(tmp_path_factory, lines, num_labels):
+    path = tmp_path_factory.mktemp("rows") / "rows.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    try:
+        summary = validate_jsonl(path, num_labels=num_labels, max_rows=5, max_row_bytes=64)
+    except AmendError as error:
+        assert 400 <= error.status < 500
+    else:
+        assert 1 <= summary.rows <= 5 and len(summary.row_sha256) == summary.rows
+
+
+@_PARSER_SETTINGS
+@given(members=st.lists(st.tuples(
+    st.sampled_from(["config.json", "model.safetensors", "tokenizer.json", "m/config.json", "../x", "/abs",
+                     "a/b/c", "model.bin", "run.py", "", ".", "m/", "config.json"]),
+    st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE]),
+    st.binary(max_size=40),
+), max_size=5), gzip=st.booleans(), truncate=st.integers(0, 3))
+def test_model_archive_extraction_never_crashes(tmp_path_factory, members, gzip, truncate):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz" if gzip else "w") as tar:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.REGTYPE:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                info.linkname = "../../etc/passwd"
+                tar.addfile(info)
+    raw = buffer.getvalue()
+    raw = raw[: len(raw) * (4 - truncate) // 4] if truncate else raw
+    scratch = tmp_path_factory.mktemp("archive")
+    (scratch / "archive").write_bytes(raw)
+    try:
+        files = extract_archive(scratch / "archive", scratch / "files", max_files=4, max_bytes=100)
+    except AmendError as error:
+        assert 400 <= error.status < 500
+    else:
+        for path in files.values():  # whatever was accepted is a plain file inside the destination
+            assert path.resolve().is_relative_to((scratch / "files").resolve()) and not path.is_symlink()
