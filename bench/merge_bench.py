@@ -464,7 +464,7 @@ def report(rows: list[dict[str, Any]], layers: int, svd_modules: list[str] | Non
     if svd_modules or any("modules" in (row.get("peft svd") or {}) for row in rows):
         out("  note: PEFT is timed on q_proj only (4096×4096) and scaled ×7 to a layer; the MLP modules (11008×4096,")
         out("  full_matrices=True builds an 11008×11008 factor) are slower for PEFT's dense SVD, so this")
-        out("  under-estimates PEFT's per-layer time (use --peft-full-layer to time a whole layer).")
+        out("  under-estimates PEFT's per-layer time (without --quick a whole layer is timed first).")
     out("  PEFT's svd is timed at T=2 only by default (--peft-svd-tasks); its cost is dominated by the dense")
     out("  m×n SVD per module, which does not shrink with T.")
 
