@@ -29,6 +29,7 @@ from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 S3_SECRET = "s3-secret-" + uuid.uuid4().hex
+AUDIT_KEY = "audit-key-" + uuid.uuid4().hex
 WEIGHTS = "adapter_model.safetensors"
 KEY_PATTERN = re.compile(
     r"^tenants/tenant-[ab]/(adapters/ad_[0-9a-f]{24}/(adapter_config\.json|adapter_model\.safetensors|record\.json)"
@@ -56,6 +57,7 @@ def make_api(redis_url, redis_client, moto_s3):
                 "redis_url": redis_url,
                 "s3_bucket": f"sec-{uuid.uuid4().hex[:12]}",
                 "s3_secret_access_key": S3_SECRET,
+                "audit_hmac_key": AUDIT_KEY,
                 "api_keys": api_keys,
                 "max_upload_bytes": 2 * 2**20,
             }
@@ -227,6 +229,7 @@ def test_app_state_holds_only_key_digests(api):
     state = api.app.state._state
     digests = {hashlib.sha256(key.encode()).hexdigest() for key in vars(api.keys).values()}
     assert set(state["api_keys"]) == digests
+    assert set(state["settings"].parsed_api_keys()) == digests  # the settings copy keeps the digests only
     found = "\n".join(_strings_in({k: v for k, v in state.items() if k not in ("records", "celery")}, set()))
     for key in vars(api.keys).values():
         assert key not in found
@@ -281,7 +284,7 @@ def test_secrets_never_logged(make_api, adapter_dir, caplog, capfd, monkeypatch)
     captured = capfd.readouterr()
     text += captured.out + captured.err  # what the service's own JSON handler wrote
     assert "unhandled error" in text and "storage exploded" in text  # the 500 was logged with its traceback
-    secrets = [S3_SECRET, *vars(api.keys).values()]
+    secrets = [S3_SECRET, AUDIT_KEY, *vars(api.keys).values()]
     for secret in secrets:
         assert secret not in text
     settings = api.app.state.settings
@@ -472,8 +475,12 @@ class _Canary:
         return (open, (str(self.marker), "w"))
 
 
-def _pickles(tmp_path: Path) -> dict[str, bytes]:
+@pytest.fixture(scope="module")
+def pickles(tmp_path_factory) -> tuple[dict[str, bytes], Path]:
+    """Pickled files that create `marker` when loaded: torch.save (zip and legacy) and raw pickles."""
     import torch
+
+    tmp_path = tmp_path_factory.mktemp("pickles")
 
     marker = tmp_path / "unpickled"
     state = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
@@ -485,16 +492,17 @@ def _pickles(tmp_path: Path) -> dict[str, bytes]:
     files["torch_legacy"] = (tmp_path / "legacy.pt").read_bytes()
     for protocol in (2, 3, 4, 5):
         files[f"pickle_{protocol}"] = pickle.dumps(_Canary(marker), protocol=protocol)
-    return files
+    return files, marker
 
 
 @pytest.mark.parametrize("weights_name", [WEIGHTS, "adapter_model.bin", "adapter_model.pt", "ADAPTER.PTH"])
-def test_pickle_weights_refused_and_never_loaded(api, adapter_dir, tmp_path, weights_name):
+def test_pickle_weights_refused_and_never_loaded(api, adapter_dir, pickles, weights_name):
     directory = adapter_dir()
-    for kind, data in _pickles(tmp_path).items():
+    files, marker = pickles
+    for kind, data in files.items():
         response = upload(api, directory, weights_name=weights_name, weights=data)
         assert_error(response, 415, "unsupported_media_type")
-        assert not (tmp_path / "unpickled").exists(), f"{kind} was unpickled"
+        assert not marker.exists(), f"{kind} was unpickled"
     assert stored_keys(api) == []
     assert api.get("/v1/adapters").json()["items"] == []
 
@@ -723,3 +731,39 @@ def test_json_bodies_have_their_own_small_limit(make_api):
     assert len(json.dumps(spec)) < MAX_OTHER_BODY_BYTES
     response = api.post("/v1/jobs", json=spec)
     assert response.status_code == 404, response.text  # got past the limit and the schema to the lookup
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("filename", ["data.safetensors", "rows.jsonl", "data.pt", "data.npy"])
+def test_pickled_datasets_refused_and_never_loaded(api, pickles, filename):
+    files, marker = pickles
+    for kind, data in files.items():
+        response = api.post("/v1/datasets", files={"file": (filename, data)}, data={"num_labels": "2"})
+        assert 400 <= response.status_code < 500 and response.status_code not in (401, 403), (kind, response.text)
+        assert response.json()["error"]["code"] in ("unsupported_media_type", "invalid_dataset"), response.text
+        assert not marker.exists(), f"{kind} was unpickled"
+    assert stored_keys(api) == []
+
+
+@pytest.mark.parametrize("member", ["model.safetensors", "pytorch_model.bin", "model.pt", "optimizer.pkl"])
+def test_pickled_model_files_refused_and_never_loaded(api, pickles, member):
+    config = json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}).encode()
+    files, marker = pickles
+    for kind, data in files.items():
+        archive = _tar({"config.json": config, member: data})
+        response = api.post("/v1/models", files={"archive": ("model.tar.gz", archive)})
+        assert response.status_code in (400, 415), (kind, response.text)
+        assert not marker.exists(), f"{kind} was unpickled"
+    assert stored_keys(api) == []
