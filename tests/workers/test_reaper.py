@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis
 
 from app.queue import enqueue, make_celery, queue_for
 from app.records import Records, add_event, new_id, now
@@ -15,15 +16,27 @@ from workers.reaper import reap_once
 
 
 @pytest.fixture
-def records(unit_settings, redis_client, moto_s3):
-    storage = Storage(unit_settings)
-    storage.ensure_bucket()
-    return Records(storage, redis_client)
+def isolated(unit_settings, redis_url):
+    """A Redis database of its own: the integration stack's worker consumes the queues of database 0."""
+    settings = unit_settings.model_copy(update={"redis_url": redis_url.rsplit("/", 1)[0] + "/7"})
+    client = redis.Redis.from_url(settings.redis_url)
+    client.flushdb()
+    yield settings, client
+    client.flushdb()
+    client.close()
 
 
 @pytest.fixture
-def celery(unit_settings):
-    return make_celery(unit_settings, "test-reaper")
+def records(isolated, moto_s3):
+    settings, client = isolated
+    storage = Storage(settings)
+    storage.ensure_bucket()
+    return Records(storage, client)
+
+
+@pytest.fixture
+def celery(isolated):
+    return make_celery(isolated[0], "test-reaper")
 
 
 def job(records: Records, state: str) -> str:
@@ -38,7 +51,8 @@ def queued_messages(redis_client) -> int:
     return redis_client.llen(queue_for("merge"))
 
 
-def test_running_job_without_lease_is_requeued_once(records, celery, redis_client):
+def test_running_job_without_lease_is_requeued_once(records, celery, isolated):
+    redis_client = isolated[1]
     alive, dead = job(records, "running"), job(records, "running")
     redis_client.set(lease_key(alive), "token", ex=30)
     assert reap_once(records, celery, lease_seconds=30) == [dead]
@@ -46,7 +60,8 @@ def test_running_job_without_lease_is_requeued_once(records, celery, redis_clien
     assert reap_once(records, celery, lease_seconds=30) == []  # one re-enqueue per attempt
 
 
-def test_queued_job_whose_delivery_was_never_acked_is_requeued(records, celery, redis_client):
+def test_queued_job_whose_delivery_was_never_acked_is_requeued(records, celery, isolated):
+    redis_client = isolated[1]
     stranded, waiting = job(records, "queued"), job(records, "queued")
     enqueue(celery, stranded, "merge")
     connection = celery.connection_for_read()
@@ -63,7 +78,8 @@ def test_queued_job_whose_delivery_was_never_acked_is_requeued(records, celery, 
     connection.release()
 
 
-def test_finished_jobs_are_never_touched(records, celery, redis_client):
+def test_finished_jobs_are_never_touched(records, celery, isolated):
+    redis_client = isolated[1]
     done = job(records, "succeeded")
     enqueue(celery, done, "merge")
     connection = celery.connection_for_read()
