@@ -767,3 +767,12 @@ def test_pickled_model_files_refused_and_never_loaded(api, pickles, member):
         assert response.status_code in (400, 415), (kind, response.text)
         assert not marker.exists(), f"{kind} was unpickled"
     assert stored_keys(api) == []
+
+
+def test_storage_quota_holds_under_concurrent_dataset_uploads(make_api):
+    rows = b"".join(json.dumps({"prompt": f"q{i}", "completion": "a" * 40}).encode() + b"\n" for i in range(40))
+    api = make_api(max_bytes_per_tenant=len(rows) + len(rows) // 2)
+    post = lambda: api.post("/v1/datasets", files={"file": ("rows.jsonl", rows)})  # noqa: E731
+    statuses = sorted(r.status_code for r in _concurrently(6, post))
+    assert statuses.count(201) == 1 and set(statuses) <= {201, 429}, statuses
+    assert api.records.stored_bytes("tenant-a") == len(rows)
