@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from app import devstack
@@ -86,7 +87,8 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("stack"), redis_url)
+    # database 1: unit tests enqueue into database 0, and this stack's worker must not consume their jobs
+    stack = Stack(tmp_path_factory.mktemp("stack"), redis_url.rsplit("/", 1)[0] + "/1")
     stack.start_s3()
     stack.start_worker()
     yield stack
@@ -94,7 +96,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
 
 
 @pytest.fixture
-def client(stack: Stack, redis_client) -> Iterator[TestClient]:
+def client(stack: Stack) -> Iterator[TestClient]:
+    redis.Redis.from_url(stack.redis_url).flushdb()
     key_a, key_b, api_keys = tenant_keys()
     with TestClient(create_app(stack.settings(api_keys))) as test_client:
         test_client.headers["Authorization"] = f"Bearer {key_a}"
