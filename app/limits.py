@@ -1,8 +1,9 @@
 """Limits enforced before or while a request body streams in.
 
 - `BodySizeLimit`: 413 before the body is read when Content-Length is too big, and 413 as soon as a chunked
-  body passes the limit. Only multipart uploads may be large; any other body (JSON, parsed whole in memory)
-  is held to `max_other_bytes`.
+  body passes the limit. Only multipart uploads may be large (`max_bytes`, or the route's own entry in
+  `path_limits`, e.g. model archives); any other body (JSON, parsed whole in memory) is held to
+  `max_other_bytes`.
 - `KeyBeforeBody`: a request that may carry a body (POST, PUT, PATCH, DELETE) without a valid API key is 401
   before any of its body is read. FastAPI parses form and JSON bodies before it runs the auth dependency, so
   without this an unauthenticated client could make the service spool a whole upload to disk.
@@ -32,10 +33,17 @@ class _TooLarge(HTTPException):
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int, max_other_bytes: int = MAX_OTHER_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        max_other_bytes: int = MAX_OTHER_BODY_BYTES,
+        path_limits: dict[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.max_other_bytes = max_other_bytes
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,7 +51,8 @@ class BodySizeLimit:
             return
         headers = dict(scope.get("headers") or [])
         multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data")
-        limit = self.max_bytes if multipart else min(self.max_bytes, self.max_other_bytes)
+        upload_limit = self.path_limits.get(scope["path"], self.max_bytes)
+        limit = upload_limit if multipart else min(upload_limit, self.max_other_bytes)
         declared = headers.get(b"content-length")
         if declared is not None:
             try:

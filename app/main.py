@@ -108,7 +108,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error", extra={"path": request.url.path})
         return _error(500, "internal_error", "internal error")
 
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + settings.max_config_bytes + (1 << 20))
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_upload_bytes + settings.max_config_bytes + (1 << 20),
+        path_limits={"/v1/models": settings.max_model_archive_bytes + (1 << 20)},  # a model tar has its own limit
+    )
     app.add_middleware(KeyBeforeBody, api_keys=app.state.api_keys)  # outermost: no key, no body read
     app.include_router(health.router)
     for router in (adapters.router, jobs.router, models.router, datasets.router):

@@ -733,12 +733,12 @@ def test_json_bodies_have_their_own_small_limit(make_api):
     assert response.status_code == 404, response.text  # got past the limit and the schema to the lookup
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
+def _tar(files: dict[str, bytes], gzip: bool = True) -> bytes:
     import io
     import tarfile
 
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+    with tarfile.open(fileobj=buffer, mode="w:gz" if gzip else "w") as tar:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -776,3 +776,29 @@ def test_storage_quota_holds_under_concurrent_dataset_uploads(make_api):
     statuses = sorted(r.status_code for r in _concurrently(6, post))
     assert statuses.count(201) == 1 and set(statuses) <= {201, 429}, statuses
     assert api.records.stored_bytes("tenant-a") == len(rows)
+
+
+def test_model_archives_have_their_own_limit(make_api):
+    """A model tar is held to AMEND_MAX_MODEL_ARCHIVE_BYTES, not to the adapter upload limit: a 2 MiB archive
+    is accepted under an 8 MiB archive limit though adapters are limited to 64 KiB, and an archive past its
+    limit is 413 from Content-Length before it is read."""
+    import numpy as np
+    from safetensors.numpy import save as save_numpy
+
+    api = make_api(max_upload_bytes=64 * 1024, max_config_bytes=1024, max_model_archive_bytes=8 * 2**20,
+                   max_model_bytes=8 * 2**20)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 16, "hidden_size": 4}
+    weights = save_numpy({"model.embed_tokens.weight": np.ones((512, 1024), dtype=np.float32)})
+    archive = _tar({"config.json": json.dumps(config).encode(), "model.safetensors": weights}, gzip=False)
+    assert 2 * 2**20 < len(archive) < 8 * 2**20
+    response = api.post("/v1/models", files={"archive": ("model.tar", archive)})
+    assert response.status_code == 201, response.text
+    status, body, read = _asgi(
+        api.app,
+        "POST",
+        "/v1/models",
+        {"authorization": f"Bearer {api.keys.a}", "content-type": "multipart/form-data; boundary=x",
+         "content-length": str(10 * 2**20)},
+        iter([b"--x"]),
+    )
+    assert (status, body["error"]["code"], read) == (413, "payload_too_large", 0)
