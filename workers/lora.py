@@ -174,8 +174,11 @@ def _read_stacked(
                 r = shapes[t][name][2]
                 sides = pairs[t][name]
                 part_B, part_A = stack_B[:, start : start + r], stack_A[start : start + r]
-                part_B.copy_(handles[t].get_tensor(sides["B"]))
-                part_B.mul_(float(weight) * scaling(config, name, r))
+                lora_B, scale = handles[t].get_tensor(sides["B"]), float(weight) * scaling(config, name, r)
+                if lora_B.dtype == torch.float32:
+                    torch.mul(lora_B, scale, out=part_B)
+                else:  # upcast exactly first, then scale in float32
+                    part_B.copy_(lora_B).mul_(scale)
                 part_A.copy_(handles[t].get_tensor(sides["A"]))
                 row[t] = TaskFactors(lora_A=part_A, lora_B=part_B)
                 start += r
