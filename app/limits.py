@@ -6,7 +6,9 @@
   `max_other_bytes`.
 - `KeyBeforeBody`: a request that may carry a body (POST, PUT, PATCH, DELETE) without a valid API key is 401
   before any of its body is read. FastAPI parses form and JSON bodies before it runs the auth dependency, so
-  without this an unauthenticated client could make the service spool a whole upload to disk.
+  without this an unauthenticated client could make the service spool a whole upload to disk. Likewise a
+  request that does carry a body (Content-Length > 0 or Transfer-Encoding) from a key without the `write`
+  scope is 403 before it is read: every route that takes a body writes.
 """
 
 from __future__ import annotations
@@ -99,11 +101,19 @@ class KeyBeforeBody:
         if scope["type"] == "http" and scope["method"] in _BODY_METHODS:
             authorization = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
             try:
-                authenticate(authorization, self.api_keys)
+                caller = authenticate(authorization, self.api_keys)
             except Unauthorized as error:
                 await _send_error(send, 401, error.code, error.message, [(b"www-authenticate", b"Bearer")])
                 return
+            if _has_body(scope) and not caller.scopes & {"write", "admin"}:
+                await _send_error(send, 403, "forbidden", "this API key lacks the 'write' scope")
+                return
         await self.app(scope, receive, send)
+
+
+def _has_body(scope: Scope) -> bool:
+    headers = dict(scope.get("headers") or [])
+    return b"transfer-encoding" in headers or headers.get(b"content-length", b"0").strip() not in (b"0", b"")
 
 
 async def _send_error(

@@ -802,3 +802,14 @@ def test_model_archives_have_their_own_limit(make_api):
         iter([b"--x"]),
     )
     assert (status, body["error"]["code"], read) == (413, "payload_too_large", 0)
+
+
+@pytest.mark.parametrize("path", ["/v1/adapters", "/v1/datasets", "/v1/jobs"])
+@pytest.mark.parametrize("framing", [{"content-length": str(64 * 65536)}, {"transfer-encoding": "chunked"}])
+def test_read_only_key_body_is_never_read(api, path, framing):
+    """A key that cannot write gets 403 before its upload is read (a body-less DELETE still meets the record
+    check first, so another tenant's ids stay 404)."""
+    headers = {"authorization": f"Bearer {api.keys.ro}", "content-type": "multipart/form-data; boundary=x"}
+    body = (b"--x\r\n" + b"\0" * 65536 for _ in range(64))
+    status, response, read = _asgi(api.app, "POST", path, headers | framing, body)
+    assert (status, response["error"]["code"], read) == (403, "forbidden", 0)
