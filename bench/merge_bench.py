@@ -321,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default=None, help="comma-separated T values (default 2,4,8; 2,8 with --quick)")
     ap.add_argument("--quick", action="store_true", help="4 layers, T in {2, 8}")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads in each child (0 = torch default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads in each child (0 = auto: 1 when the load average already fills the CPUs, else torch's)",
+    )
     ap.add_argument("--peft-svd-tasks", default="2", help="T values at which PEFT svd is timed (default 2)")
     ap.add_argument("--no-peft", action="store_true")
 
@@ -339,10 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     out = print  # the bench prints; library code does not
 
     load = os.getloadavg()
+    # OpenMP threads that spin-wait for a descheduled sibling make every small op cost a time slice on a
+    # shared machine (measured: 2 threads 4-6× slower than 1); PASSIVE waiting avoids that.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.threads == 0 and load[0] >= (os.cpu_count() or 1):
+        args.threads = 1
     out(f"Amend merge bench: Llama-2-7B shapes, rank {RANK}, {layers} layers × {len(SHAPES)} modules, {args.dtype}")
     out(
         f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} (other processes share the CPUs), "
-        f"threads per run: {args.threads or 'torch default'}"
+        f"threads per run: {args.threads or 'torch default'}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
     total_start = time.perf_counter()
     rows: list[dict[str, Any]] = []
