@@ -36,7 +36,8 @@ UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport d
 def stale_deliveries(records: Records, older_than: float) -> Iterator[tuple[str, str]]:
     """(delivery tag, job id) of messages delivered more than `older_than` seconds ago and not yet acked."""
     cutoff = time.time() - older_than
-    for tag in records.index.zrangebyscore(UNACKED_INDEX, "-inf", cutoff):
+    for member in records.index.zrangebyscore(UNACKED_INDEX, "-inf", cutoff):
+        tag = as_text(member)  # type: ignore[arg-type]  # plain members: no scores were asked for
         raw = records.index.hget(UNACKED, tag)
         if raw is None:
             continue
@@ -46,7 +47,7 @@ def stale_deliveries(records: Records, older_than: float) -> Iterator[tuple[str,
             if message.get("properties", {}).get("body_encoding") == "base64":
                 body = base64.b64decode(body)
             args = json.loads(body)[0]
-            yield as_text(tag), str(args[0])
+            yield tag, str(args[0])
         except (ValueError, KeyError, IndexError, TypeError):
             continue
 
