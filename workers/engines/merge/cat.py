@@ -23,7 +23,7 @@ def cat(job: MergeJob, params: CatParams) -> dict[str, MergedModule]:
         gram_A = (stack.lora_A @ stack.lora_A.mT).double()
         out[name] = MergedModule(
             lora_A=stack.lora_A,
-            lora_B=stack.lora_B * lam,
+            lora_B=stack.lora_B if lam == 1.0 else stack.lora_B * lam,
             grams=ModuleGrams(
                 gram_B=gram_B,
                 gram_A=gram_A,
