@@ -313,3 +313,14 @@ def test_ctm_on_a_short_module_uses_unequal_tucker_ranks() -> None:
         assert out.rank <= 2 and torch.isfinite(dense(out)).all()
     exact = run("ctm", {"m": tasks}, MergeOutput(rank=6)).modules["m"]
     assert rel(dense(exact), sum(delta(f) for f in tasks)) < 1e-5
+
+
+def test_ctm_energy_threshold_and_knots_rank_pattern() -> None:
+    tasks = make_tasks(27, M, N, [3, 3])
+    full = run("ctm", {"m": tasks}, MergeOutput(energy=1.0)).modules["m"]
+    assert rel(dense(full), sum(delta(f) for f in tasks)) < 1e-5
+    small = run("ctm", {"m": tasks}, MergeOutput(energy=0.3)).modules["m"]
+    assert 1 <= small.rank < full.rank
+    modules = {"l.q_proj": make_tasks(28, M, N, [3, 3]), "l.v_proj": make_tasks(29, M, N, [3, 3])}
+    res = run("knots", modules, MergeOutput(rank_pattern={"v_proj": 1}))
+    assert res.modules["l.v_proj"].rank == 1 and res.modules["l.q_proj"].rank == 3
