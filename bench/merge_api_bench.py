@@ -11,6 +11,10 @@ adapters, same process count) measured in the same run, with their ratio. Target
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the worker does: spinning OpenMP waits on shared cores
+
 import argparse
 import secrets
 import tempfile
