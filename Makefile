@@ -21,12 +21,12 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/amend dev
 
-test: install
+test: install lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: install
 	$(VENV)/bin/ruff check app workers tests bench
-	$(VENV)/bin/mypy app
+	$(VENV)/bin/mypy app workers
 
 bench: install
 	$(PY) -m bench.merge_bench

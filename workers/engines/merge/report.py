@@ -84,9 +84,9 @@ def module_report(
             "energy_kept": min(kept / norm_sq, 1.0) if norm_sq > 0 else None,
             "sign_conflict": merged.sign_conflict[t] if merged.sign_conflict is not None else None,
         }
-        for j, s in enumerate(tasks):
+        for j, other in enumerate(tasks):
             denom = math.sqrt(float(norms_sq[i]) * float(norms_sq[j]))
-            cosine[t][s] = float(inner[i, j]) / denom if denom > 0 else None
+            cosine[t][other] = float(inner[i, j]) / denom if denom > 0 else None
     return {
         "rank": merged.rank,
         "input_ranks": {str(t): r for t, r in zip(tasks, ranks, strict=True)},
