@@ -38,6 +38,18 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{time.time_ns() // 1000:014x}{secrets.token_hex(5)}"
 
 
+STALE_RESERVATION_SECONDS = 300
+
+
+def _id_age_seconds(record_id: str) -> float:
+    """Seconds since `new_id` made this id (its first 14 hex digits after the prefix are microseconds)."""
+    try:
+        made = int(record_id.partition("_")[2][:14], 16) / 1e6
+    except ValueError:
+        return float("inf")
+    return time.time() - made
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -323,7 +335,9 @@ class Records:
     def reserve_job_slot(self, tenant: str, job_id: str, limit: int) -> None:
         """Count `job_id` as active before it is created, atomically, so concurrent submissions cannot all pass
         a count-then-create; QuotaExceeded when the tenant already has `limit` queued or running jobs. Members
-        whose jobs have finished are pruned once before refusing. `release_job_slot` undoes a reservation."""
+        whose jobs have finished are pruned once before refusing, and so are reservations whose job was never
+        created (a crashed request) once they are older than `STALE_RESERVATION_SECONDS`. `release_job_slot`
+        undoes a reservation."""
         key = self.active_key(tenant)
         with redis_errors():
             for attempt in range(2):
@@ -335,7 +349,9 @@ class Records:
                             if self.get_job(as_text(member), tenant).state not in ACTIVE_STATES:
                                 self.index.srem(key, member)
                         except NotFound:
-                            continue  # another submission's reservation, not yet created
+                            # another submission's reservation, not yet created, unless it is long abandoned
+                            if _id_age_seconds(as_text(member)) > STALE_RESERVATION_SECONDS:
+                                self.index.srem(key, member)
         raise QuotaExceeded(f"at most {limit} queued or running jobs per tenant")
 
     def release_job_slot(self, tenant: str, job_id: str) -> None:

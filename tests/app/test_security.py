@@ -14,6 +14,7 @@ import logging
 import pickle
 import re
 import struct
+import time
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
@@ -813,3 +814,20 @@ def test_read_only_key_body_is_never_read(api, path, framing):
     body = (b"--x\r\n" + b"\0" * 65536 for _ in range(64))
     status, response, read = _asgi(api.app, "POST", path, headers | framing, body)
     assert (status, response["error"]["code"], read) == (403, "forbidden", 0)
+
+
+def test_an_abandoned_job_reservation_does_not_hold_a_slot_forever(make_api, adapter_dir):
+    """A request that crashed between reserving its slot and creating its job leaves an id in the tenant's
+    active set; once that reservation is stale it no longer counts against the quota."""
+    from app.records import STALE_RESERVATION_SECONDS
+
+    api = make_api(max_jobs_per_tenant=1)
+    adapter_id = upload(api, adapter_dir()).json()["id"]
+    active = api.records.active_key("tenant-a")
+    fresh = f"jb_{int(time.time() * 1e6):014x}{'a' * 10}"
+    api.records.index.sadd(active, fresh)  # a reservation in flight: it holds the slot
+    assert_error(api.post("/v1/jobs", json=merge_body(adapter_id)), 429, "quota_exceeded")
+    api.records.index.srem(active, fresh)
+    stale_time = int((time.time() - STALE_RESERVATION_SECONDS - 60) * 1e6)
+    api.records.index.sadd(active, f"jb_{stale_time:014x}{'b' * 10}")  # abandoned long ago
+    assert api.post("/v1/jobs", json=merge_body(adapter_id)).status_code == 202
