@@ -24,6 +24,13 @@ class MergeInput(BaseModel):
     weight: float = Field(1.0, ge=-100.0, le=100.0, description="Per-adapter weight; negative negates a task.")
 
 
+def validated_params(params_models: dict[str, type[BaseModel]], method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A job's `params` checked against its method's own `<Method>Params` model: bounded, no unknown keys."""
+    if len(params) > 32:
+        raise ValueError("too many params")
+    return params_models[method].model_validate(params).model_dump(mode="json", by_alias=True)
+
+
 class MergeJobCreate(BaseModel):
     """`{"type": "merge", "adapters": [...], "method": ..., "params": {...}, "output": {...}}`.
 
@@ -39,17 +46,9 @@ class MergeJobCreate(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     output: MergeOutput = Field(default_factory=MergeOutput)
 
-    @field_validator("params")
-    @classmethod
-    def _bounded_params(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if len(value) > 32:
-            raise ValueError("too many params")
-        return value
-
     @model_validator(mode="after")
     def _params_match_method(self) -> MergeJobCreate:
-        params_model = MERGE_PARAMS[self.method]
-        self.params = params_model.model_validate(self.params).model_dump(by_alias=True)
+        self.params = validated_params(MERGE_PARAMS, self.method, self.params)
         return self
 
     def input_adapter_ids(self) -> list[str]:
@@ -102,16 +101,9 @@ class UnlearnJobCreate(BaseModel):
     output: Literal["adapter", "weights"] = "adapter"
     name: str | None = Field(None, min_length=1, max_length=128, description="Name of the output.")
 
-    @field_validator("params")
-    @classmethod
-    def _bounded_params(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if len(value) > 32:
-            raise ValueError("too many params")
-        return value
-
     @model_validator(mode="after")
     def _params_match_method(self) -> UnlearnJobCreate:
-        self.params = UNLEARN_PARAMS[self.method].model_validate(self.params).model_dump(mode="json", by_alias=True)
+        self.params = validated_params(UNLEARN_PARAMS, self.method, self.params)
         if self.adapter is not None and self.output == "weights":
             raise ValueError("unlearning through an adapter yields a new adapter: use output 'adapter'")
         return self
