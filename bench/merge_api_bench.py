@@ -36,13 +36,16 @@ METHODS = {
 def engine_seconds(paths: list[Path], method: str, params: dict, out: Path) -> float:
     import json
 
+    from app.settings import get_settings
     from workers.lora import merge_adapter_files
+    from workers.pipeline import torch_threads
 
     inputs = [(json.loads((p / "adapter_config.json").read_text()), p / "adapter_model.safetensors", 1.0)
               for p in paths]
-    start = time.perf_counter()
-    merge_adapter_files(inputs, method, params, {"name": "m", "rank": 16}, out)
-    return time.perf_counter() - start
+    with torch_threads(get_settings().merge_threads):  # as the worker runs it
+        start = time.perf_counter()
+        merge_adapter_files(inputs, method, params, {"name": "m", "rank": 16}, out)
+        return time.perf_counter() - start
 
 
 def main() -> None:

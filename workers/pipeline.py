@@ -13,8 +13,8 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -238,6 +238,18 @@ def publish_adapter(
     )
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_merge(context: JobContext) -> JobResult:
     from workers.lora import merge_adapter_files
 
@@ -260,9 +272,10 @@ def run_merge(context: JobContext) -> JobResult:
         def engine_progress(fraction: float, stage: str) -> None:
             context.progress(0.3 + 0.6 * fraction, stage)
 
-        report = merge_adapter_files(
-            inputs, spec.method, spec.params, spec.output.model_dump(), out_dir, progress=engine_progress
-        )
+        with torch_threads(context.settings.merge_threads):
+            report = merge_adapter_files(
+                inputs, spec.method, spec.params, spec.output.model_dump(), out_dir, progress=engine_progress
+            )
         context.progress(0.92, "storing the merged adapter")
         return publish_adapter(context, out_dir, spec.output.name, report)
 

@@ -3,6 +3,7 @@ same classes, by the worker before any compute."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -24,7 +25,9 @@ class MergeInput(BaseModel):
     weight: float = Field(1.0, ge=-100.0, le=100.0, description="Per-adapter weight; negative negates a task.")
 
 
-def validated_params(params_models: dict[str, type[BaseModel]], method: str, params: dict[str, Any]) -> dict[str, Any]:
+def validated_params(
+    params_models: Mapping[str, type[BaseModel]], method: str, params: dict[str, Any]
+) -> dict[str, Any]:
     """A job's `params` checked against its method's own `<Method>Params` model: bounded, no unknown keys."""
     if len(params) > 32:
         raise ValueError("too many params")
