@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -150,6 +151,37 @@ def read_adapter_factors(config: dict, weights_path: Path, weight: float) -> dic
     return factors
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class _TensorFile:
+    """Reads tensors from a safetensors file with plain reads instead of safetensors' memory map, so the
+    file's pages do not stay mapped into (and counted in) this process while the merge runs."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("rb")
+        (length,) = struct.unpack("<Q", self._file.read(8))
+        header = json.loads(self._file.read(length))
+        header.pop("__metadata__", None)
+        self._base = 8 + length
+        self._entries: dict[str, dict[str, Any]] = header
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        start, end = entry["data_offsets"]
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        self._file.seek(self._base + start)
+        if self._file.readinto(raw.numpy().data) != end - start:
+            raise AdapterFormatError(f"tensor {key!r} is truncated")
+        return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _read_stacked(
     inputs: Sequence[tuple[dict, Path, float]], shapes: list[dict[str, tuple[int, int, int, str]]]
 ) -> dict[str, list[TaskFactors | None]]:
@@ -157,8 +189,8 @@ def _read_stacked(
     (B_s = [B_1 … B_T], A_s = [A_1; …; A_T]) so the engine stacks them without another copy; each
     adapter's TaskFactors are slices of those buffers, with weight·scaling folded into lora_B."""
     names = list(dict.fromkeys(name for per_adapter in shapes for name in per_adapter))
-    handles = [safe_open(str(path), framework="pt") for _, path, _ in inputs]
-    pairs = [_pairs(list(h.keys()), Path(path).name) for h, (_, path, _) in zip(handles, inputs, strict=True)]
+    handles = [_TensorFile(Path(path)) for _, path, _ in inputs]
+    pairs = [_pairs(h.keys(), Path(path).name) for h, (_, path, _) in zip(handles, inputs, strict=True)]
     try:
         modules: dict[str, list[TaskFactors | None]] = {}
         for name in names:
@@ -185,7 +217,8 @@ def _read_stacked(
             modules[name] = row
         return modules
     finally:
-        handles.clear()
+        for handle in handles:
+            handle.close()
 
 
 def _output_config(inputs: Sequence[tuple[dict, Path, float]], ranks: dict[str, int]) -> dict[str, Any]:
