@@ -89,10 +89,6 @@ class Records:
 
     # -- keys ---------------------------------------------------------------------------------------
     @staticmethod
-    def _adapter_key(tenant: str, adapter_id: str) -> str:
-        return f"{PREFIX}adapter:{tenant}:{adapter_id}"
-
-    @staticmethod
     def _job_key(job_id: str) -> str:
         return f"{PREFIX}job:{job_id}"
 
@@ -108,54 +104,19 @@ class Records:
     def progress_key(job_id: str) -> str:
         return f"{PREFIX}progress:{job_id}"
 
-    # -- adapters -----------------------------------------------------------------------------------
+    # -- adapters, models and datasets: one path (kind is "adapters", "models" or "datasets") ----------
     def put_adapter(self, record: AdapterRecord) -> None:
-        """Publish an adapter: its files are already stored; the record is the final PUT."""
-        self.storage.put_json(keys.adapter(record.tenant, record.id, "record.json"), record.model_dump(mode="json"))
-        self._index_adapter(record)
-
-    def _index_adapter(self, record: AdapterRecord) -> None:
-        with redis_errors():
-            pipe = self.index.pipeline()
-            pipe.set(self._adapter_key(record.tenant, record.id), record.model_dump_json())
-            pipe.zadd(f"{PREFIX}adapters:{record.tenant}", {record.id: 0})
-            pipe.execute()
+        self.put_resource("adapters", record)
 
     def get_adapter(self, tenant: str, adapter_id: str) -> AdapterRecord:
-        with redis_errors():
-            raw = self.index.get(self._adapter_key(tenant, adapter_id))
-        if raw is None:
-            try:
-                record = AdapterRecord.model_validate(
-                    self.storage.get_json(keys.adapter(tenant, adapter_id, "record.json"))
-                )
-            except NotFound:
-                raise NotFound(f"adapter {adapter_id} not found") from None
-            self._index_adapter(record)
-        else:
-            record = AdapterRecord.model_validate_json(raw)
-        if record.deleted or record.tenant != tenant:
-            raise NotFound(f"adapter {adapter_id} not found")
+        record: AdapterRecord = self.get_resource("adapters", tenant, adapter_id)
         return record
 
     def list_adapters(self, tenant: str, limit: int, cursor: str | None) -> tuple[list[AdapterRecord], str | None]:
-        ids, next_cursor = self._page(f"{PREFIX}adapters:{tenant}", limit, cursor, lambda _id: True)
-        return [self.get_adapter(tenant, i) for i in ids], next_cursor
+        return self.list_resources("adapters", tenant, limit, cursor)
 
     def delete_adapter(self, tenant: str, adapter_id: str) -> None:
-        record = self.get_adapter(tenant, adapter_id)
-        for job in self.active_jobs(tenant):
-            if adapter_id in job.input_adapter_ids():
-                raise Conflict(f"adapter {adapter_id} is used by {job.state} job {job.id}", code="adapter_in_use")
-        # the record goes first, so a half-finished delete leaves no visible adapter behind
-        self.storage.delete(keys.adapter(tenant, adapter_id, "record.json"))
-        with redis_errors():
-            pipe = self.index.pipeline()
-            pipe.delete(self._adapter_key(tenant, adapter_id))
-            pipe.zrem(f"{PREFIX}adapters:{tenant}", adapter_id)
-            pipe.decrby(f"{PREFIX}bytes:{tenant}", record.size_bytes)
-            pipe.execute()
-        self.storage.delete_prefix(keys.adapter(tenant, adapter_id))
+        self.delete_resource("adapters", tenant, adapter_id)
 
     def stored_bytes(self, tenant: str) -> int:
         with redis_errors():
@@ -182,14 +143,13 @@ class Records:
         except IndexUnavailable:
             log.warning("could not release reserved bytes", extra={"tenant": tenant, "bytes": size})
 
-    # -- models and datasets (one generic path: kind is "models" or "datasets") ---------------------
-    def put_resource(self, kind: str, record: ModelRecord | DatasetRecord) -> None:
-        """Publish a model or dataset: its files are already stored; the record is the final PUT."""
+    def put_resource(self, kind: str, record: Resource) -> None:
+        """Publish an adapter, model or dataset: its files are already stored; the record is the final PUT."""
         key_of, _ = _RESOURCES[kind]
         self.storage.put_json(key_of(record.tenant, record.id, "record.json"), record.model_dump(mode="json"))
         self._index_resource(kind, record)
 
-    def _index_resource(self, kind: str, record: ModelRecord | DatasetRecord) -> None:
+    def _index_resource(self, kind: str, record: Resource) -> None:
         with redis_errors():
             pipe = self.index.pipeline()
             pipe.set(f"{PREFIX}{kind}:{record.tenant}:{record.id}", record.model_dump_json())
@@ -222,8 +182,7 @@ class Records:
         noun = kind.removesuffix("s")
         record = self.get_resource(kind, tenant, resource_id)
         for job in self.active_jobs(tenant):
-            used = job.input_model_ids() if kind == "models" else job.input_dataset_ids()
-            if resource_id in used:
+            if resource_id in _USED_BY[kind](job):
                 raise Conflict(f"{noun} {resource_id} is used by {job.state} job {job.id}", code=f"{noun}_in_use")
         self.storage.delete(key_of(tenant, resource_id, "record.json"))
         with redis_errors():
@@ -426,12 +385,7 @@ class Records:
                 data: dict[str, Any] = self.storage.get_json(key)
             except (NotFound, json.JSONDecodeError):
                 continue
-            if kind == "adapters":
-                adapter = AdapterRecord.model_validate(data)
-                self._index_adapter(adapter)
-                byte_totals[tenant] = byte_totals.get(tenant, 0) + adapter.size_bytes
-                counts["adapters"] += 1
-            elif kind in _RESOURCES:
+            if kind in _RESOURCES:
                 resource = _RESOURCES[kind][1].model_validate(data)
                 self._index_resource(kind, resource)
                 byte_totals[tenant] = byte_totals.get(tenant, 0) + resource.size_bytes
@@ -456,9 +410,17 @@ class Records:
             return not any(self.index.scan_iter(match=f"{PREFIX}*", count=100))
 
 
-_RESOURCES: dict[str, tuple[Callable[..., str], type[ModelRecord] | type[DatasetRecord]]] = {
+Resource = AdapterRecord | ModelRecord | DatasetRecord
+_RESOURCES: dict[str, tuple[Callable[..., str], type[AdapterRecord] | type[ModelRecord] | type[DatasetRecord]]] = {
+    "adapters": (keys.adapter, AdapterRecord),
     "models": (keys.model, ModelRecord),
     "datasets": (keys.dataset, DatasetRecord),
+}
+# the records of each kind that an active job reads (so they cannot be deleted under it)
+_USED_BY: dict[str, Callable[[JobRecord], list[str]]] = {
+    "adapters": JobRecord.input_adapter_ids,
+    "models": JobRecord.input_model_ids,
+    "datasets": JobRecord.input_dataset_ids,
 }
 
 
