@@ -52,6 +52,31 @@ def make_adapter(
     return directory
 
 
+def tiny_model_tar() -> bytes:
+    """A gzip tar of a minimal registrable causal LM (config, one safetensors tensor, a tokenizer file):
+    enough for `POST /v1/models` to accept, not meant to be loaded."""
+    import io
+    import json
+    import tarfile
+
+    import numpy as np
+    from safetensors.numpy import save as save_numpy
+
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 16, "hidden_size": 4}
+    files = {
+        "config.json": json.dumps(config).encode(),
+        "model.safetensors": save_numpy({"model.embed_tokens.weight": np.ones((16, 4), dtype=np.float32)}),
+        "tokenizer.json": b'{"version": "1.0"}',
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 if __name__ == "__main__":  # `python -m tests.factories DIR`: two demo adapters for the README walk-through
     import sys
     import warnings

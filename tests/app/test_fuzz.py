@@ -17,13 +17,11 @@ import struct
 import tarfile
 import uuid
 
-import numpy as np
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from safetensors.numpy import save as save_numpy
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -42,6 +40,7 @@ from app.model_check import extract_archive
 from app.schemas.jobs import JobResult
 from app.settings import Settings
 from app.storage import keys
+from tests.factories import tiny_model_tar
 
 # a quick run by default; AMEND_FUZZ_EXAMPLES=200 for a deeper one
 EXAMPLES = int(os.environ.get("AMEND_FUZZ_EXAMPLES", "10"))
@@ -76,22 +75,6 @@ def adapter_files(tmp_path_factory) -> dict[str, bytes]:
     return {name: (directory / name).read_bytes() for name in ("adapter_config.json", WEIGHTS)}
 
 
-def _model_tar() -> bytes:
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 16, "hidden_size": 4}
-    files = {
-        "config.json": json.dumps(config).encode(),
-        "model.safetensors": save_numpy({"model.embed_tokens.weight": np.ones((16, 4), dtype=np.float32)}),
-        "tokenizer.json": b'{"version": "1.0"}',
-    }
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 @pytest.fixture
 def service(redis_url, redis_client, moto_s3, adapter_files):
     """The app with a key for tenant A and one record of each kind (jobs finished, so streams end)."""
@@ -124,7 +107,7 @@ def _seed(client: TestClient, adapter_files: dict[str, bytes]) -> dict[str, str]
     ids["adapter_id"] = response.json()["id"]
     spec_paths = client.app.openapi()["paths"]
     if "/v1/models" in spec_paths:
-        response = client.post("/v1/models", files={"archive": ("m.tar.gz", _model_tar())})
+        response = client.post("/v1/models", files={"archive": ("m.tar.gz", tiny_model_tar())})
         assert response.status_code == 201, response.text
         ids["model_id"] = response.json()["id"]
     if "/v1/datasets" in spec_paths:

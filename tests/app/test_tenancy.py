@@ -8,25 +8,22 @@ Every route but health and the docs answers 401 without a key.
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import tarfile
 import uuid
 from collections.abc import Callable
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from safetensors.numpy import save as save_numpy
 
 from app import audit
 from app.main import create_app
 from app.schemas.jobs import ID_PATTERN, JobResult
 from app.settings import Settings
 from app.storage import keys
+from tests.factories import tiny_model_tar
 
 PUBLIC_PATHS = {"/healthz", "/readyz"}
 DOCS_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
@@ -60,24 +57,8 @@ def _upload_adapter(client: TestClient, ctx: SimpleNamespace, headers: dict | No
     return [response.json()["id"]]
 
 
-def _model_tar() -> bytes:
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 16, "hidden_size": 4}
-    files = {
-        "config.json": json.dumps(config).encode(),
-        "model.safetensors": save_numpy({"model.embed_tokens.weight": np.ones((16, 4), dtype=np.float32)}),
-        "tokenizer.json": b'{"version": "1.0"}',
-    }
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def _upload_model(client: TestClient, ctx: SimpleNamespace) -> list[str]:
-    response = client.post("/v1/models", files={"archive": ("model.tar.gz", _model_tar())}, data={"name": "m"})
+    response = client.post("/v1/models", files={"archive": ("model.tar.gz", tiny_model_tar())}, data={"name": "m"})
     assert response.status_code == 201, response.text
     return [response.json()["id"]]
 
