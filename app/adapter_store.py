@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,7 @@ def store_adapter(
             id=adapter_id,
             tenant=tenant,
             name=name,
-            base_model=summary.base_model,
-            rank=summary.rank,
-            alpha=summary.alpha,
-            target_modules=summary.target_modules,
-            n_modules=summary.n_modules,
-            dtype=summary.dtype,
-            use_rslora=summary.use_rslora,
+            **asdict(summary),  # base_model, rank, alpha, target_modules, n_modules, dtype, use_rslora
             size_bytes=size,
             sha256=sha256,
             config_sha256=config_sha256,
