@@ -17,6 +17,29 @@ def _named_grads(model: nn.Module, loss: Tensor, named: list[tuple[str, nn.Param
     return [torch.zeros_like(p) if g is None else g for (_, p), g in zip(named, grads, strict=True)]
 
 
+def _accumulate(
+    model: nn.Module,
+    named: list[tuple[str, nn.Parameter]],
+    batches: Iterable[dict[str, Tensor]],
+    loss_fn: BatchLoss,
+    device: torch.device,
+    power: int,
+) -> tuple[dict[str, Tensor], int]:
+    """Σ over batches of (∇loss)^power (model in eval mode), per parameter name, and the batch count."""
+    total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named}
+    count = 0
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        count += 1
+        for (name, _), g in zip(
+            named, _named_grads(model, loss_fn(model, to_device(batch, device)), named), strict=True
+        ):
+            total[name] += g.float() ** power
+    model.train(was_training)
+    return total, count
+
+
 def gradient_sum(
     model: nn.Module,
     named: list[tuple[str, nn.Parameter]],
@@ -25,16 +48,7 @@ def gradient_sum(
     device: torch.device,
 ) -> dict[str, Tensor]:
     """Σ over batches of ∇loss (model in eval mode), per parameter name."""
-    total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named}
-    was_training = model.training
-    model.eval()
-    for batch in batches:
-        for (name, _), g in zip(
-            named, _named_grads(model, loss_fn(model, to_device(batch, device)), named), strict=True
-        ):
-            total[name] += g.float()
-    model.train(was_training)
-    return total
+    return _accumulate(model, named, batches, loss_fn, device, power=1)[0]
 
 
 def squared_gradient_mean(
@@ -45,17 +59,7 @@ def squared_gradient_mean(
     device: torch.device,
 ) -> dict[str, Tensor]:
     """Mean over batches of (∇loss)² — the diagonal Fisher / SSD importance — per parameter name."""
-    total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named}
-    count = 0
-    was_training = model.training
-    model.eval()
-    for batch in batches:
-        count += 1
-        for (name, _), g in zip(
-            named, _named_grads(model, loss_fn(model, to_device(batch, device)), named), strict=True
-        ):
-            total[name] += g.float() ** 2
-    model.train(was_training)
+    total, count = _accumulate(model, named, batches, loss_fn, device, power=2)
     return {name: value / max(count, 1) for name, value in total.items()}
 
 
