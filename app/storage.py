@@ -37,10 +37,6 @@ class keys:
     """Object keys, from ids only."""
 
     @staticmethod
-    def tenant(tenant: str) -> str:
-        return f"tenants/{tenant}/"
-
-    @staticmethod
     def adapter(tenant: str, adapter_id: str, name: str = "") -> str:
         return f"tenants/{tenant}/adapters/{adapter_id}/{name}"
 
