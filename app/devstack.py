@@ -172,6 +172,18 @@ def start_seaweed(
     return service, url
 
 
+def start_backends(root: Path, services: list[Service]) -> dict[str, str]:
+    """A redis-server and SeaweedFS (development S3 credentials) under `root`, for benchmarks; appends
+    them to `services` (the caller stops them) and returns the environment that points Amend at them."""
+    from app.settings import DEV_S3_ACCESS_KEY, DEV_S3_SECRET_KEY
+
+    redis_service, redis_url = start_redis(root / "redis")
+    services.append(redis_service)
+    s3_service, s3_url = start_seaweed(root / "s3", DEV_S3_ACCESS_KEY, DEV_S3_SECRET_KEY)
+    services.append(s3_service)
+    return {"REDIS_URL": redis_url, "AMEND_S3_ENDPOINT_URL": s3_url}
+
+
 def start_api(env: dict[str, str], port: int, log_path: Path | None = None) -> Service:
     import httpx
 

@@ -24,7 +24,6 @@ from pathlib import Path
 import httpx
 
 from app import devstack
-from app.settings import DEV_S3_ACCESS_KEY, DEV_S3_SECRET_KEY
 from bench.merge_bench import generate
 
 METHODS = {
@@ -61,11 +60,9 @@ def main() -> None:
     key = "bench-" + secrets.token_hex(8)
     services: list[devstack.Service] = []
     try:
-        redis_service, redis_url = devstack.start_redis(root / "redis")
-        s3_service, s3_url = devstack.start_seaweed(root / "s3", DEV_S3_ACCESS_KEY, DEV_S3_SECRET_KEY)
-        services += [redis_service, s3_service]
-        env = {"REDIS_URL": redis_url, "AMEND_S3_ENDPOINT_URL": s3_url, "AMEND_API_KEYS": f"{key}:bench",
-               "AMEND_LOG_LEVEL": "WARNING"}
+        env = devstack.start_backends(root, services) | {
+            "AMEND_API_KEYS": f"{key}:bench", "AMEND_LOG_LEVEL": "WARNING"
+        }
         port = devstack.free_port()
         services.append(devstack.start_api(env, port, log_path=root / "api.log"))
         services.append(devstack.start_worker(env, log_path=root / "worker.log", name="bench"))

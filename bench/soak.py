@@ -27,7 +27,6 @@ import torch
 from safetensors.torch import save_file
 
 from app import devstack
-from app.settings import DEV_S3_ACCESS_KEY, DEV_S3_SECRET_KEY
 
 
 def write_adapter(directory: Path, seed: int, hidden: int = 64, layers: int = 2, rank: int = 4) -> Path:
@@ -63,11 +62,10 @@ def main() -> None:
     services: list[devstack.Service] = []
     workers: list[devstack.Service] = []
     try:
-        redis_service, redis_url = devstack.start_redis(root / "redis")
-        s3_service, s3_url = devstack.start_seaweed(root / "s3", DEV_S3_ACCESS_KEY, DEV_S3_SECRET_KEY)
-        services += [redis_service, s3_service]
-        env = {"REDIS_URL": redis_url, "AMEND_S3_ENDPOINT_URL": s3_url, "AMEND_API_KEYS": f"{key}:soak",
-               "AMEND_JOB_LEASE_SECONDS": "6", "AMEND_MAX_JOBS_PER_TENANT": "100000", "AMEND_LOG_LEVEL": "WARNING"}
+        env = devstack.start_backends(root, services) | {
+            "AMEND_API_KEYS": f"{key}:soak", "AMEND_JOB_LEASE_SECONDS": "6",
+            "AMEND_MAX_JOBS_PER_TENANT": "100000", "AMEND_LOG_LEVEL": "WARNING",
+        }
         port = devstack.free_port()
         services.append(devstack.start_api(env, port, log_path=root / "api.log"))
 
