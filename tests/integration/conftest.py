@@ -7,6 +7,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,15 @@ class Stack:
             api_keys=api_keys, s3_max_attempts=2, s3_connect_timeout=2,
         )
 
+    @contextmanager
+    def client(self) -> Iterator[TestClient]:
+        """An in-process API on this stack, authenticated as tenant A (`.other_key` is tenant B's key)."""
+        key_a, key_b, api_keys = tenant_keys()
+        with TestClient(create_app(self.settings(api_keys))) as test_client:
+            test_client.headers["Authorization"] = f"Bearer {key_a}"
+            test_client.other_key = key_b  # type: ignore[attr-defined]
+            yield test_client
+
     def stop(self) -> None:
         for worker in self.workers:
             worker.stop()
@@ -98,10 +108,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
 @pytest.fixture
 def client(stack: Stack) -> Iterator[TestClient]:
     redis.Redis.from_url(stack.redis_url).flushdb()
-    key_a, key_b, api_keys = tenant_keys()
-    with TestClient(create_app(stack.settings(api_keys))) as test_client:
-        test_client.headers["Authorization"] = f"Bearer {key_a}"
-        test_client.other_key = key_b  # type: ignore[attr-defined]
+    with stack.client() as test_client:
         yield test_client
 
 

@@ -9,8 +9,6 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from tests.conftest import tenant_keys
 from tests.integration.conftest import Stack
 
 WORKER_APP = "tests.reliability.worker_app"
@@ -27,9 +25,7 @@ def rstack(tmp_path) -> Iterator[Stack]:
 
 @pytest.fixture
 def rclient(rstack: Stack) -> Iterator[TestClient]:
-    key_a, _, api_keys = tenant_keys()
-    with TestClient(create_app(rstack.settings(api_keys))) as client:
-        client.headers["Authorization"] = f"Bearer {key_a}"
+    with rstack.client() as client:
         yield client
 
 
