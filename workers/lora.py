@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,13 +26,13 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from app.schemas.merge import MergeOutput
 from workers.engines import registry
 from workers.engines.merge.engine import merge_modules
 from workers.engines.merge.errors import MergeInputError
-from workers.engines.merge.types import TaskFactors
+from workers.engines.merge.types import TaskFactors, finite
+from workers.tensor_files import TensorFile, write_tensors
 
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
@@ -151,37 +150,6 @@ def read_adapter_factors(config: dict, weights_path: Path, weight: float) -> dic
     return factors
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-class _TensorFile:
-    """Reads tensors from a safetensors file with plain reads instead of safetensors' memory map, so the
-    file's pages do not stay mapped into (and counted in) this process while the merge runs."""
-
-    def __init__(self, path: Path) -> None:
-        self._file = path.open("rb")
-        (length,) = struct.unpack("<Q", self._file.read(8))
-        header = json.loads(self._file.read(length))
-        header.pop("__metadata__", None)
-        self._base = 8 + length
-        self._entries: dict[str, dict[str, Any]] = header
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def get_tensor(self, key: str) -> torch.Tensor:
-        entry = self._entries[key]
-        start, end = entry["data_offsets"]
-        raw = torch.empty(end - start, dtype=torch.uint8)
-        self._file.seek(self._base + start)
-        if self._file.readinto(raw.numpy().data) != end - start:
-            raise AdapterFormatError(f"tensor {key!r} is truncated")
-        return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-
-    def close(self) -> None:
-        self._file.close()
-
-
 def _read_stacked(
     inputs: Sequence[tuple[dict, Path, float]], shapes: list[dict[str, tuple[int, int, int, str]]]
 ) -> dict[str, list[TaskFactors | None]]:
@@ -189,8 +157,11 @@ def _read_stacked(
     (B_s = [B_1 … B_T], A_s = [A_1; …; A_T]) so the engine stacks them without another copy; each
     adapter's TaskFactors are slices of those buffers, with weight·scaling folded into lora_B."""
     names = list(dict.fromkeys(name for per_adapter in shapes for name in per_adapter))
-    handles = [_TensorFile(Path(path)) for _, path, _ in inputs]
+    handles = [TensorFile(Path(path)) for _, path, _ in inputs]
     pairs = [_pairs(h.keys(), Path(path).name) for h, (_, path, _) in zip(handles, inputs, strict=True)]
+    # B_t (m×r) is a column block of B_s, so it is read into a reused buffer and scaled into place;
+    # A_t (r×n) is a row block of A_s, contiguous, so a float32 A_t is read straight into it
+    scratch = torch.empty(max((m * r for per in shapes for m, _, r, _ in per.values()), default=0))
     try:
         modules: dict[str, list[TaskFactors | None]] = {}
         for name in names:
@@ -204,14 +175,20 @@ def _read_stacked(
             for t in present:
                 config, _, weight = inputs[t]
                 r = shapes[t][name][2]
-                sides = pairs[t][name]
+                handle, sides = handles[t], pairs[t][name]
                 part_B, part_A = stack_B[:, start : start + r], stack_A[start : start + r]
-                lora_B, scale = handles[t].get_tensor(sides["B"]), float(weight) * scaling(config, name, r)
-                if lora_B.dtype == torch.float32:
-                    torch.mul(lora_B, scale, out=part_B)
+                scale = float(weight) * scaling(config, name, r)
+                fp32_B, fp32_A = (handle.dtype(sides[side]) == torch.float32 for side in "BA")
+                raw_B = handle.read(sides["B"], out=scratch[: m * r] if fp32_B else None)
+                raw_A = handle.read(sides["A"], out=part_A if fp32_A else None)
+                if not (finite(raw_B) and finite(raw_A)):  # checked while the tensors are still in cache
+                    raise MergeInputError(f"module {name!r}, adapter {t}: factors contain NaN or Inf")
+                if fp32_B:
+                    torch.mul(raw_B, scale, out=part_B)
                 else:  # upcast exactly first, then scale in float32
-                    part_B.copy_(lora_B).mul_(scale)
-                part_A.copy_(handles[t].get_tensor(sides["A"]))
+                    part_B.copy_(raw_B).mul_(scale)
+                if not fp32_A:
+                    part_A.copy_(raw_A)
                 row[t] = TaskFactors(lora_A=part_A, lora_B=part_B)
                 start += r
             modules[name] = row
@@ -286,7 +263,7 @@ def merge_adapter_files(
     dtypes = {dtype for per_module in shapes for (_, _, _, dtype) in per_module.values()}
     # read (into per-module stacked buffers), merge, write
     modules = _read_stacked(inputs, shapes)
-    result = merge_modules(method, modules, checked, spec, progress)
+    result = merge_modules(method, modules, checked, spec, progress, inputs_finite=True)
     out_dtype = _torch_dtype(dtypes.pop()) if len(dtypes) == 1 else torch.float32
     tensors: dict[str, torch.Tensor] = {}
     for name, merged in result.modules.items():
@@ -294,7 +271,7 @@ def merge_adapter_files(
         tensors[f"{PREFIX}{name}.lora_B.weight"] = merged.lora_B.to(out_dtype).contiguous()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_tensors(out_dir / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     config = _output_config(inputs, {name: m.rank for name, m in result.modules.items()})
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "merge_report.json").write_text(json.dumps(result.report))

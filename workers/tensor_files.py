@@ -1,0 +1,115 @@
+"""safetensors files read and written with plain file I/O (no memory map, no intermediate byte copies).
+
+`TensorFile` reads one tensor at a time with `readinto`, optionally straight into a caller's buffer (e.g. a
+slice of a stacked factor matrix), so the file's pages are never mapped into the process and no temporary
+tensor is allocated. `write_tensors` writes the header, then each tensor's bytes from its own memory.
+Both follow the safetensors format: an 8-byte little-endian header length, a JSON header (space-padded to
+8 bytes) mapping names to dtype, shape and data offsets, then the tensors' bytes back to back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+class TensorFileError(ValueError):
+    """The file is not a readable safetensors file of float tensors; the message says what and where."""
+
+
+class TensorFile:
+    """One safetensors file open for reading; use as a context manager or call `close`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file = self.path.open("rb")
+        try:
+            self._entries = self._header()
+        except BaseException:
+            self._file.close()
+            raise
+        self._base = self._file.tell()
+
+    def _header(self) -> dict[str, dict[str, Any]]:
+        raw = self._file.read(8)
+        if len(raw) != 8:
+            raise TensorFileError(f"{self.path.name}: not a safetensors file (no header length)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > MAX_HEADER_BYTES:
+            raise TensorFileError(f"{self.path.name}: header of {length} bytes is larger than allowed")
+        try:
+            header = json.loads(self._file.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise TensorFileError(f"{self.path.name}: the header is not JSON") from None
+        header.pop("__metadata__", None)
+        for key, entry in header.items():
+            if entry.get("dtype") not in DTYPES:
+                raise TensorFileError(f"{self.path.name}: tensor {key!r} has unsupported dtype {entry.get('dtype')}")
+            start, end = entry["data_offsets"]
+            size = math.prod(entry["shape"]) * DTYPES[entry["dtype"]].itemsize
+            if end - start != size or start < 0:
+                raise TensorFileError(f"{self.path.name}: tensor {key!r} has inconsistent offsets and shape")
+        return header
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return DTYPES[self._entries[key]["dtype"]]
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `key`. With `out` (contiguous, the tensor's dtype and number of elements) the bytes are read
+        straight into it and `out` is returned, reshaped to the tensor's shape."""
+        entry = self._entries[key]
+        start, end = entry["data_offsets"]
+        dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        elif out.dtype != dtype or out.numel() != math.prod(shape) or not out.is_contiguous():
+            raise ValueError(f"buffer for {key!r} must be a contiguous {dtype} tensor of {math.prod(shape)} elements")
+        self._file.seek(self._base + start)
+        if self._file.readinto(out.reshape(-1).view(torch.uint8).numpy().data) != end - start:
+            raise TensorFileError(f"{self.path.name}: tensor {key!r} is truncated")
+        return out.view(shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write `tensors` (contiguous, CPU, float dtypes) as a safetensors file, in the given order."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, tensor in tensors.items():
+        if tensor.dtype not in _NAMES or not tensor.is_contiguous() or tensor.device.type != "cpu":
+            raise ValueError(f"tensor {key!r} must be a contiguous CPU tensor of a float dtype")
+        end = offset + tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        offset = end
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with Path(path).open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
