@@ -84,9 +84,12 @@ def _unfold(cores: Factored, basis: Tensor) -> Tensor:
 
 
 def _mode_gram(cores: Factored) -> Tensor:
-    """Σ_t M_tM_tᵀ = Σ_t L_t(R_tR_tᵀ)L_tᵀ, (G, d, d)."""
+    """Σ_t M_tM_tᵀ = Σ_t L_t(R_tR_tᵀ)L_tᵀ, (G, d, d): one product over the tasks' stacked factors
+    [L_1X_1 … L_TX_T]·[L_1 … L_T]ᵀ (X_t = R_tR_tᵀ), without a (G, T, d, d) intermediate."""
     left, right = cores
-    return (left @ (right @ right.mT) @ left.mT).sum(dim=1)
+    g, t, d, rho = left.shape
+    weighted = (left @ (right @ right.mT)).permute(0, 2, 1, 3).reshape(g, d, t * rho)
+    return weighted @ left.permute(0, 2, 1, 3).reshape(g, d, t * rho).mT
 
 
 def _ritz_update(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,50 +106,64 @@ def _ritz_update(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
 
 def _sweeps(cores: Factored, p: Tensor, q: Tensor, max_iter: int) -> tuple[Tensor, Tensor, list[int], Tensor]:
     """HOOI sweeps from (p, q) in the cores' dtype until each module's objective improves by at most
-    HOOI_TOL relative, or `max_iter` sweeps; converged modules drop out of the batch."""
-    transposed = _transpose(cores)
+    HOOI_TOL relative, or `max_iter` sweeps; converged modules drop out of the batch (the working copies of
+    the active modules' cores are compacted only when some converge)."""
     objective = (p.mT @ _unfold(cores, q)).square().sum(dim=(1, 2))
     sweeps = [0] * p.shape[0]
     active = torch.arange(p.shape[0], device=p.device)
+    sub, sub_t = cores, _transpose(cores)
+    p_act, q_act, obj_act = p.clone(), q.clone(), objective.clone()
     for sweep in range(1, max_iter + 1):
-        sub = (cores[0][active], cores[1][active])
-        sub_t = (transposed[0][active], transposed[1][active])
         # P ← top-r eigenspace of Σ (M_tQ)(M_tQ)ᵀ
-        p_new, _ = _ritz_update(_unfold(sub, q[active]), p[active])
+        p_act, _ = _ritz_update(_unfold(sub, q_act), p_act)
         # Q ← top-r eigenspace of Σ (M_tᵀP)(M_tᵀP)ᵀ; the objective is the sum of its Ritz values
-        q_new, values = _ritz_update(_unfold(sub_t, p_new), q[active])
+        q_act, values = _ritz_update(_unfold(sub_t, p_act), q_act)
         new = values.sum(dim=-1)
-        improved = new - objective[active]
-        p[active], q[active], objective[active] = p_new, q_new, new
+        going = (new - obj_act) > HOOI_TOL * new.abs().clamp(min=torch.finfo(new.dtype).tiny)
+        obj_act = new
         for i in active.tolist():
             sweeps[i] = sweep
-        active = active[improved > HOOI_TOL * new.abs().clamp(min=torch.finfo(new.dtype).tiny)]
+        if bool(going.all()):
+            continue
+        p[active], q[active], objective[active] = p_act, q_act, obj_act
+        active = active[going]
         if active.numel() == 0:
             break
+        sub = (sub[0][going], sub[1][going])
+        sub_t = _transpose(sub)
+        p_act, q_act, obj_act = p_act[going], q_act[going], obj_act[going]
+    else:
+        p[active], q[active], objective[active] = p_act, q_act, obj_act
     return p, q, sweeps, objective
 
 
+def _objective(cores: Factored, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Σ_t‖PᵀM_tQ‖² per module in float64, with P and Q re-orthonormalised in float64 first; returns
+    (P, Q, objective)."""
+    p, q = torch.linalg.qr(p.double())[0], torch.linalg.qr(q.double())[0]
+    return p, q, (p.mT @ _unfold(cores, q)).square().sum(dim=(1, 2))
+
+
 def hooi(cores: Factored, ranks: tuple[int, int], max_iter: int) -> tuple[Tensor, Tensor, list[int], Tensor, Tensor]:
-    """Tucker-2 (modes 0, 1; ranks [r_B, r_A], both r unless a stack has lower rank) of the stacked cores by
-    HOOI from an HOSVD start.
+    """Tucker-2 (modes 0, 1; ranks [r_B, r_A], both r unless a stack has lower rank) of the stacked float64
+    cores by HOOI from an HOSVD start.
 
     Each half-sweep maximises Σ_t‖PᵀM_tQ‖² over P with Q fixed (the top eigenspace of Σ(M_tQ)(M_tQ)ᵀ,
     reached by a Rayleigh–Ritz step from the current P), then over Q. A module stops when its objective
-    improves by at most 1e-6 relative (tensorly's tol) or after `max_iter` sweeps in all. The sweeps run in
-    float32 (they only choose subspaces), then continue in float64 until the float64 objective has
-    stopped improving too. Returns P (G,d_B,r_B), Q (G,d_A,r_A) orthonormal, the sweeps each module ran,
-    and the objective at the HOSVD start and at the end (both (G,)).
+    improves by at most 1e-6 relative (the tol of tensorly's partial_tucker in the CtM code) or after
+    `max_iter` sweeps. The HOSVD Grams are formed in float64; the eigensolves and sweeps run in float32
+    (they only choose subspaces, as in the reference code), and P, Q are re-orthonormalised in float64.
+    Returns P (G,d_B,r_B), Q (G,d_A,r_A), the sweeps each module ran, and the float64 objective at the
+    HOSVD start and at the end (both (G,)).
     """
     r_B, r_A = ranks
     # HOSVD start: top-r eigenvectors of Σ M_tM_tᵀ and Σ M_tᵀM_t
-    p, _ = _top_eig(_mode_gram(cores), r_B)
-    q, _ = _top_eig(_mode_gram(_transpose(cores)), r_A)
-    start = (p.mT @ _unfold(cores, q)).square().sum(dim=(1, 2))
-    single = (cores[0].float(), cores[1].float())
-    p32, q32, fast, _ = _sweeps(single, p.float(), q.float(), max_iter)
-    p, q = torch.linalg.qr(p32.double())[0], torch.linalg.qr(q32.double())[0]
-    p, q, polish, objective = _sweeps(cores, p, q, max(1, max_iter - max(fast)))
-    return p, q, [a + b for a, b in zip(fast, polish, strict=True)], start, objective
+    p, _ = _top_eig(_mode_gram(cores).float(), r_B)
+    q, _ = _top_eig(_mode_gram(_transpose(cores)).float(), r_A)
+    start = _objective(cores, p, q)[2]
+    p, q, sweeps, _ = _sweeps((cores[0].float(), cores[1].float()), p, q, max_iter)
+    p, q, objective = _objective(cores, p, q)
+    return p, q, sweeps, start, objective
 
 
 def tucker_rank(target: RankTarget, balanced: Factored, i: int, rank_B: int, rank_A: int) -> tuple[int, int]:

@@ -164,7 +164,9 @@ def test_adapter_order_does_not_change_the_result(method: str) -> None:
         kw["density"] = 1.0  # random pruning is seeded per task position
     a = run(method, {"m": tasks}, **kw).modules["m"]
     b = run(method, {"m": tasks[::-1]}, **kw).modules["m"]
-    assert rel(dense(a), dense(b)) < 1e-4, method
+    # ctm's subspaces are HOOI's: it stops when the objective improves by < 1e-6 relative, so two orders
+    # (whose core bases, and so rounding, differ) agree to about its square root (measured up to 9e-4)
+    assert rel(dense(a), dense(b)) < (3e-3 if method == "ctm" else 1e-4), method
 
 
 @pytest.mark.parametrize("rule", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs"])
