@@ -134,6 +134,10 @@ def _inputs(paths: list[Path]) -> list[tuple[dict, Path, float]]:
 
 
 def _set_threads(threads: int) -> None:
+    """Each child starts as a worker process does (workers.runtime), then sets its torch threads."""
+    from workers import runtime
+
+    runtime.configure()
     import torch
 
     if threads > 0:
@@ -324,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threads",
         type=int,
-        default=0,
-        help="torch threads in each child (0 = auto: 1 when the load average already fills the CPUs, else torch's)",
+        default=1,
+        help="torch threads in each child (default 1, as a worker runs a merge: AMEND_MERGE_THREADS; 0 = torch's)",
     )
     ap.add_argument("--peft-svd-tasks", default="2", help="T values at which PEFT svd is timed (default 2)")
     ap.add_argument("--no-peft", action="store_true")
@@ -344,11 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     out = print  # the bench prints; library code does not
 
     load = os.getloadavg()
-    # OpenMP threads that spin-wait for a descheduled sibling make every small op cost a time slice on a
-    # shared machine (measured: 2 threads 4-6× slower than 1); PASSIVE waiting avoids that.
+    # children inherit it; each also calls workers.runtime.configure() as a worker does (passive OpenMP
+    # waits, a malloc that reuses freed blocks)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if args.threads == 0 and load[0] >= (os.cpu_count() or 1):
-        args.threads = 1
     out(f"Amend merge bench: Llama-2-7B shapes, rank {RANK}, {layers} layers × {len(SHAPES)} modules, {args.dtype}")
     out(
         f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} (other processes share the CPUs), "
@@ -443,6 +445,7 @@ def report(rows: list[dict[str, Any]], layers: int, svd_modules: list[str] | Non
             for label in labels
         )
         out(f"  T={row['T']:<3} inputs {row['input_mb']:.0f}MB; read once {row['read']['peak_rss_mb']:.0f}MB; {cells}")
+    targets(rows, layers, out)
     if not any("peft cat" in row for row in rows):
         return
     factor = len(SHAPES) / len(svd_modules) if svd_modules else 1.0
@@ -477,6 +480,22 @@ def report(rows: list[dict[str, Any]], layers: int, svd_modules: list[str] | Non
         out("  under-estimates PEFT's per-layer time (without --quick a whole layer is timed first).")
     out("  PEFT's svd is timed at T=2 only by default (--peft-svd-tasks); its cost is dominated by the dense")
     out("  m×n SVD per module, which does not shrink with T.")
+
+
+def targets(rows: list[dict[str, Any]], layers: int, out: Callable[[str], None]) -> None:
+    """The issue's engine targets at the largest T, each with its measured value and whether it is met."""
+    row = max(rows, key=lambda r: r["T"])
+    scale = f" (targets are for T=8, 32 layers; this run: T={row['T']}, {layers} layers)"
+    out("")
+    out("Targets, files to file" + ("" if (row["T"], layers) == (8, 32) else scale))
+    budget = row["input_mb"] + 1024
+    for label, limit in (("merge_then_compress", 3.0), ("ctm", 5.0)):
+        seconds = row[label]["seconds"]
+        out(f"  {label:<20} {seconds:6.2f} s  < {limit:.0f} s: {'met' if seconds < limit else 'MISSED'}")
+    for label in ("merge_then_compress", "ctm"):
+        rss = row[label]["peak_rss_mb"]
+        verdict = "met" if rss < budget else "MISSED"
+        out(f"  {label:<20} peak RSS {rss:.0f} MB < inputs + 1 GB = {budget:.0f} MB: {verdict}")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,10 @@ dead workers.
 
 from __future__ import annotations
 
-import os
+from workers import runtime  # imports nothing heavy
 
-# OpenMP threads that spin while waiting make torch several times slower whenever the cores are shared
-# (measured 4-6x on 2 cores); set before torch is first imported in this process.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# passive OpenMP waits and a malloc that reuses freed blocks; before torch is first imported here
+runtime.configure()
 
 from typing import Any  # noqa: E402
 

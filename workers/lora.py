@@ -150,52 +150,86 @@ def read_adapter_factors(config: dict, weights_path: Path, weight: float) -> dic
     return factors
 
 
-def _read_stacked(
-    inputs: Sequence[tuple[dict, Path, float]], shapes: list[dict[str, tuple[int, int, int, str]]]
-) -> dict[str, list[TaskFactors | None]]:
-    """Every module's factors for all adapters, read straight into one float32 buffer per module and side
-    (B_s = [B_1 … B_T], A_s = [A_1; …; A_T]) so the engine stacks them without another copy; each
-    adapter's TaskFactors are slices of those buffers, with weight·scaling folded into lora_B."""
-    names = list(dict.fromkeys(name for per_adapter in shapes for name in per_adapter))
-    handles = [TensorFile(Path(path)) for _, path, _ in inputs]
-    pairs = [_pairs(h.keys(), Path(path).name) for h, (_, path, _) in zip(handles, inputs, strict=True)]
-    # B_t (m×r) is a column block of B_s, so it is read into a reused buffer and scaled into place;
-    # A_t (r×n) is a row block of A_s, contiguous, so a float32 A_t is read straight into it
-    scratch = torch.empty(max((m * r for per in shapes for m, _, r, _ in per.values()), default=0))
-    try:
+class _StackedReader:
+    """The engine's `loader` for a file-to-file merge: reads one module's factors for all adapters, on each
+    call, straight into one float32 buffer per side (B_s = [B_1 … B_T], A_s = [A_1; …; A_T]) so the engine
+    stacks them without another copy; each adapter's TaskFactors are slices of those buffers, with
+    weight·scaling folded into lora_B. Nothing is cached: methods load a batch of modules, merge it and let
+    it go, so one batch of inputs is in memory at a time and the next batch reuses its pages (first-touch
+    page faults cost as much as the reading itself). Refuses NaN/Inf factors (MergeInputError) per tensor,
+    while it is in cache. Use as a context manager: the files stay open while the merge runs.
+    """
+
+    def __init__(self, inputs: Sequence[tuple[dict, Path, float]], shapes: list[dict[str, tuple[int, int, int, str]]]):
+        self._shapes = shapes
+        self._names = list(dict.fromkeys(name for per_adapter in shapes for name in per_adapter))
+        # every scaling before any tensor is read (a config whose r disagrees with the weights is refused here)
+        self._scales = [
+            {name: float(weight) * scaling(config, name, r) for name, (_, _, r, _) in per_adapter.items()}
+            for (config, _, weight), per_adapter in zip(inputs, shapes, strict=True)
+        ]
+        self._paths = [Path(path) for _, path, _ in inputs]
+        self._handles: list[TensorFile] = []
+        self._pairs: list[dict[str, dict[str, str]]] = []
+        # B_t (m×r) is a column block of B_s, so it is read into a reused buffer and scaled into place;
+        # A_t (r×n) is a row block of A_s, contiguous, so a float32 A_t is read straight into it
+        self._scratch = torch.empty(max((m * r for per in shapes for m, _, r, _ in per.values()), default=0))
+
+    def __enter__(self) -> _StackedReader:
+        try:
+            for path in self._paths:
+                self._handles.append(TensorFile(path))
+                self._pairs.append(_pairs(self._handles[-1].keys(), path.name))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.close()
+
+    def shapes_only(self) -> dict[str, list[TaskFactors | None]]:
+        """Every module's factors as shape-only float32 tensors (device "meta"): what the engine validates
+        and plans batches with before any data is read."""
         modules: dict[str, list[TaskFactors | None]] = {}
-        for name in names:
-            present = [t for t, per_adapter in enumerate(shapes) if name in per_adapter]
-            m, n, _, _ = shapes[present[0]][name]
-            total = sum(shapes[t][name][2] for t in present)
-            stack_B = torch.empty(m, total)
-            stack_A = torch.empty(total, n)
-            row: list[TaskFactors | None] = [None] * len(inputs)
-            start = 0
-            for t in present:
-                config, _, weight = inputs[t]
-                r = shapes[t][name][2]
-                handle, sides = handles[t], pairs[t][name]
-                part_B, part_A = stack_B[:, start : start + r], stack_A[start : start + r]
-                scale = float(weight) * scaling(config, name, r)
-                fp32_B, fp32_A = (handle.dtype(sides[side]) == torch.float32 for side in "BA")
-                raw_B = handle.read(sides["B"], out=scratch[: m * r] if fp32_B else None)
-                raw_A = handle.read(sides["A"], out=part_A if fp32_A else None)
-                if not (finite(raw_B) and finite(raw_A)):  # checked while the tensors are still in cache
-                    raise MergeInputError(f"module {name!r}, adapter {t}: factors contain NaN or Inf")
-                if fp32_B:
-                    torch.mul(raw_B, scale, out=part_B)
-                else:  # upcast exactly first, then scale in float32
-                    part_B.copy_(raw_B).mul_(scale)
-                if not fp32_A:
-                    part_A.copy_(raw_A)
-                row[t] = TaskFactors(lora_A=part_A, lora_B=part_B)
-                start += r
+        for name in self._names:
+            row: list[TaskFactors | None] = []
+            for per_adapter in self._shapes:
+                if name not in per_adapter:
+                    row.append(None)
+                    continue
+                m, n, r, _ = per_adapter[name]
+                lora_A, lora_B = (torch.empty(shape, device="meta") for shape in ((r, n), (m, r)))
+                row.append(TaskFactors(lora_A=lora_A, lora_B=lora_B))
             modules[name] = row
         return modules
-    finally:
-        for handle in handles:
-            handle.close()
+
+    def __call__(self, name: str) -> list[TaskFactors | None]:
+        present = [t for t, per_adapter in enumerate(self._shapes) if name in per_adapter]
+        m, n, _, _ = self._shapes[present[0]][name]
+        total = sum(self._shapes[t][name][2] for t in present)
+        stack_B, stack_A = torch.empty(m, total), torch.empty(total, n)
+        row: list[TaskFactors | None] = [None] * len(self._shapes)
+        start = 0
+        for t in present:
+            r = self._shapes[t][name][2]
+            handle, sides = self._handles[t], self._pairs[t][name]
+            part_B, part_A = stack_B[:, start : start + r], stack_A[start : start + r]
+            fp32_B, fp32_A = (handle.dtype(sides[side]) == torch.float32 for side in "BA")
+            raw_B = handle.read(sides["B"], out=self._scratch[: m * r] if fp32_B else None)
+            raw_A = handle.read(sides["A"], out=part_A if fp32_A else None)
+            if not (finite(raw_B) and finite(raw_A)):  # checked while the tensors are still in cache
+                raise MergeInputError(f"module {name!r}, adapter {t}: factors contain NaN or Inf")
+            if fp32_B:
+                torch.mul(raw_B, self._scales[t][name], out=part_B)
+            else:  # upcast exactly first, then scale in float32
+                part_B.copy_(raw_B).mul_(self._scales[t][name])
+            if not fp32_A:
+                part_A.copy_(raw_A)
+            row[t] = TaskFactors(lora_A=part_A, lora_B=part_B)
+            start += r
+        return row
 
 
 def _output_config(inputs: Sequence[tuple[dict, Path, float]], ranks: dict[str, int]) -> dict[str, Any]:
@@ -261,9 +295,9 @@ def merge_adapter_files(
                 )
             seen.setdefault(name, (m, n, t))
     dtypes = {dtype for per_module in shapes for (_, _, _, dtype) in per_module.values()}
-    # read (into per-module stacked buffers), merge, write
-    modules = _read_stacked(inputs, shapes)
-    result = merge_modules(method, modules, checked, spec, progress, inputs_finite=True)
+    # merge, reading each module's factors when the method asks for them; then write
+    with _StackedReader(inputs, shapes) as reader:
+        result = merge_modules(method, reader.shapes_only(), checked, spec, progress, loader=reader)
     out_dtype = _torch_dtype(dtypes.pop()) if len(dtypes) == 1 else torch.float32
     tensors: dict[str, torch.Tensor] = {}
     for name, merged in result.modules.items():

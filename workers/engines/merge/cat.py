@@ -16,8 +16,8 @@ def cat(job: MergeJob, params: CatParams) -> dict[str, MergedModule]:
     """Stack every module's factors; λ goes on lora_B. Output rank Σ r_t (only the present tasks)."""
     out: dict[str, MergedModule] = {}
     lam = params.lambda_
-    for name, tasks in job.modules.items():
-        stack = stack_factors(name, tasks)
+    for name in job.modules:
+        stack = stack_factors(name, job.factors(name))
         # stack the factors: exact, rank Σr
         gram_B = (stack.lora_B.mT @ stack.lora_B).double()
         gram_A = (stack.lora_A @ stack.lora_A.mT).double()

@@ -197,7 +197,7 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
     out: dict[str, MergedModule] = {}
     total = max(1, len(job.modules))
     for batch in batches(job.modules):
-        stacks = [stack_factors(name, job.modules[name]) for name in batch]
+        stacks = [stack_factors(name, job.factors(name)) for name in batch]
         # 1. core bases and exact cores
         basis = core_bases(stacks, singular=False)
         factors = factored_cores(basis.coords_B, basis.coords_A, list(stacks[0].ranks))
@@ -251,4 +251,5 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
                     },
                 )
         job.progress(len(out) / total, "compress-then-merge")
+        del stacks, basis  # before the next batch is loaded, so its buffers reuse this batch's memory
     return out

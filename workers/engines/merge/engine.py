@@ -135,18 +135,20 @@ def merge_modules(
     params: BaseModel,
     output: MergeOutput,
     progress: Callable[[float, str], None] | None = None,
-    inputs_finite: bool = False,
+    loader: Callable[[str], list[TaskFactors | None]] | None = None,
 ) -> MergeResult:
     """Merge T adapters module by module with the registered `method`; returns factors and the report.
 
     `modules[name]` lists each adapter's TaskFactors (None where it lacks the module); lora_B carries
     weight·scaling. `params` is (or validates as) the method's params model; `output` gives the rank.
-    `inputs_finite=True` when the caller already refused NaN/Inf factors (the adapter file reader does,
-    per tensor as it reads it, while the data is in cache).
+    With a `loader` (streaming from files), `modules` may hold shape-only "meta" tensors and the loader
+    reads a module's factors when a method asks for them; it refuses NaN/Inf factors itself, per tensor
+    while the data is in cache, so the up-front scan is skipped.
     """
     entry = registry.get("merge", method)
     checked = _params(entry.params_model, params)
-    job = validate_inputs(modules, output, progress, check_finite=not inputs_finite)
+    job = validate_inputs(modules, output, progress, check_finite=loader is None)
+    job.loader = loader
     job.progress(0.0, f"merging {len(job.modules)} modules of {job.num_tasks} adapters ({method})")
     try:
         merged = entry.function(job, checked)
@@ -159,7 +161,7 @@ def merge_modules(
             raise MergeNumericError(f"module {name!r}: the merged factors contain NaN or Inf")
         tasks = [t for t, f in enumerate(job.modules[name]) if f is not None]
         ranks = [f.rank for f in job.modules[name] if f is not None]
-        grams = result.grams or factor_grams(stack_factors(name, job.modules[name]), result.lora_B, result.lora_A)
+        grams = result.grams or factor_grams(stack_factors(name, job.factors(name)), result.lora_B, result.lora_A)
         per_module[name] = module_report(grams, ranks, tasks, job.num_tasks, lambda_, result)
         result.grams = None
         result.report = per_module[name]

@@ -25,7 +25,7 @@ from workers.engines.registry import register
 
 def _align(name: str, job: MergeJob) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     """One module's SVD alignment: (U (m×k), task representations ΣV_tᵀ (T_present, k, n), tasks)."""
-    stack = stack_factors(name, job.modules[name])
+    stack = stack_factors(name, job.factors(name))
     basis = core_bases([stack], singular=False)
     m_t = cores(basis, stack.ranks)[0]  # (T, K, K)
     t, d_B, d_A = m_t.shape

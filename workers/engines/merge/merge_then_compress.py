@@ -38,12 +38,12 @@ def merge_in_space(
     out: dict[str, MergedModule] = {}
     total = max(1, len(job.modules))
     if space == "full":
-        for name, tasks in job.modules.items():
-            out[name] = merge_full(name, tasks, rule, options, lambda_, job.targets[name])
+        for name in job.modules:
+            out[name] = merge_full(name, job.factors(name), rule, options, lambda_, job.targets[name])
             job.progress(len(out) / total, "merging (full space)")
         return out
     for batch in batches(job.modules):
-        stacks = [stack_factors(name, job.modules[name]) for name in batch]
+        stacks = [stack_factors(name, job.factors(name)) for name in batch]
         # core bases and per-task cores M_t (lossless)
         basis = core_bases(stacks, singular=rule != "task_arithmetic")
         g, d_B, d_A = basis.coords_B.shape[0], basis.coords_B.shape[1], basis.coords_A.shape[2]
@@ -68,6 +68,7 @@ def merge_in_space(
                 lora_A=lora_A, lora_B=lora_B, sign_conflict=per_task, grams=lifted_grams(basis, i, left, right)
             )
         job.progress(len(out) / total, "merging (core space)")
+        del stacks, basis  # before the next batch is loaded, so its buffers reuse this batch's memory
     return out
 
 

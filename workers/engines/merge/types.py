@@ -97,12 +97,20 @@ class MergeJob:
 
     `modules[name][t]` is task t's factors for that module (None where the adapter lacks it; at least one
     task is present per module, all present tasks share (m, n)); `targets[name]` is its output rank.
+    Methods read the data through `factors(name)`: when the job streams from files, `modules` holds
+    shape-only tensors (device "meta") and `loader` reads a module's factors on each call, so a method
+    that loads a batch of modules, merges it and lets it go keeps one batch of inputs in memory.
     """
 
     modules: dict[str, list[TaskFactors | None]]
     targets: dict[str, RankTarget]
     num_tasks: int
     progress: Callable[[float, str], None] = field(default=lambda fraction, stage: None)
+    loader: Callable[[str], list[TaskFactors | None]] | None = None
+
+    def factors(self, name: str) -> list[TaskFactors | None]:
+        """Module `name`'s factors with their data (read afresh from the files when streaming)."""
+        return self.loader(name) if self.loader is not None else self.modules[name]
 
 
 @dataclass
