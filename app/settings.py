@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     job_lease_seconds: int = Field(30, ge=3, le=3600)
     merge_threads: int = Field(
         1, ge=1, le=256, description="torch threads for merge jobs: their many small ops lose more to thread "
-        "wake-ups than they gain (ctm at T=8: 5.2 s on one thread, 29.9 s on two, measured on 2 cores)."
+        "wake-ups than they gain (ctm at T=8: 3.3 s on one thread, 24 s on two, measured on 2 cores)."
     )
     page_limit_max: int = Field(200, ge=1)
 

@@ -11,10 +11,6 @@ adapters, same process count) measured in the same run, with their ratio. Target
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the worker does: spinning OpenMP waits on shared cores
-
 import argparse
 import secrets
 import tempfile
@@ -25,6 +21,7 @@ import httpx
 
 from app import devstack
 from bench.merge_bench import generate
+from workers import runtime
 
 METHODS = {
     "ctm": {"rule": "ties", "density": 0.25, "beta": 0.25},
@@ -53,6 +50,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     args = parser.parse_args()
+    runtime.configure()  # as a worker process does, before torch is imported (the engine runs in this process)
 
     root = Path(tempfile.mkdtemp(prefix="amend-apibench-"))
     paths = generate(root / "adapters", args.tasks, args.layers, args.dtype)

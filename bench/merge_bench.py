@@ -402,8 +402,9 @@ def main(argv: list[str] | None = None) -> int:
 def report(rows: list[dict[str, Any]], layers: int, svd_modules: list[str] | None, out: Callable[[str], None]) -> None:
     labels = [label for label, _, _ in METHODS]
     out("")
-    out(f"1. Files-to-file for {layers} layers: wall s [CPU s of the run; merge-only wall s]")
-    out("   (read + merge + report + write a PEFT adapter; each run in a fresh process)")
+    out(f"1. Files-to-file for {layers} layers: wall s [CPU s of the run; merge wall s]")
+    out("   (read + merge + report + write a PEFT adapter; each run in a fresh process; the merge streams its")
+    out("   inputs, so the merge time includes reading them)")
     out(f"  {'T':>3} {'inputs':>8} {'read once':>18}" + "".join(f"{label:>30}" for label in labels))
     for row in rows:
         read = row["read"]
@@ -452,7 +453,7 @@ def report(rows: list[dict[str, Any]], layers: int, svd_modules: list[str] | Non
     scope = f"{svd_modules} of 1 layer, scaled ×{factor:.1f} to a layer" if svd_modules else "1 layer"
     out("")
     out(f"5. PEFT add_weighted_adapter (live PeftModel, one-layer Llama with 7B sizes; measured on {scope})")
-    out(f"   vs Amend's merge-only time per layer (its {layers}-layer merge time / {layers}); same output rank")
+    out(f"   vs Amend's merge time per layer (its {layers}-layer merge time / {layers}, reading included); same rank")
     for row in rows:
         amend = {label: row[label]["merge_s"] / layers for label in labels}
         cat = row["peft cat"]["seconds"] * factor
