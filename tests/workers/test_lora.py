@@ -269,3 +269,37 @@ def test_merge_refusals_before_compute(tmp_path: Path) -> None:
     assert not any((tmp_path / name).exists() for name in "zwv")
 
 
+def test_every_method_streamed_from_files_equals_the_in_memory_merge(tmp_path: Path) -> None:
+    """The file path streams modules through the engine's loader (shape-only planning, batches read on
+    demand); every method, in both spaces, must give what the engine gives on factors held in memory."""
+    from app.schemas.merge import MERGE_PARAMS, MergeOutput
+    from workers.engines import registry
+    from workers.engines.merge.engine import merge_modules
+
+    registry.load_all()
+    a = save_adapter(tmp_path, "a", 1, r=4, lora_alpha=8)
+    b = save_adapter(tmp_path, "b", 2, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    pairs = ((a, 0.8), (b, -0.5))
+    in_memory: dict[str, list] = {}
+    for t, (path, weight) in enumerate(pairs):
+        for name, factors in read_adapter_factors(config(path), path / "adapter_model.safetensors", weight).items():
+            in_memory.setdefault(name, [None] * len(pairs))[t] = factors
+    cases = []
+    for method, model in MERGE_PARAMS.items():
+        fields = model.model_fields
+        kw = {"density": 0.5} if "density" in fields else {}
+        spaces = ("full", "core") if "space" in fields else (None,)
+        cases += [(method, kw if space is None else {**kw, "space": space}) for space in spaces]
+    for method, params in cases:
+        out = tmp_path / f"out-{method}-{params.get('space', '')}"
+        report = merge_adapter_files(inputs(*pairs), method, params, {"rank": 3}, out)
+        expected = merge_modules(method, in_memory, MERGE_PARAMS[method].model_validate(params), MergeOutput(rank=3))
+        weights = load_file(str(out / "adapter_model.safetensors"))
+        assert len(weights) == 2 * len(expected.modules), (method, params)
+        for name, merged in expected.modules.items():
+            got = weights[f"base_model.model.{name}.lora_B.weight"] @ weights[f"base_model.model.{name}.lora_A.weight"]
+            want = merged.lora_B @ merged.lora_A
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (method, params, name)
+        assert report["summary"]["energy_kept_per_task"] == pytest.approx(
+            expected.report["summary"]["energy_kept_per_task"], rel=1e-5, abs=1e-6
+        ), (method, params)
