@@ -88,12 +88,19 @@ def is_sum(name: str) -> bool:
     return rule.sparsifier is None and not rule.elect
 
 
-def apply_rule(name: str, values: Tensor, options: RuleOptions, keys: list[str]) -> RuleOutcome:
-    """Merge `values` (G, T, N) with rule `name`; `keys` name the G groups (seeds DARE per group)."""
+def apply_rule(
+    name: str, values: Tensor, options: RuleOptions, keys: list[str], keep: Tensor | None = None
+) -> RuleOutcome:
+    """Merge `values` (G, T, N) with rule `name`; `keys` name the G groups (seeds DARE per group).
+
+    `keep` (G, T, N) bool replaces a magnitude or breadcrumbs rule's own ranking within `values` (KnOTS
+    ranks each task's entries across all modules, then merges module by module)."""
     rule = RULES[name]
     # sparsify
     pruned = values
-    if rule.sparsifier is not None:
+    if keep is not None and rule.sparsifier in ("magnitude", "breadcrumbs"):
+        pruned = values * keep
+    elif rule.sparsifier is not None:
         generators = generators_for(keys, options.seed, values.device) if rule.sparsifier == "random" else None
         pruned = sparsify(values, rule.sparsifier, options.density, options.gamma, generators)
     # elect sign

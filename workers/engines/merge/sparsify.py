@@ -12,6 +12,7 @@ one implementation: `sparsify(values, method, ...)` with method `magnitude` (TIE
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
@@ -97,9 +98,61 @@ def disjoint_mean(values: Tensor, sign: Tensor) -> Tensor:
     return total / agree.sum(dim=1).clamp(min=1)
 
 
+def sign_conflict_counts(values: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
+    """Per (group, task): (entries whose sign opposes the elected sign, non-zero entries), both (G, T)."""
+    against = values * sign.unsqueeze(1) < 0  # sign is ±1: negative exactly for non-zero opposing entries
+    return against.sum(dim=-1), (values != 0).sum(dim=-1)
+
+
 def sign_conflicts(values: Tensor, sign: Tensor) -> Tensor:
     """Per (group, task): fraction of the task's non-zero entries whose sign opposes the elected sign, in
     [0, 1] (0 for a task with no non-zero entries). Shape (G, T)."""
-    nonzero = values != 0
-    against = values * sign.unsqueeze(1) < 0  # sign is ±1: negative exactly for non-zero opposing entries
-    return against.sum(dim=-1).double() / nonzero.sum(dim=-1).clamp(min=1).double()
+    against, nonzero = sign_conflict_counts(values, sign)
+    return against.double() / nonzero.clamp(min=1).double()
+
+
+_HALF = 1 << 16
+
+
+def _select(counts: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
+    """Per task, the bin holding each 0-based descending rank and the rank within that bin.
+    counts (T, B) histograms over ascending bins; ranks (T, R). Returns (bins, ranks within) both (T, R)."""
+    from_top = counts.flip(-1).cumsum(-1)  # entries in the top j+1 bins
+    index = torch.searchsorted(from_top, ranks.contiguous(), right=True).clamp(max=counts.shape[-1] - 1)
+    above = from_top.gather(-1, index) - counts.flip(-1).gather(-1, index)
+    return counts.shape[-1] - 1 - index, ranks - above
+
+
+def streamed_magnitudes(chunks: Callable[[], Iterable[Tensor]], ranks_for: Callable[[int], list[int]]) -> Tensor:
+    """Each task's entry magnitudes at given descending ranks, over entries streamed in chunks (T, N_i) of
+    float32 — exactly, in two passes over the chunks, without holding them (radix selection: a non-negative
+    float32 orders as its bit pattern, so one pass counts the high 16 bits, the next the low 16 bits within
+    the chosen bins). `ranks_for(N)` gives the 0-based ranks R (each in [0, N)) once the entries per task N
+    are counted. Returns (T, R) float32 magnitudes; the rank-0 magnitude is the largest."""
+    counts: Tensor | None = None
+    for chunk in chunks():
+        high = chunk.abs().contiguous().view(torch.int32) >> 16
+        offsets = torch.arange(chunk.shape[0]).unsqueeze(-1) * _HALF
+        found = torch.bincount((high + offsets).flatten(), minlength=chunk.shape[0] * _HALF).view(-1, _HALF)
+        if counts is not None and counts.shape != found.shape:
+            raise ValueError("every chunk must have the same tasks (rows)")
+        counts = found if counts is None else counts + found
+    if counts is None:
+        raise ValueError("no entries to rank")
+    ranks = torch.tensor(ranks_for(int(counts[0].sum()))).expand(counts.shape[0], -1)
+    bins, within = _select(counts, ranks)
+    tasks, width = counts.shape[0], ranks.shape[1]
+    lows = torch.zeros(tasks * width * _HALF + 1, dtype=torch.int64)  # the last bin collects the rest
+    slots = (torch.arange(tasks).unsqueeze(-1) * width + torch.arange(width)) * _HALF  # (T, R)
+    for chunk in chunks():
+        bits = chunk.abs().contiguous().view(torch.int32)
+        high, low = bits >> 16, bits & (_HALF - 1)
+        for r in range(width):
+            index = torch.where(high == bins[:, r : r + 1], low + slots[:, r : r + 1], tasks * width * _HALF)
+            lows += torch.bincount(index.flatten(), minlength=lows.numel())
+    lows = lows[:-1].view(tasks, width, _HALF)
+    values = torch.empty(ranks.shape, dtype=torch.int32)
+    for r in range(ranks.shape[1]):
+        low_bin, _ = _select(lows[:, r], within[:, r : r + 1])
+        values[:, r] = ((bins[:, r] << 16) | low_bin[:, 0]).to(torch.int32)
+    return values.view(torch.float32)

@@ -243,6 +243,80 @@ def test_knots_task_arithmetic_is_exact_at_full_rank_and_ties_uses_a_global_thre
     assert dense(alone.modules["a"]).abs().max() > 0
 
 
+def _plain_knots(modules: dict[str, list[TaskFactors]], prune, merge) -> dict[str, torch.Tensor]:
+    """KnOTS written plainly on dense updates: SVD of [ΔW_1 … ΔW_T] per module, the task blocks ΣV_tᵀ of
+    every module concatenated per task, pruned over the whole adapter, merged, lifted back with U."""
+    aligned = {}
+    for name, tasks in modules.items():
+        u, s, vh = torch.linalg.svd(torch.cat([delta(f) for f in tasks], dim=1), full_matrices=False)
+        k = int((s > s[0] * 1e-6).sum())
+        reps = (s[:k, None] * vh[:k]).reshape(k, len(tasks), -1).permute(1, 0, 2)  # (T, k, n)
+        aligned[name] = (u[:, :k], reps)
+    values = torch.cat([reps.flatten(1) for _, reps in aligned.values()], dim=1)  # (T, all entries)
+    merged = merge(prune(values))
+    out, start = {}, 0
+    for name, (u, reps) in aligned.items():
+        size = reps.shape[1] * reps.shape[2]
+        out[name] = u @ merged[start : start + size].reshape(reps.shape[1:])
+        start += size
+    return out
+
+
+def _keep_ranks(values: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    order = values.abs().argsort(dim=1, descending=True)
+    mask = torch.zeros_like(values, dtype=torch.bool)
+    mask.scatter_(1, order[:, first : first + count], True)
+    return values * mask
+
+
+@pytest.mark.parametrize(
+    ("rule", "kw"),
+    [
+        ("ties", {"density": 0.3}),
+        ("magnitude_prune", {"density": 0.2}),
+        ("breadcrumbs", {"density": 0.4, "gamma": 0.1}),
+    ],
+)
+def test_knots_ranks_each_task_over_the_whole_adapter_like_a_plain_reference(rule: str, kw: dict) -> None:
+    modules = {
+        "a": make_tasks(40, M, N, [2, 3]),
+        "b": make_tasks(41, 12, N, [2, 3], scale=3.0),
+        "c": make_tasks(42, M, 9, [2, 3], scale=0.5),
+    }
+    first, density = kw.get("gamma", 0.0), kw["density"]
+
+    def prune(values: torch.Tensor) -> torch.Tensor:
+        n = values.shape[1]
+        return _keep_ranks(values, int(first * n), int(density * n))
+
+    def merge(pruned: torch.Tensor) -> torch.Tensor:
+        return plain_ties(pruned, 1.0) if rule == "ties" else pruned.sum(0)
+
+    expected = _plain_knots(modules, prune, merge)
+    res = merge_modules("knots", modules, KnotsParams.model_validate({"rule": rule, **kw}), MergeOutput(rank=20))
+    for name, want in expected.items():
+        assert rel(dense(res.modules[name]), want) < 1e-5, (rule, name)
+
+
+def test_knots_prunes_everything_at_density_zero() -> None:
+    modules = {"a": make_tasks(43, M, N, [2, 2]), "b": make_tasks(44, M, N, [2, 2])}
+    res = merge_modules("knots", modules, KnotsParams(rule="ties", density=0.0), MergeOutput(rank=4))
+    assert all(dense(out).abs().max() == 0 for out in res.modules.values())
+
+
+@pytest.mark.parametrize(("m", "n", "ranks"), [(3, 4, [2, 1, 1]), (11, 8, [2, 2, 4, 1])])
+def test_a_stack_wider_than_the_layer_adds_no_spurious_direction(m: int, n: int, ranks: list[int]) -> None:
+    """K = Σr above m (or n): the stack's Gram is singular, and its float32 noise must not become an extra
+    output direction (found by the property test: rank min(m, n) + 1)."""
+    for seed in range(25):
+        tasks = make_tasks(seed, m, n, ranks)
+        total = sum(delta(f) for f in tasks)
+        for method, kw in (("task_arithmetic", {}), ("merge_then_compress", {}), ("ctm", {"rule": "task_arithmetic"})):
+            out = run(method, {"m": tasks}, MergeOutput(rank=64), **kw).modules["m"]
+            assert out.rank <= min(m, n), (seed, method)
+            assert rel(dense(out), total) < 1e-5, (seed, method)
+
+
 def test_missing_modules_count_as_zero_updates() -> None:
     tasks = make_tasks(17, M, N, [2, 3, 2])
     modules = {"m": [tasks[0], None, tasks[2]]}

@@ -14,6 +14,7 @@ from workers.engines.merge.sparsify import (
     magnitude_mask,
     sign_conflicts,
     sparsify,
+    streamed_magnitudes,
 )
 
 
@@ -86,3 +87,20 @@ def test_every_schema_rule_is_dispatchable() -> None:
     from app.schemas.merge import MergeRule
 
     assert set(get_args(MergeRule)) == set(RULES)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_streamed_magnitudes_are_exact_order_statistics(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    chunks = [torch.randn(3, n, generator=g) * float(torch.rand(1, generator=g)) * 10 for n in (50, 7, 1000, 3)]
+    chunks[1][0] = 0.0  # a task without this module: zeros count as entries
+    chunks[2][1, :10] = -chunks[2][1, 10:20]  # ties in magnitude
+    everything = torch.cat(chunks, dim=1).abs()
+    n = everything.shape[1]
+    ranks = [0, 1, 17, n // 2, n - 11, n - 1]
+    seen: list[int] = []
+    got = streamed_magnitudes(lambda: iter(chunks), lambda total: seen.append(total) or ranks)
+    assert seen == [n]
+    assert torch.equal(got, everything.sort(dim=1, descending=True).values[:, ranks])
+    with pytest.raises(ValueError, match="same tasks"):
+        streamed_magnitudes(lambda: iter([torch.ones(2, 3), torch.ones(1, 2)]), lambda total: [0])
