@@ -9,7 +9,8 @@ across tasks) in a temporary directory, then prints, side by side:
 
 - the time to merely read the T adapters once (safetensors -> float32 factors);
 - Amend `merge_adapter_files` (read, merge, write a PEFT adapter + report) for merge_then_compress, ctm,
-  ties (core space) and cat, each in a fresh process (so peak RSS is its own);
+  ties (core space), cat and knots (TIES threshold per task over the whole adapter), each in a fresh
+  process (so peak RSS is its own);
 - PEFT `add_weighted_adapter` with combination_type `svd` (dense ΔW + full SVD per module, output rank 16)
   and `cat` on a one-layer LlamaForCausalLM with the same sizes (base weights allocated uninitialised, PEFT
   runs its real code), extrapolated per layer to `--layers` layers. PEFT's svd takes minutes per layer on
@@ -54,6 +55,7 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("ctm", "ctm", {"rule": "ties", "density": 0.25, "beta": 0.25}),
     ("ties (core)", "ties", {"space": "core", "density": 0.25}),
     ("cat", "cat", {}),
+    ("knots", "knots", {"rule": "ties", "density": 0.25}),
 ]
 
 
