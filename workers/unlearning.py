@@ -3,7 +3,8 @@ output, the report and a signed audit record.
 
 - `adapter` given: that adapter is loaded trainable (`PeftModel.from_pretrained(..., is_trainable=True)`);
   the output is a new adapter.
-- output `adapter`, no adapter: a fresh LoRA (`all-linear`, r=8, alpha=16) carries the change.
+- output `adapter`, no adapter: a fresh LoRA carries the change (the spec's `lora`; default `all-linear`,
+  r=8, alpha=16), recorded in the audit record's inputs.
 - output `weights`: the whole model is trained and registered as a new model (safetensors).
 Output ids derive from the job id (`ad_<suffix>` / `md_<suffix>`), so a redelivered job whose output, report
 and audit already exist finishes without recomputing (`existing_result`). Storage order: report, audit,
@@ -23,7 +24,7 @@ from app.errors import NotFound
 from app.model_check import file_sha256, manifest_sha256, store_model
 from app.records import Records, now
 from app.schemas.datasets import DatasetRecord
-from app.schemas.jobs import JobRecord, JobResult, UnlearnJobCreate
+from app.schemas.jobs import FreshLora, JobRecord, JobResult, UnlearnJobCreate
 from app.schemas.models import ModelFile, ModelRecord
 from app.schemas.unlearn import UNLEARN_PARAMS
 from app.storage import keys
@@ -31,7 +32,6 @@ from workers.pipeline import InputRejected, JobCancelled, JobContext, output_ada
 
 log = logging.getLogger(__name__)
 
-FRESH_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
 SUMMARY_SPLITS = ("before", "after")
 
 
@@ -120,6 +120,7 @@ def run_unlearn(context: JobContext) -> JobResult:
         model, tokenizer = load_model(model_dir, model_record)
         max_length = max_tokens(model)
         adapter_in: dict[str, Any] | None = None
+        fresh_lora: dict[str, Any] | None = None
         if spec.adapter:
             try:
                 adapter = records.get_adapter(job.tenant, spec.adapter)
@@ -136,7 +137,13 @@ def run_unlearn(context: JobContext) -> JobResult:
                 raise InputRejected(f"adapter {adapter.id} does not fit model {model_record.id}: {error}") from None
             adapter_in = {"id": adapter.id, "sha256": adapter.sha256}
         elif spec.output == "adapter":
-            model = get_peft_model(model, LoraConfig(**FRESH_LORA))  # type: ignore[arg-type]
+            lora = spec.lora or FreshLora()
+            config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=lora.target_modules)
+            try:
+                model = get_peft_model(model, config)
+            except ValueError as error:  # e.g. target modules that the model does not have
+                raise InputRejected(f"the fresh LoRA does not fit model {model_record.id}: {error}") from None
+            fresh_lora = lora.model_dump(mode="json")
 
         context.progress(0.08, "fetching the data")
         forget_record = _dataset(records, job.tenant, spec.forget.dataset)
@@ -148,7 +155,7 @@ def run_unlearn(context: JobContext) -> JobResult:
             fetch_dataset(records, forget_record, root), forget_record, row_ids, family, tokenizer, max_length
         )
         inputs: dict[str, Any] = {"model": {"id": model_record.id, "sha256": model_record.sha256},
-                                  "adapter": adapter_in}
+                                  "adapter": adapter_in, "fresh_lora": fresh_lora}
         splits: dict[str, Any] = {}
         for role, dataset_id in (("retain", spec.retain), ("eval", spec.eval_)):
             if dataset_id is None:

@@ -82,13 +82,35 @@ class UnlearnForget(BaseModel):
         return sorted(set(value))
 
 
+class FreshLora(BaseModel):
+    """The fresh LoRA that carries the change of an unlearning job with output `adapter` and no input adapter
+    (PEFT `LoraConfig`: r, lora_alpha, target_modules; dropout 0)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int = Field(8, ge=1, le=256, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, le=4096, description="lora_alpha (scaling alpha/r).")
+    target_modules: Literal["all-linear"] | list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,128}$")]] = Field(
+        "all-linear",
+        description="'all-linear', or module names (suffixes such as 'q_proj') the LoRA wraps.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not 1 <= len(value) <= 64:
+            raise ValueError("target_modules lists 1 to 64 module names")
+        return value
+
+
 class UnlearnJobCreate(BaseModel):
     """`{"type": "unlearn", "model": id, "adapter": id | null, "forget": {"dataset": id, "rows": [...] | null},
     "retain": id | null, "eval": id | null, "method": ..., "params": {...}, "output": "adapter" | "weights"}`.
 
     `params` is validated against the method's `<Method>Params` (app/schemas/unlearn.py). With `adapter`,
     that adapter is trained and the output is a new adapter; with output `adapter` and no adapter, a fresh
-    LoRA carries the change; output `weights` trains the whole model and registers a new model.
+    LoRA carries the change (`lora` sets its r, alpha and target modules; default r=8, alpha=16, all-linear);
+    output `weights` trains the whole model and registers a new model.
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -102,6 +124,7 @@ class UnlearnJobCreate(BaseModel):
     method: UnlearnMethod
     params: dict[str, Any] = Field(default_factory=dict)
     output: Literal["adapter", "weights"] = "adapter"
+    lora: FreshLora | None = Field(None, description="The fresh LoRA (output 'adapter' without an adapter).")
     name: str | None = Field(None, min_length=1, max_length=128, description="Name of the output.")
 
     @model_validator(mode="after")
@@ -109,6 +132,8 @@ class UnlearnJobCreate(BaseModel):
         self.params = validated_params(UNLEARN_PARAMS, self.method, self.params)
         if self.adapter is not None and self.output == "weights":
             raise ValueError("unlearning through an adapter yields a new adapter: use output 'adapter'")
+        if self.lora is not None and (self.adapter is not None or self.output != "adapter"):
+            raise ValueError("'lora' configures the fresh LoRA of output 'adapter' without an input adapter")
         return self
 
     def input_adapter_ids(self) -> list[str]:

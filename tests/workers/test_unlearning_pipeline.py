@@ -120,6 +120,42 @@ def test_text_classifier_through_a_fresh_lora_and_redelivery(api, text_job):
     assert existing_result(context.records, context.job) == result
 
 
+def test_the_fresh_lora_is_configurable_and_recorded_in_the_audit(api, text_job):
+    from workers.unlearning import run_unlearn
+
+    lora = {"r": 4, "alpha": 12, "target_modules": ["query", "value"]}
+    job_id = start(api, {**text_job, "lora": lora})
+    context = context_for(api, job_id)
+    result = run_unlearn(context)
+    adapter = api.get(f"/v1/adapters/{result.adapter_id}").json()
+    assert adapter["rank"] == 4 and adapter["alpha"] == 12
+    assert {"query", "value"} <= set(adapter["target_modules"]) and "key" not in adapter["target_modules"]
+    signed = context.records.storage.get_json(result.audit_key)
+    assert signed["inputs"]["fresh_lora"] == lora and signed["inputs"]["adapter"] is None
+    # module names the model does not have: refused as bad input, not a crash
+    job_id = start(api, {**text_job, "lora": {"target_modules": ["no_such_module"]}})
+    with pytest.raises(InputRejected, match="fresh LoRA does not fit"):
+        run_unlearn(context_for(api, job_id))
+
+
+def test_the_fresh_lora_options_are_bounded_and_only_for_a_fresh_adapter(api, text_job):
+    bad = [
+        {"lora": {"r": 0}},
+        {"lora": {"r": 512}},
+        {"lora": {"alpha": 0}},
+        {"lora": {"target_modules": []}},
+        {"lora": {"target_modules": ["a/b"]}},
+        {"lora": {"dropout": 0.1}},
+        {"lora": {"r": 4}, "output": "weights"},
+        {"lora": {"r": 4}, "adapter": "ad_" + "0" * 32},
+    ]
+    for change in bad:
+        response = api.post("/v1/jobs", json={**text_job, **change})
+        assert response.status_code == 422, (change, response.text)
+        if "output" in change or "adapter" in change:
+            assert "'lora' configures the fresh LoRA" in response.text, response.text
+
+
 def test_a_cancelled_job_stops(api, text_job):
     from workers.unlearning import run_unlearn
 
