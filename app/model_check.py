@@ -5,7 +5,8 @@ Two ways in, one set of rules for the files:
   components, symlinks, hard links, devices and FIFOs, nested directories (one top-level directory is
   stripped), duplicate names, more than `max_files` files, more than `max_bytes` uncompressed bytes (a tar
   bomb is refused from the member headers before its bytes are written, and the copy is bounded too).
-  Hidden files (.DS_Store, ._* AppleDouble files) are skipped, never stored.
+  Hidden files (.DS_Store, ._* AppleDouble files) and documentation (README, LICENSE, NOTICE, *.md — what a
+  Hugging Face snapshot carries beside the model) are skipped, never stored (`skipped`).
 - `collect_directory`: a directory under an operator-configured root (AMEND_MODEL_ROOTS). The resolved
   path must lie inside a root (403 otherwise), and so must every symlink's target.
 
@@ -84,6 +85,15 @@ class ModelSummary:
     has_tokenizer: bool
 
 
+_DOCUMENTATION = re.compile(r"^((readme|license|licence|notice|copying)(\.(md|txt|rst))?|[^/]*\.md)$", re.IGNORECASE)
+
+
+def skipped(name: str) -> bool:
+    """Files a model directory or archive may carry that are neither read nor stored: hidden files and
+    documentation. Pickle checkpoints are not among them: they are refused, so nobody assumes they were used."""
+    return name.startswith(".") or _DOCUMENTATION.match(name) is not None
+
+
 def check_name(name: str) -> None:
     """Refuse a file by name: pickle (415), code, or anything not on the allowlist (400)."""
     lower = name.lower()
@@ -143,8 +153,8 @@ def extract_archive(archive: Path, dest: Path, *, max_files: int, max_bytes: int
                     raise InvalidModel(f"archive member {member.name!r} has an empty path")
                 if len(parts) > 2:
                     raise InvalidModel(f"archive member {member.name!r} is nested: put the files at the top level")
-                if parts[-1].startswith("."):
-                    continue  # .DS_Store, ._* AppleDouble, .gitattributes: never extracted, never stored
+                if skipped(parts[-1]):
+                    continue  # .DS_Store, ._* AppleDouble, .gitattributes, README.md: never extracted, never stored
                 check_name(parts[-1])
                 if len(staged) >= max_files:
                     raise InvalidModel(f"the archive has more than {max_files} files")
@@ -205,8 +215,8 @@ def collect_directory(path: str, roots: list[str], *, max_files: int, max_bytes:
     files: dict[str, Path] = {}
     total = 0
     for entry in sorted(directory.iterdir()):
-        if entry.name.startswith("."):
-            continue  # .git, .cache, hidden editor files
+        if skipped(entry.name):
+            continue  # .git, .cache, hidden editor files, README.md, LICENSE
         target = entry.resolve()
         if not _inside(target, root):
             raise Forbidden(f"{entry.name!r} is a symlink that leaves the model root")

@@ -106,6 +106,20 @@ def test_model_upload_get_list_download_delete(api):
     assert stored_keys(api) == []
 
 
+def test_documentation_beside_the_model_is_skipped_not_stored(api, roots):
+    docs = {"README.md": b"# model card", "LICENSE": b"Apache-2.0", "USAGE.md": b"how to"}
+    body = post_tar(api, make_tar(model_files(**docs), prefix="snapshot/")).json()
+    assert {f["name"] for f in body["files"]} == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert not any(key.endswith(tuple(docs)) for key in stored_keys(api))
+    directory = write_dir(roots / "hf-snapshot", model_files(**docs))
+    response = api.post("/v1/models", json={"path": str(directory)})
+    assert response.status_code == 201, response.text
+    assert {f["name"] for f in response.json()["files"]} == {"config.json", "model.safetensors", "tokenizer.json"}
+    # a pickle checkpoint is still refused, not skipped: nobody should think it was used
+    (directory / "pytorch_model.bin").write_bytes(b"\x80\x02}q.")
+    assert api.post("/v1/models", json={"path": str(directory)}).status_code == 415
+
+
 def test_classifier_family_and_labels_from_config(api):
     body = post_tar(api, make_tar(model_files(CLASSIFIER_CONFIG), gzip=False)).json()
     assert body["family"] == "classifier" and body["num_labels"] == 3
