@@ -232,6 +232,21 @@ class _StackedReader:
         return row
 
 
+def _target_modules(inputs: Sequence[tuple[dict, Path, float]], names: Sequence[str]) -> list[str]:
+    """The union of the inputs' target modules as leaf names (`q_proj`) when every input wraps every layer
+    of its targets; the exact module names when one was restricted (`layers_to_transform`, `layers_pattern`,
+    `exclude_modules`, or targets given as a regex, "all-linear" or dotted names), so that PEFT wraps exactly
+    the merged modules and creates no empty LoRA layers elsewhere."""
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+    for config, _, _ in inputs:
+        targets = config.get("target_modules")
+        plain = isinstance(targets, list) and all(isinstance(t, str) and "." not in t for t in targets)
+        restricted = any(config.get(key) not in (None, [], "") for key in ("layers_to_transform", "layers_pattern"))
+        if not plain or restricted or config.get("exclude_modules"):
+            return sorted(names)
+    return leaves
+
+
 def _output_config(inputs: Sequence[tuple[dict, Path, float]], ranks: dict[str, int]) -> dict[str, Any]:
     counts = Counter(ranks.values())
     r = max(counts.items(), key=lambda item: (item[1], -item[0]))[0] if counts else 1
@@ -245,7 +260,7 @@ def _output_config(inputs: Sequence[tuple[dict, Path, float]], ranks: dict[str, 
         "lora_alpha": r,
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in ranks}),
+        "target_modules": _target_modules(inputs, list(ranks)),
         "use_rslora": False,
         "use_dora": False,
         "fan_in_fan_out": any(bool(config.get("fan_in_fan_out", False)) for config, _, _ in inputs),

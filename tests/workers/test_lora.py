@@ -303,3 +303,20 @@ def test_every_method_streamed_from_files_equals_the_in_memory_merge(tmp_path: P
         assert report["summary"]["energy_kept_per_task"] == pytest.approx(
             expected.report["summary"]["energy_kept_per_task"], rel=1e-5, abs=1e-6
         ), (method, params)
+
+
+def test_inputs_restricted_to_some_layers_give_an_adapter_on_exactly_those_modules(tmp_path: Path) -> None:
+    a = save_adapter(tmp_path, "a", 1, r=4, lora_alpha=8, layers_to_transform=[0])
+    b = save_adapter(tmp_path, "b", 2, r=2, lora_alpha=4, layers_to_transform=[0])
+    reference = logits(dense_model([(a, 1.0), (b, 0.5)]))
+    out = tmp_path / "out"
+    merge_adapter_files(inputs((a, 1.0), (b, 0.5)), "task_arithmetic", {}, {"rank": 6}, out)
+    assert config(out)["target_modules"] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    model = loaded(out)
+    wrapped = {name for name, _ in model.named_modules() if name.endswith("lora_A")}
+    assert wrapped and all(".layers.0." in name for name in wrapped)
+    assert torch.allclose(logits(model), reference, atol=1e-4)
+    # inputs that wrap every layer of their targets keep the plain union of leaf names
+    c = save_adapter(tmp_path, "c", 3, r=4, lora_alpha=8)
+    merge_adapter_files(inputs((c, 1.0)), "cat", {}, {}, tmp_path / "o2")
+    assert config(tmp_path / "o2")["target_modules"] == ["q_proj", "v_proj"]
