@@ -5,8 +5,10 @@ The merged update is exactly λ·Σ_t ΔW_t at rank Σ r_t; the requested output
 
 from __future__ import annotations
 
+import torch
+
 from app.schemas.merge import CatParams
-from workers.engines.merge.core_space import stack_factors
+from workers.engines.merge.core_space import gram, stack_factors
 from workers.engines.merge.types import MergedModule, MergeJob, ModuleGrams
 from workers.engines.registry import register
 
@@ -19,8 +21,8 @@ def cat(job: MergeJob, params: CatParams) -> dict[str, MergedModule]:
     for name in job.modules:
         stack = stack_factors(name, job.factors(name))
         # stack the factors: exact, rank Σr
-        gram_B = (stack.lora_B.mT @ stack.lora_B).double()
-        gram_A = (stack.lora_A @ stack.lora_A.mT).double()
+        gram_B = gram(stack.lora_B, False, torch.float32).double()
+        gram_A = gram(stack.lora_A, True, torch.float32).double()
         out[name] = MergedModule(
             lora_A=stack.lora_A,
             lora_B=stack.lora_B if lam == 1.0 else stack.lora_B * lam,

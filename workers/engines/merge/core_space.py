@@ -104,7 +104,7 @@ class CoreBasis:
 _GRAM_PANELS = 4
 
 
-def _gram(x: Tensor, rows: bool, dtype: torch.dtype) -> Tensor:
+def gram(x: Tensor, rows: bool, dtype: torch.dtype) -> Tensor:
     """x·xᵀ (`rows`) or xᵀ·x in `dtype`. The Gram is symmetric, so only its upper block panels are multiplied
     and mirrored: with 4 panels that is 5/8 of the full product's work (about 30% less time on one core)."""
     cols = x.to(dtype).mT if rows else x.to(dtype)  # Gram = colsᵀ·cols, cols is tall (m × K)
@@ -137,13 +137,13 @@ def _basis(mats: list[Tensor], rows: bool) -> tuple[Tensor, Tensor, Tensor, Tens
     The Gram is one float32 GEMM; modules whose spectrum reaches below float32's resolution are redone in
     float64 (near rank-deficient stacks), so kept directions are accurate and null directions are dropped.
     """
-    grams = torch.stack([_gram(x, rows, torch.float32) for x in mats]).double()
+    grams = torch.stack([gram(x, rows, torch.float32) for x in mats]).double()
     z, s, s_inv, ranks = _eig_basis(grams)
     smallest = s[:, -1].square() if s.shape[-1] else s[:, 0]
     top = s[:, 0].square().clamp(min=torch.finfo(torch.float64).tiny)
     redo = torch.nonzero(smallest / top < _FP32_RELIABLE).flatten().tolist()
     if redo:
-        grams[redo] = torch.stack([_gram(mats[i], rows, torch.float64) for i in redo])
+        grams[redo] = torch.stack([gram(mats[i], rows, torch.float64) for i in redo])
         z[redo], s[redo], s_inv[redo], fixed = _eig_basis(grams[redo])
         for i, r in zip(redo, fixed, strict=True):
             ranks[i] = r
@@ -179,8 +179,8 @@ def core_bases(stacks: Sequence[StackedFactors], singular: bool = True) -> CoreB
     """
     mats_B, mats_A = [s.lora_B for s in stacks], [s.lora_A for s in stacks]
     if not singular:
-        gram_B = torch.stack([_gram(x, False, torch.float32) for x in mats_B]).double()
-        gram_A = torch.stack([_gram(x, True, torch.float32) for x in mats_A]).double()
+        gram_B = torch.stack([gram(x, False, torch.float32) for x in mats_B]).double()
+        gram_A = torch.stack([gram(x, True, torch.float32) for x in mats_A]).double()
         tri_B, tri_A = _cholesky_basis(gram_B), _cholesky_basis(gram_A)
         if tri_B is not None and tri_A is not None:
             return CoreBasis(
