@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ def main() -> None:
     size_mb = sum((p / "adapter_model.safetensors").stat().st_size for p in paths) / 2**20
     key = "bench-" + secrets.token_hex(8)
     services: list[devstack.Service] = []
+    keep = False
     try:
         env = devstack.start_backends(root, services) | {
             "AMEND_API_KEYS": f"{key}:bench", "AMEND_LOG_LEVEL": "WARNING"
@@ -102,9 +104,15 @@ def main() -> None:
             met = "" if target is None else ("yes" if api_seconds < target else "NO")
             print(f"{method:<22}{api_seconds:>9.2f}{engine:>12.2f}{api_seconds / engine:>12.2f}"
                   f"{(f'< {target:.0f} s' if target else '-'):>9}{met:>6}")
+    except BaseException:
+        keep = True
+        print(f"stopped by an error; the services' logs are kept under {root}")
+        raise
     finally:
         for service in services[::-1]:
             service.stop()
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)  # the adapters and the S3 data (gigabytes)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import argparse
 import json
 import random
 import secrets
+import shutil
 import signal
 import statistics
 import tempfile
@@ -61,6 +62,7 @@ def main() -> None:
     key = "soak-" + secrets.token_hex(8)
     services: list[devstack.Service] = []
     workers: list[devstack.Service] = []
+    keep = False
     try:
         env = devstack.start_backends(root, services) | {
             "AMEND_API_KEYS": f"{key}:soak", "AMEND_JOB_LEASE_SECONDS": "6",
@@ -159,9 +161,15 @@ def main() -> None:
             job = client.get(f"/v1/jobs/{job_id}").json()
             print(f"lost {job_id}: state={job['state']} attempts={job['attempts']} stage={job['stage']!r}")
         print("PASS" if not lost and not duplicated and not missing_output else "FAIL: jobs lost or duplicated")
+    except BaseException:
+        keep = True
+        print(f"stopped by an error; the services' logs are kept under {root}")
+        raise
     finally:
         for service in workers + services[::-1]:
             service.stop()
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)  # the adapters and the S3 data (gigabytes)
 
 
 if __name__ == "__main__":

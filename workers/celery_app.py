@@ -33,7 +33,7 @@ def _start_reaper(sender: Any = None, **_: Any) -> None:
     from workers.pipeline import services
     from workers.reaper import ReaperThread
 
-    _reaper = ReaperThread(services()[1], celery_app, settings.job_lease_seconds)
+    _reaper = ReaperThread(services()[1], celery_app, settings.job_lease_seconds, 2.0 * settings.job_time_limit)
     _reaper.start()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -31,6 +30,7 @@ from app.schemas.jobs import FINAL_STATES, JobError, JobRecord, JobResult, Merge
 from app.settings import Settings, get_settings
 from app.storage import Storage, keys
 from workers.lease import Lease
+from workers.scratch import job_scratch
 
 log = logging.getLogger(__name__)
 STORAGE_RETRIES = 4
@@ -255,7 +255,7 @@ def run_merge(context: JobContext) -> JobResult:
 
     job, records = context.job, context.records
     spec = MergeJobCreate.model_validate(job.spec)
-    with tempfile.TemporaryDirectory(prefix=f"amend-{job.id}-") as scratch:
+    with job_scratch(job.id) as scratch:
         root = Path(scratch)
         inputs = []
         for position, item in enumerate(spec.adapters):

@@ -27,6 +27,7 @@ from celery import Celery
 from app.errors import NotFound, ServiceUnavailable
 from app.queue import enqueue
 from app.records import PREFIX, Records, as_text
+from workers import scratch
 from workers.lease import lease_key
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,23 @@ def reap_once(records: Records, celery: Celery, lease_seconds: float) -> list[st
 
 
 class ReaperThread(threading.Thread):
-    def __init__(self, records: Records, celery: Celery, lease_seconds: int) -> None:
+    """Reaps stranded jobs every half lease; also sweeps scratch directories left by killed workers (at
+    start and every `SCRATCH_SWEEP_SECONDS`)."""
+
+    SCRATCH_SWEEP_SECONDS = 300.0
+
+    def __init__(self, records: Records, celery: Celery, lease_seconds: int, scratch_max_age: float) -> None:
         super().__init__(name="amend-reaper", daemon=True)
         self.records, self.celery, self.lease_seconds = records, celery, lease_seconds
+        self.scratch_max_age = scratch_max_age
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.wait(max(self.lease_seconds / 2, 0.5)):
+        swept = 0.0
+        while not self.stopped.wait(max(self.lease_seconds / 2, 0.5) if swept else 0.0):
+            if time.monotonic() - swept >= self.SCRATCH_SWEEP_SECONDS or not swept:
+                scratch.sweep(self.scratch_max_age)
+                swept = time.monotonic()
             try:
                 reap_once(self.records, self.celery, self.lease_seconds)
             except (ServiceUnavailable, OSError) as error:

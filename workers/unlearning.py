@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from app.schemas.models import ModelFile, ModelRecord
 from app.schemas.unlearn import UNLEARN_PARAMS
 from app.storage import keys
 from workers.pipeline import InputRejected, JobCancelled, JobContext, output_adapter_id, publish_adapter
+from workers.scratch import job_scratch
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def run_unlearn(context: JobContext) -> JobResult:
     except NotFound:
         raise InputRejected(f"model {spec.model} no longer exists") from None
     family = model_record.family
-    with tempfile.TemporaryDirectory(prefix=f"amend-{job.id}-") as scratch:
+    with job_scratch(job.id) as scratch:
         root = Path(scratch)
         context.progress(0.02, "fetching the model")
         model_dir = fetch_model(records, model_record, root / "model")
