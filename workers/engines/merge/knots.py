@@ -12,9 +12,9 @@ the K×TK matrix of cores lifted by the core bases; singular values ≤ 1e-6·σ
 Memory: the task representations of a whole adapter are T·Σk·n numbers (about 5 GB for eight
 Llama-7B-shaped rank-16 adapters), so they are never held together. A magnitude or breadcrumbs rule first
 finds each task's thresholds over all modules exactly, streaming the representations twice
-(`streamed_magnitudes`), then merges module by module with them; the alignment is recomputed per pass
-(it is cheap next to holding the representations). DARE draws its masks per module, seeded by the job
-seed and the module name.
+(`streamed_magnitudes`), then merges module by module with them, in column pieces of at most 16 MiB; the
+alignment is recomputed per pass (cheap next to holding the representations). DARE draws its masks per
+piece, seeded by the job seed, the module name and the piece.
 """
 
 from __future__ import annotations
