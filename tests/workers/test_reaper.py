@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 import redis
@@ -39,9 +40,10 @@ def celery(isolated):
     return make_celery(isolated[0], "test-reaper")
 
 
-def job(records: Records, state: str) -> str:
+def job(records: Records, state: str, age: float = 0.0) -> str:
     record = JobRecord(id=new_id("jb"), tenant="t", type="merge", method="cat", state=state, progress=0.0,
-                       stage=state, created_at=now(), spec={"adapters": []}, attempts=1 if state == "running" else 0)
+                       stage=state, created_at=now() - timedelta(seconds=age), spec={"adapters": []},
+                       attempts=1 if state == "running" else 0)
     add_event(record, state)
     records.create_job(record)
     return record.id
@@ -87,4 +89,31 @@ def test_finished_jobs_are_never_touched(records, celery, isolated):
     time.sleep(0.2)
     assert reap_once(records, celery, lease_seconds=0.05) == []
     assert queued_messages(redis_client) == 0
+    connection.release()
+
+
+def test_a_queued_job_whose_message_is_nowhere_is_requeued(records, celery, isolated):
+    """A worker killed between kombu's pop of a message and its unacked bookkeeping loses the message: the
+    job stays queued with no message anywhere. The reaper re-enqueues such a job once it is old enough."""
+    redis_client = isolated[1]
+    lost = job(records, "queued", age=300)
+    delivered = job(records, "queued", age=300)
+    enqueue(celery, delivered, "merge")
+    waiting = job(records, "queued", age=300)
+    enqueue(celery, waiting, "merge")  # its message waits in the queue
+    connection = celery.connection_for_read()
+    consumer = connection.SimpleQueue(queue_for("merge"))  # kept open: closing it would restore the message
+    assert consumer.get(timeout=5).payload  # the first message, `delivered`'s: unacked, not lost
+    young = job(records, "queued")  # just created: its message may still be on its way
+    assert young and queued_messages(redis_client) == 1
+    assert reap_once(records, celery, lease_seconds=30, orphan_age=60) == [lost]
+    assert queued_messages(redis_client) == 2
+    assert reap_once(records, celery, lease_seconds=30, orphan_age=60) == []  # its message is queued now
+    # once old enough, the young job (which never had a message) is re-enqueued too; `lost`, whose new
+    # message vanished as well, waits: at most one re-enqueue per job per orphan_age
+    redis_client.delete(queue_for("merge"))
+    enqueue(celery, waiting, "merge")
+    time.sleep(1.1)
+    assert reap_once(records, celery, lease_seconds=30, orphan_age=1) == [young]
+    consumer.close()
     connection.release()
