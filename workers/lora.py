@@ -32,12 +32,10 @@ from workers.engines import registry
 from workers.engines.merge.engine import merge_modules
 from workers.engines.merge.errors import MergeInputError
 from workers.engines.merge.types import TaskFactors, finite
-from workers.tensor_files import TensorFile, write_tensors
+from workers.tensor_files import DTYPES, TensorFile, write_tensors
 
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
-_FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
-_FLOAT_NAMES = {"F32", "F16", "BF16", "F64"}
 
 
 class AdapterFormatError(ValueError):
@@ -114,7 +112,7 @@ def adapter_shapes(weights_path: Path) -> dict[str, tuple[int, int, int, str]]:
                 )
             if a.get_dtype() != b.get_dtype():
                 raise AdapterFormatError(f"{where}: module {name!r}: lora_A and lora_B dtypes differ")
-            if a.get_dtype() not in _FLOAT_NAMES:
+            if a.get_dtype() not in DTYPES:
                 raise AdapterFormatError(f"{where}: module {name!r}: unsupported dtype {a.get_dtype()}")
             out[name] = (shape_b[0], shape_a[1], shape_a[0], a.get_dtype())
     return out
@@ -141,7 +139,7 @@ def read_adapter_factors(config: dict, weights_path: Path, weight: float) -> dic
                 raise AdapterFormatError(
                     f"{where}: module {name!r} has {lora_A.dim()}-D LoRA weights (conv layers are not supported)"
                 )
-            if lora_A.dtype not in _FLOAT_DTYPES or lora_B.dtype not in _FLOAT_DTYPES:
+            if lora_A.dtype not in DTYPES.values() or lora_B.dtype not in DTYPES.values():
                 raise AdapterFormatError(f"{where}: module {name!r}: unsupported dtype {lora_A.dtype}")
             if lora_A.shape[0] != lora_B.shape[1]:
                 raise AdapterFormatError(f"{where}: module {name!r}: lora_A and lora_B ranks differ")
@@ -313,7 +311,7 @@ def merge_adapter_files(
     # merge, reading each module's factors when the method asks for them; then write
     with _StackedReader(inputs, shapes) as reader:
         result = merge_modules(method, reader.shapes_only(), checked, spec, progress, loader=reader)
-    out_dtype = _torch_dtype(dtypes.pop()) if len(dtypes) == 1 else torch.float32
+    out_dtype = DTYPES[dtypes.pop()] if len(dtypes) == 1 else torch.float32
     tensors: dict[str, torch.Tensor] = {}
     for name, merged in result.modules.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = merged.lora_A.to(out_dtype).contiguous()
@@ -325,8 +323,3 @@ def merge_adapter_files(
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "merge_report.json").write_text(json.dumps(result.report))
     return result.report
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    return table.get(name, torch.float32)

@@ -43,11 +43,13 @@ class StackedFactors:
 
     @property
     def slices(self) -> list[slice]:
-        out, start = [], 0
-        for r in self.ranks:
-            out.append(slice(start, start + r))
-            start += r
-        return out
+        return spans(self.ranks)
+
+
+def spans(ranks: Sequence[int]) -> list[slice]:
+    """Each task's slice of the stacked ranks: ranks (2, 3) -> [0:2, 2:5]."""
+    bounds = [0, *itertools.accumulate(ranks)]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def _adjacent(parts: list[Tensor], dim: int) -> Tensor | None:
@@ -220,8 +222,7 @@ def task_cores(basis: CoreBasis, span: slice) -> Tensor:
 
 def cores(basis: CoreBasis, ranks: Sequence[int]) -> Tensor:
     """Per-task cores M_t = (U_refᵀB_t)(A_tV_ref), shape (G, T, K, K), float64."""
-    bounds = [0, *itertools.accumulate(ranks)]
-    return torch.stack([task_cores(basis, slice(a, b)) for a, b in itertools.pairwise(bounds)], dim=1)
+    return torch.stack([task_cores(basis, span) for span in spans(ranks)], dim=1)
 
 
 def truncate(core: Tensor, targets: Sequence[RankTarget]) -> list[tuple[Tensor, Tensor]]:

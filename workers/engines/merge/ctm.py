@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from app.schemas.merge import CtmParams
-from workers.engines.merge.core_space import batches, core_bases, lift, lifted_grams, stack_factors
+from workers.engines.merge.core_space import batches, core_bases, lift, lifted_grams, spans, stack_factors
 from workers.engines.merge.rules import RuleOptions, apply_rule
 from workers.engines.merge.types import RANK_TOL, MergedModule, MergeJob, RankTarget
 from workers.engines.registry import register
@@ -43,11 +43,10 @@ def factored_cores(coords_B: Tensor, coords_A: Tensor, ranks: list[int]) -> Fact
     rho = max(ranks)
     left = coords_B.new_zeros(g, len(ranks), d_B, rho)
     right = coords_A.new_zeros(g, len(ranks), rho, d_A)
-    start = 0
-    for t, r in enumerate(ranks):
-        left[:, t, :, :r] = coords_B[:, :, start : start + r]
-        right[:, t, :r, :] = coords_A[:, start : start + r, :]
-        start += r
+    for t, span in enumerate(spans(ranks)):
+        r = span.stop - span.start
+        left[:, t, :, :r] = coords_B[:, :, span]
+        right[:, t, :r, :] = coords_A[:, span, :]
     return left, right
 
 
@@ -104,37 +103,37 @@ def _ritz_update(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     return krylov @ vectors, values
 
 
-def _sweeps(cores: Factored, p: Tensor, q: Tensor, max_iter: int) -> tuple[Tensor, Tensor, list[int], Tensor]:
+def _sweeps(cores: Factored, p: Tensor, q: Tensor, max_iter: int) -> tuple[Tensor, Tensor, list[int]]:
     """HOOI sweeps from (p, q) in the cores' dtype until each module's objective improves by at most
     HOOI_TOL relative, or `max_iter` sweeps; converged modules drop out of the batch (the working copies of
-    the active modules' cores are compacted only when some converge)."""
+    the active modules' cores are compacted only when some converge). Returns (P, Q, sweeps per module)."""
     objective = (p.mT @ _unfold(cores, q)).square().sum(dim=(1, 2))
     sweeps = [0] * p.shape[0]
     active = torch.arange(p.shape[0], device=p.device)
     sub, sub_t = cores, _transpose(cores)
-    p_act, q_act, obj_act = p.clone(), q.clone(), objective.clone()
+    p_act, q_act = p.clone(), q.clone()
     for sweep in range(1, max_iter + 1):
         # P ← top-r eigenspace of Σ (M_tQ)(M_tQ)ᵀ
         p_act, _ = _ritz_update(_unfold(sub, q_act), p_act)
         # Q ← top-r eigenspace of Σ (M_tᵀP)(M_tᵀP)ᵀ; the objective is the sum of its Ritz values
         q_act, values = _ritz_update(_unfold(sub_t, p_act), q_act)
         new = values.sum(dim=-1)
-        going = (new - obj_act) > HOOI_TOL * new.abs().clamp(min=torch.finfo(new.dtype).tiny)
-        obj_act = new
+        going = (new - objective) > HOOI_TOL * new.abs().clamp(min=torch.finfo(new.dtype).tiny)
+        objective = new
         for i in active.tolist():
             sweeps[i] = sweep
         if bool(going.all()):
             continue
-        p[active], q[active], objective[active] = p_act, q_act, obj_act
+        p[active], q[active] = p_act, q_act
         active = active[going]
         if active.numel() == 0:
             break
         sub = (sub[0][going], sub[1][going])
         sub_t = _transpose(sub)
-        p_act, q_act, obj_act = p_act[going], q_act[going], obj_act[going]
+        p_act, q_act, objective = p_act[going], q_act[going], objective[going]
     else:
-        p[active], q[active], objective[active] = p_act, q_act, obj_act
-    return p, q, sweeps, objective
+        p[active], q[active] = p_act, q_act
+    return p, q, sweeps
 
 
 def _objective(cores: Factored, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -161,7 +160,7 @@ def hooi(cores: Factored, ranks: tuple[int, int], max_iter: int) -> tuple[Tensor
     p, _ = _top_eig(_mode_gram(cores).float(), r_B)
     q, _ = _top_eig(_mode_gram(_transpose(cores)).float(), r_A)
     start = _objective(cores, p, q)[2]
-    p, q, sweeps, _ = _sweeps((cores[0].float(), cores[1].float()), p, q, max_iter)
+    p, q, sweeps = _sweeps((cores[0].float(), cores[1].float()), p, q, max_iter)
     p, q, objective = _objective(cores, p, q)
     return p, q, sweeps, start, objective
 

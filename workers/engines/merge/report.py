@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from workers.engines.merge.core_space import StackedFactors
+from workers.engines.merge.core_space import StackedFactors, spans
 from workers.engines.merge.types import RANK_TOL, MergedModule, ModuleGrams
 
 
@@ -55,8 +55,7 @@ def module_report(
 ) -> dict[str, Any]:
     """Report of one module: per-task energy kept, sign conflict and norm, cosine matrix, rel. error, rank."""
     g_b, g_a = grams.gram_B, grams.gram_A
-    bounds = [0, *torch.tensor(list(ranks)).cumsum(0).tolist()]
-    sl = [slice(bounds[i], bounds[i + 1]) for i in range(len(ranks))]
+    sl = spans(ranks)
     # task inner products ⟨ΔW_s, ΔW_t⟩ = Σ (B_sᵀB_t)∘(A_sA_tᵀ): block sums of the elementwise product
     blocks = torch.zeros(len(ranks), g_b.shape[0], dtype=torch.float64, device=g_b.device)
     for i, s in enumerate(sl):
