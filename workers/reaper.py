@@ -72,7 +72,7 @@ def _queued_message_job_ids(records: Records) -> set[str]:
             if as_text(records.index.type(key)) == "list":  # type: ignore[arg-type]
                 messages += records.index.lrange(key, 0, -1)  # type: ignore[operator]
     # an unacked entry is [message, exchange, routing key]
-    messages += [raw for raw in records.index.hvals(UNACKED)]  # type: ignore[union-attr]
+    messages += records.index.hvals(UNACKED)  # type: ignore[operator]
     ids: set[str] = set()
     for raw in messages:
         try:
