@@ -1,7 +1,12 @@
 """Tiny real models for the unlearning tests, trained briefly so that forgetting is measurable.
 
 - A 2-layer Llama (hidden 32) with a word-level tokenizer, fit on 32 invented facts ("who attr ?" → value):
-  8 rows to forget, 24 to retain, 8 held out.
+  8 rows to forget, 24 to retain, 8 held out. Forget and held-out answers come from values 0-3, retain answers
+  from values 4-7: with a shared answer vocabulary, lowering a forget answer lowered the same token in retain
+  rows, and which side won 20 optimiser steps was decided by float rounding (a 1e-6 relative change in this
+  fixture's learning rate moved NPO's retain NLL from 0.48 to 0.75; another CPU gave 1.08). With disjoint
+  answers a forgetting direction exists that leaves retain alone, so the retain guarantees below carry wide
+  margins (measured under such perturbations: each method's figures moved by less than 0.02).
 - An MLP 64-64-10 fit on 720 sklearn digits; the forget set is every training "3" (class-wise).
 Each test gets a deep copy of the session's trained model.
 """
@@ -45,8 +50,14 @@ def tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def lm_rows() -> dict[str, list[dict[str, str]]]:
     rng = random.Random(0)
-    rows = [{"prompt": f"{who} {attr} ?", "completion": rng.choice(VALUES)} for who in PEOPLE for attr in ATTRIBUTES]
-    # people 0-1: forget; 2-7: retain; 8-9: held out (never trained)
+    # people 0-1: forget; 2-7: retain; 8-9: held out (never trained). Forget and held-out answers (values 0-3)
+    # never answer a retain row (values 4-7): see the module docstring.
+    forget_like = {0, 1, 8, 9}
+    rows = [
+        {"prompt": f"{who} {attr} ?", "completion": rng.choice(VALUES[:4] if i in forget_like else VALUES[4:])}
+        for i, who in enumerate(PEOPLE)
+        for attr in ATTRIBUTES
+    ]
     return {"forget": rows[:8], "retain": rows[8:32], "holdout": rows[32:]}
 
 
