@@ -1,28 +1,42 @@
 # Amend: `make run` starts the whole service on the embedded defaults; `make test` runs the suite.
+# Every install takes the exact versions in requirements.lock (see README, "Installs").
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' $(LOCK))
 
-.PHONY: install run test test-fast bench lint clean
+.PHONY: install run test test-fast bench lint lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 
-# torch first, from the CPU wheel (a bare `torch` requirement would fetch a multi-GB CUDA build)
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
-	touch $(STAMP)
+# torch first, with pip: this machine's pip configuration serves its CPU wheel (uv does not read it, and a bare
+# `torch` from PyPI is a multi-GB CUDA build); then uv installs exactly the lock, and the project without deps.
+$(STAMP): pyproject.toml $(LOCK) | $(PY)
+	@start=$$(date +%s); set -e; \
+	$(PY) -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)"; \
+	$(PY) -m pip install --quiet --disable-pip-version-check -c $(LOCK) uv; \
+	$(UV) pip install --quiet --python $(PY) -r $(LOCK); \
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .; \
+	$(UV) pip check --quiet --python $(PY); \
+	echo "install: $$(( $$(date +%s) - start )) s"
+	@touch $(STAMP)
 
 install: $(STAMP)
 
 run: install
 	$(VENV)/bin/amend dev
 
-test: install lint
-	$(PY) -m pytest -q -p no:cacheprovider
+# prints how long installing and testing took; fails when a test fails (pytest exits 5 when none ran)
+test:
+	@start=$$(date +%s); $(MAKE) --no-print-directory install || exit 1; \
+	installed=$$(date +%s); \
+	$(MAKE) --no-print-directory lint && $(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
+	echo "make test: install $$(( installed - start )) s, lint + tests $$(( $$(date +%s) - installed )) s"; \
+	exit $$rc
 
 lint: install
 	$(VENV)/bin/ruff check app workers tests bench
@@ -34,6 +48,19 @@ bench: install
 	$(PY) -m bench.merge_quality
 	$(PY) -m bench.unlearn_bench
 	$(PY) -m bench.soak --minutes 10
+
+# Resolve the newest versions pyproject.toml allows (torch stays at TORCH_VERSION) in a scratch venv, write them
+# to the lock, then reinstall and run the whole suite on them.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet "torch==$(TORCH_VERSION)" uv
+	.lock-venv/bin/uv pip install --quiet --python .lock-venv/bin/python -e '.[dev,bench]'
+	{ sed -n '1,2p' $(LOCK); .lock-venv/bin/uv pip freeze --python .lock-venv/bin/python --exclude-editable \
+	  | sed -E 's/^torch==([0-9.]+)\+.*/torch==\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .lock-venv $(STAMP)
+	$(MAKE) test
 
 clean:
 	rm -rf .amend-data
