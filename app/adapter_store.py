@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from app.adapter_check import validate_adapter
+from app.checks.adapter import validate_adapter
 from app.records import Records, now
 from app.schemas.adapters import AdapterRecord
 from app.settings import Settings

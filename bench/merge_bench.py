@@ -148,7 +148,7 @@ def _set_threads(threads: int) -> None:
 
 def child_read(paths: list[str], threads: int) -> dict[str, Any]:
     _set_threads(threads)
-    from workers.lora import read_adapter_factors
+    from workers.formats.lora import read_adapter_factors
 
     base = _peak_rss_mb()
     start, cpu = time.perf_counter(), _cpu_seconds()
@@ -161,7 +161,7 @@ def child_read(paths: list[str], threads: int) -> dict[str, Any]:
 def child_merge(paths: list[str], method: str, params: dict, out: str, threads: int) -> dict[str, Any]:
     _set_threads(threads)
     from workers.engines import registry
-    from workers.lora import merge_adapter_files
+    from workers.formats.lora import merge_adapter_files
 
     registry.load_all()
     base = _peak_rss_mb()

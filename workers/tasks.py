@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from app.queue import RUN_JOB
 from workers.celery_app import celery_app
-from workers.pipeline import run_job as run_pipeline
+from workers.jobs.run import run_job as run_pipeline
 
 
 @celery_app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.adapter_check import parse_config, validate_adapter
+from app.checks.adapter import parse_config, validate_adapter
 from app.errors import InvalidAdapter, PayloadTooLarge, UnsupportedMediaType
 
 LIMITS = dict(max_header_bytes=1 << 20, max_tensors=1000)

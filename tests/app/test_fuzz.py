@@ -32,11 +32,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from app.adapter_check import parse_config, validate_adapter
-from app.dataset_check import validate_jsonl
+from app.checks.adapter import parse_config, validate_adapter
+from app.checks.dataset import validate_jsonl
+from app.checks.model import extract_archive
 from app.errors import AmendError
 from app.main import create_app
-from app.model_check import extract_archive
 from app.schemas.jobs import JobResult
 from app.settings import Settings
 from app.storage import keys

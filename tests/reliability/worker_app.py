@@ -8,8 +8,8 @@ import os
 import time
 
 import workers.tasks  # noqa: F401 - registers the task
-from workers import pipeline
 from workers.celery_app import celery_app
+from workers.jobs import run as pipeline
 
 _real_merge = pipeline.HANDLERS["merge"]
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from workers.engines.merge.errors import MergeInputError
-from workers.lora import AdapterFormatError, adapter_shapes, merge_adapter_files, read_adapter_factors
+from workers.formats.lora import AdapterFormatError, adapter_shapes, merge_adapter_files, read_adapter_factors
 
 LLAMA = LlamaConfig(
     hidden_size=32,

@@ -12,8 +12,8 @@ from app.queue import enqueue, make_celery, queue_for
 from app.records import Records, add_event, new_id, now
 from app.schemas.jobs import JobRecord
 from app.storage import Storage
-from workers.lease import lease_key
-from workers.reaper import reap_once
+from workers.upkeep.lease import lease_key
+from workers.upkeep.reaper import reap_once
 
 
 @pytest.fixture

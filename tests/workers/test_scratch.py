@@ -7,7 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers import scratch
+from workers.upkeep import scratch
 
 
 def test_job_scratch_is_removed_when_the_job_ends() -> None:

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from workers.tensor_files import TensorFile, TensorFileError, write_tensors
+from workers.formats.tensor_files import TensorFile, TensorFileError, write_tensors
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

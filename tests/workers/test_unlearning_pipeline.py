@@ -13,12 +13,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
 from app import audit
-from app.adapter_check import ALL_DTYPES, read_header
+from app.checks.adapter import ALL_DTYPES, read_header
 from app.main import create_app
 from app.records import add_event, now
 from app.schemas.jobs import JobRecord
 from tests.conftest import tenant_keys
-from workers.pipeline import InputRejected, JobCancelled, JobContext
+from workers.jobs.run import InputRejected, JobCancelled, JobContext
 
 WORDS = ["good", "bad", "fine", "awful", "movie", "book", "very", "not"]
 
@@ -103,7 +103,7 @@ def text_job(api, tmp_path):
 
 
 def test_text_classifier_through_a_fresh_lora_and_redelivery(api, text_job):
-    from workers.unlearning import existing_result, run_unlearn
+    from workers.jobs.unlearn import existing_result, run_unlearn
 
     job_id = start(api, text_job)
     context = context_for(api, job_id)
@@ -121,7 +121,7 @@ def test_text_classifier_through_a_fresh_lora_and_redelivery(api, text_job):
 
 
 def test_the_fresh_lora_is_configurable_and_recorded_in_the_audit(api, text_job):
-    from workers.unlearning import run_unlearn
+    from workers.jobs.unlearn import run_unlearn
 
     lora = {"r": 4, "alpha": 12, "target_modules": ["query", "value"]}
     job_id = start(api, {**text_job, "lora": lora})
@@ -157,7 +157,7 @@ def test_the_fresh_lora_options_are_bounded_and_only_for_a_fresh_adapter(api, te
 
 
 def test_a_cancelled_job_stops(api, text_job):
-    from workers.unlearning import run_unlearn
+    from workers.jobs.unlearn import run_unlearn
 
     job_id = start(api, text_job)
     context = context_for(api, job_id)
@@ -167,7 +167,7 @@ def test_a_cancelled_job_stops(api, text_job):
 
 
 def test_a_model_whose_files_changed_in_storage_is_rejected(api, text_job):
-    from workers.unlearning import run_unlearn
+    from workers.jobs.unlearn import run_unlearn
 
     job_id = start(api, text_job)
     context = context_for(api, job_id)
@@ -181,7 +181,7 @@ def test_a_model_whose_files_changed_in_storage_is_rejected(api, text_job):
 
 def test_load_model_refuses_custom_code_even_past_the_door(tmp_path):
     from app.schemas.models import ModelRecord
-    from workers.model_io import load_model
+    from workers.formats.hf_models import load_model
 
     directory = bert_dir(tmp_path)
     config = json.loads((directory / "config.json").read_text())
@@ -196,7 +196,7 @@ def test_load_model_refuses_custom_code_even_past_the_door(tmp_path):
 
 
 def test_an_adapter_that_does_not_fit_the_model_is_rejected(api, text_job, adapter_dir):
-    from workers.unlearning import run_unlearn
+    from workers.jobs.unlearn import run_unlearn
 
     directory = adapter_dir()  # a LoRA for the tiny Llama (q_proj, v_proj), not for this BERT
     adapter = api.post(
@@ -216,7 +216,7 @@ def test_causal_lm_full_weights_are_registered_as_a_new_model(api, tmp_path):
 
     from tests.factories import tiny_llama
     from tests.integration.test_unlearn_e2e import word_tokenizer
-    from workers.unlearning import run_unlearn
+    from workers.jobs.unlearn import run_unlearn
 
     directory = tmp_path / "tiny-lm"
     tiny_llama(0, vocab_size=32).to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)

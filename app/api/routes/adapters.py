@@ -9,9 +9,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
-from app.adapter_check import parse_config
 from app.adapter_store import store_adapter
 from app.api.deps import AdapterDep, Reader, RecordsDep, SettingsDep, Writer
+from app.checks.adapter import parse_config
 from app.errors import UnsupportedMediaType
 from app.records import new_id
 from app.schemas.adapters import AdapterPublic

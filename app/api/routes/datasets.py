@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi import Path as PathParam
 
 from app.api.deps import Reader, RecordsDep, SettingsDep, Writer
-from app.dataset_check import validate_jsonl, validate_tensors
+from app.checks.dataset import validate_jsonl, validate_tensors
 from app.errors import UnsupportedMediaType
 from app.records import new_id, now
 from app.schemas.common import Page

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from app.api.deps import Reader, RecordsDep, SettingsDep, Writer
+from app.checks.model import collect_directory, extract_archive, store_model
 from app.errors import BadRequest, NotFound, Unprocessable, UnsupportedMediaType
-from app.model_check import collect_directory, extract_archive, store_model
 from app.records import Records, new_id
 from app.schemas.common import Page
 from app.schemas.jobs import ID_PATTERN

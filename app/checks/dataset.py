@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from app.adapter_check import ALL_DTYPES, FLOAT_DTYPES, INT_DTYPES, check_finite, read_header
 from app.audit import canonical_json
+from app.checks.adapter import ALL_DTYPES, FLOAT_DTYPES, INT_DTYPES, check_finite, read_header
 from app.errors import InvalidDataset, PayloadTooLarge
 
 _SHAPES: dict[frozenset[str], str] = {

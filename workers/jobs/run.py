@@ -29,8 +29,8 @@ from app.schemas.adapters import AdapterRecord
 from app.schemas.jobs import FINAL_STATES, JobError, JobRecord, JobResult, MergeJobCreate
 from app.settings import Settings, get_settings
 from app.storage import Storage, keys
-from workers.lease import Lease
-from workers.scratch import job_scratch
+from workers.upkeep.lease import Lease
+from workers.upkeep.scratch import job_scratch
 
 log = logging.getLogger(__name__)
 STORAGE_RETRIES = 4
@@ -191,7 +191,7 @@ def _finish(
 def _existing_result(records: Records, job: JobRecord) -> JobResult | None:
     """A redelivered job whose output is already published finishes without recomputing."""
     if job.type == "unlearn":
-        from workers.unlearning import existing_result
+        from workers.jobs.unlearn import existing_result
 
         return existing_result(records, job)
     report_key = keys.job(job.tenant, job.id, "results/report.json")
@@ -251,7 +251,7 @@ def torch_threads(count: int) -> Iterator[None]:
 
 
 def run_merge(context: JobContext) -> JobResult:
-    from workers.lora import merge_adapter_files
+    from workers.formats.lora import merge_adapter_files
 
     job, records = context.job, context.records
     spec = MergeJobCreate.model_validate(job.spec)
@@ -281,7 +281,7 @@ def run_merge(context: JobContext) -> JobResult:
 
 
 def run_unlearn(context: JobContext) -> JobResult:
-    from workers.unlearning import run_unlearn as handler  # torch, transformers and peft load only here
+    from workers.jobs.unlearn import run_unlearn as handler  # torch, transformers and peft load only here
 
     return handler(context)
 

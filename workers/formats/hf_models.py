@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.model_check import TOKENIZER_FILES, check_name, file_sha256
+from app.checks.model import TOKENIZER_FILES, check_name, file_sha256
 from app.records import Records
 from app.schemas.datasets import DatasetRecord
 from app.schemas.models import ModelRecord
 from app.storage import keys
-from workers.pipeline import InputRejected
+from workers.jobs.run import InputRejected
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def stored_dtype(directory: Path) -> torch.dtype:
     """The float dtype most of a model's stored weights use (training runs in float32; outputs go back)."""
     from collections import Counter
 
-    from app.adapter_check import ALL_DTYPES, read_header
+    from app.checks.adapter import ALL_DTYPES, read_header
 
     counts: Counter[str] = Counter()
     for path in directory.glob("*.safetensors"):

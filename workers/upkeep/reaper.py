@@ -29,8 +29,8 @@ from app.errors import NotFound, ServiceUnavailable
 from app.queue import JOB_TYPES, enqueue, queue_for
 from app.records import PREFIX, Records, as_text
 from app.schemas.jobs import JobRecord
-from workers import scratch
-from workers.lease import lease_key
+from workers.upkeep import scratch
+from workers.upkeep.lease import lease_key
 
 log = logging.getLogger(__name__)
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport defaults

@@ -32,7 +32,7 @@ from workers.engines import registry
 from workers.engines.merge.engine import merge_modules
 from workers.engines.merge.errors import MergeInputError
 from workers.engines.merge.types import TaskFactors, finite
-from workers.tensor_files import DTYPES, TensorFile, write_tensors
+from workers.formats.tensor_files import DTYPES, TensorFile, write_tensors
 
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")

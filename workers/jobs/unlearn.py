@@ -19,16 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from app import audit
+from app.checks.model import file_sha256, manifest_sha256, store_model
 from app.errors import NotFound
-from app.model_check import file_sha256, manifest_sha256, store_model
 from app.records import Records, now
 from app.schemas.datasets import DatasetRecord
 from app.schemas.jobs import FreshLora, JobRecord, JobResult, UnlearnJobCreate
 from app.schemas.models import ModelFile, ModelRecord
 from app.schemas.unlearn import UNLEARN_PARAMS
 from app.storage import keys
-from workers.pipeline import InputRejected, JobCancelled, JobContext, output_adapter_id, publish_adapter
-from workers.scratch import job_scratch
+from workers.jobs.run import InputRejected, JobCancelled, JobContext, output_adapter_id, publish_adapter
+from workers.upkeep.scratch import job_scratch
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def run_unlearn(context: JobContext) -> JobResult:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from workers.engines.unlearn import UnlearnCancelled, unlearn
-    from workers.model_io import (
+    from workers.formats.hf_models import (
         fetch_dataset,
         fetch_model,
         load_data,

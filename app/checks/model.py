@@ -33,8 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from app.adapter_check import ALL_DTYPES, check_finite, read_header
 from app.audit import canonical_json
+from app.checks.adapter import ALL_DTYPES, check_finite, read_header
 from app.errors import Forbidden, InvalidModel, NotFound, PayloadTooLarge, UnsupportedMediaType
 from app.schemas.models import ModelFile, ModelRecord
 from app.storage import keys

@@ -1,0 +1,1 @@
+"""Upload validators: adapters, models, datasets (and the safetensors header and PEFT pattern rules)."""

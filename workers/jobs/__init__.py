@@ -1,0 +1,1 @@
+"""Job handlers: run.py (lease, dispatch by type, error table, finish), one module per job type."""

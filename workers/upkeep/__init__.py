@@ -1,0 +1,1 @@
+"""Upkeep of the worker fleet: job leases, the reaper of stranded jobs, scratch directories."""
