@@ -35,7 +35,7 @@ def engine_seconds(paths: list[Path], method: str, params: dict, out: Path) -> f
 
     from app.settings import get_settings
     from workers.formats.lora import merge_adapter_files
-    from workers.jobs.run import torch_threads
+    from workers.jobs.merge import torch_threads
 
     inputs = [(json.loads((p / "adapter_config.json").read_text()), p / "adapter_model.safetensors", 1.0)
               for p in paths]

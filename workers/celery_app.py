@@ -30,7 +30,7 @@ _reaper: Any = None
 @worker_ready.connect
 def _start_reaper(sender: Any = None, **_: Any) -> None:
     global _reaper
-    from workers.jobs.run import services
+    from workers.jobs.context import services
     from workers.upkeep.reaper import ReaperThread
 
     _reaper = ReaperThread(services()[1], celery_app, settings.job_lease_seconds, 2.0 * settings.job_time_limit)

@@ -18,7 +18,7 @@ from app.main import create_app
 from app.records import add_event, now
 from app.schemas.jobs import JobRecord
 from tests.conftest import tenant_keys
-from workers.jobs.run import InputRejected, JobCancelled, JobContext
+from workers.jobs.context import InputRejected, JobCancelled, JobContext
 
 WORDS = ["good", "bad", "fine", "awful", "movie", "book", "very", "not"]
 
@@ -103,12 +103,13 @@ def text_job(api, tmp_path):
 
 
 def test_text_classifier_through_a_fresh_lora_and_redelivery(api, text_job):
-    from workers.jobs.unlearn import existing_result, run_unlearn
+    from workers.jobs.unlearn import existing_result
+    from workers.jobs.unlearn import run as run_unlearn_job
 
     job_id = start(api, text_job)
     context = context_for(api, job_id)
-    assert existing_result(context.records, context.job) is None
-    result = run_unlearn(context)
+    assert existing_result(context) is None
+    result = run_unlearn_job(context)
     assert result.adapter_id == "ad_" + job_id.split("_", 1)[1] and result.audit_key and result.report_key
     assert {"forget_accuracy", "retain_accuracy"} <= set(result.report["after"])
     signed = context.records.storage.get_json(result.audit_key)
@@ -117,16 +118,16 @@ def test_text_classifier_through_a_fresh_lora_and_redelivery(api, text_job):
     adapter = api.get(f"/v1/adapters/{result.adapter_id}").json()
     assert adapter["source_job_id"] == job_id and "classifier" in adapter["target_modules"]
     # a redelivered copy finds everything stored and does not recompute
-    assert existing_result(context.records, context.job) == result
+    assert existing_result(context) == result
 
 
 def test_the_fresh_lora_is_configurable_and_recorded_in_the_audit(api, text_job):
-    from workers.jobs.unlearn import run_unlearn
+    from workers.jobs.unlearn import run as run_unlearn_job
 
     lora = {"r": 4, "alpha": 12, "target_modules": ["query", "value"]}
     job_id = start(api, {**text_job, "lora": lora})
     context = context_for(api, job_id)
-    result = run_unlearn(context)
+    result = run_unlearn_job(context)
     adapter = api.get(f"/v1/adapters/{result.adapter_id}").json()
     assert adapter["rank"] == 4 and adapter["alpha"] == 12
     assert {"query", "value"} <= set(adapter["target_modules"]) and "key" not in adapter["target_modules"]
@@ -135,7 +136,7 @@ def test_the_fresh_lora_is_configurable_and_recorded_in_the_audit(api, text_job)
     # module names the model does not have: refused as bad input, not a crash
     job_id = start(api, {**text_job, "lora": {"target_modules": ["no_such_module"]}})
     with pytest.raises(InputRejected, match="fresh LoRA does not fit"):
-        run_unlearn(context_for(api, job_id))
+        run_unlearn_job(context_for(api, job_id))
 
 
 def test_the_fresh_lora_options_are_bounded_and_only_for_a_fresh_adapter(api, text_job):
@@ -157,17 +158,17 @@ def test_the_fresh_lora_options_are_bounded_and_only_for_a_fresh_adapter(api, te
 
 
 def test_a_cancelled_job_stops(api, text_job):
-    from workers.jobs.unlearn import run_unlearn
+    from workers.jobs.unlearn import run as run_unlearn_job
 
     job_id = start(api, text_job)
     context = context_for(api, job_id)
     context.records.index.set(context.records.cancel_key(job_id), "1")
     with pytest.raises(JobCancelled):
-        run_unlearn(context)
+        run_unlearn_job(context)
 
 
 def test_a_model_whose_files_changed_in_storage_is_rejected(api, text_job):
-    from workers.jobs.unlearn import run_unlearn
+    from workers.jobs.unlearn import run as run_unlearn_job
 
     job_id = start(api, text_job)
     context = context_for(api, job_id)
@@ -175,13 +176,15 @@ def test_a_model_whose_files_changed_in_storage_is_rejected(api, text_job):
     key = f"tenants/{record.tenant}/models/{record.id}/files/config.json"
     config = context.records.storage.get_json(key) | {"auto_map": {"AutoModel": "evil.Model"}}
     context.records.storage.put_json(key, config)
-    with pytest.raises(InputRejected, match="SHA-256"):
-        run_unlearn(context)
+    with pytest.raises(InputRejected, match="SHA-256") as refused:
+        run_unlearn_job(context)
+    assert refused.value.code == "input_corrupted"
 
 
 def test_load_model_refuses_custom_code_even_past_the_door(tmp_path):
     from app.schemas.models import ModelRecord
-    from workers.formats.hf_models import load_model
+    from workers.formats.hf_models import HfFormatError, load_model
+    from workers.jobs.run import error_for
 
     directory = bert_dir(tmp_path)
     config = json.loads((directory / "config.json").read_text())
@@ -191,12 +194,13 @@ def test_load_model_refuses_custom_code_even_past_the_door(tmp_path):
         architecture="BertForSequenceClassification", model_type="bert", num_labels=2, has_tokenizer=True,
         files=[], size_bytes=0, sha256="0" * 64, source="upload", created_at=now(),
     )
-    with pytest.raises(InputRejected, match="custom code"):
+    with pytest.raises(HfFormatError, match="custom code") as refused:
         load_model(directory, record)
+    assert error_for(refused.value).code == "invalid_input"
 
 
 def test_an_adapter_that_does_not_fit_the_model_is_rejected(api, text_job, adapter_dir):
-    from workers.jobs.unlearn import run_unlearn
+    from workers.jobs.unlearn import run as run_unlearn_job
 
     directory = adapter_dir()  # a LoRA for the tiny Llama (q_proj, v_proj), not for this BERT
     adapter = api.post(
@@ -208,7 +212,7 @@ def test_an_adapter_that_does_not_fit_the_model_is_rejected(api, text_job, adapt
     ).json()["id"]
     job_id = start(api, text_job | {"adapter": adapter})
     with pytest.raises(InputRejected, match="does not fit"):
-        run_unlearn(context_for(api, job_id))
+        run_unlearn_job(context_for(api, job_id))
 
 
 def test_causal_lm_full_weights_are_registered_as_a_new_model(api, tmp_path):
@@ -216,7 +220,7 @@ def test_causal_lm_full_weights_are_registered_as_a_new_model(api, tmp_path):
 
     from tests.factories import tiny_llama
     from tests.integration.test_unlearn_e2e import word_tokenizer
-    from workers.jobs.unlearn import run_unlearn
+    from workers.jobs.unlearn import run as run_unlearn_job
 
     directory = tmp_path / "tiny-lm"
     tiny_llama(0, vocab_size=32).to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)
@@ -232,7 +236,7 @@ def test_causal_lm_full_weights_are_registered_as_a_new_model(api, tmp_path):
     body = {"type": "unlearn", "model": model["id"], "forget": {"dataset": forget}, "eval": holdout,
             "method": "grad_ascent", "params": {"steps": 2, "lr": 0.01}, "output": "weights"}
     job_id = start(api, body)
-    result = run_unlearn(context_for(api, job_id))
+    result = run_unlearn_job(context_for(api, job_id))
     assert result.model_id == "md_" + job_id.split("_", 1)[1] and result.adapter_id is None
     assert "min_k_auc" in result.report["after"]
     record = api.get(f"/v1/models/{result.model_id}").json()

@@ -1,9 +1,8 @@
-"""Registered models and datasets, fetched from storage and loaded for unlearning.
+"""Hugging Face model folders and dataset files, loaded for unlearning (fetching is `workers/jobs/inputs.py`).
 
 Models load with transformers from `config.json` + `*.safetensors` only: `trust_remote_code=False`,
-`use_safetensors=True`, `local_files_only=True`, always. Every fetched file's SHA-256 is checked against
-its record, so the audit's input hashes are the bytes that were trained on. Datasets never go through
-pickle either: JSONL is parsed as JSON, tensors are read with `safetensors`.
+`use_safetensors=True`, `local_files_only=True`, always. Datasets never go through pickle either: JSONL is
+parsed as JSON, tensors are read with `safetensors`.
 """
 
 from __future__ import annotations
@@ -17,12 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.checks.model import TOKENIZER_FILES, check_name, file_sha256
-from app.records import Records
+from app.checks.model import TOKENIZER_FILES, check_name
 from app.schemas.datasets import DatasetRecord
 from app.schemas.models import ModelRecord
-from app.storage import keys
-from workers.jobs.run import InputRejected
+from workers.formats.tensor_files import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +27,9 @@ DATA_FILES = {"jsonl": "data.jsonl", "safetensors": "data.safetensors"}
 MAX_TEXT_TOKENS = 512
 
 
-def fetch_model(records: Records, model: ModelRecord, into: Path) -> Path:
-    """Download a model's files into `into` and check each against the record's SHA-256."""
-    into.mkdir(parents=True, exist_ok=True)
-    for item in model.files:
-        check_name(item.name)
-        target = into / item.name
-        records.storage.download(keys.model(model.tenant, model.id, f"files/{item.name}"), target)
-        if file_sha256(target) != item.sha256:
-            raise InputRejected(f"model {model.id}: {item.name} does not match its recorded SHA-256")
-    return into
+class HfFormatError(ValueError):
+    """A model folder or dataset file cannot be read the way the job needs (custom code, does not load, rows
+    of the wrong kind for the model)."""
 
 
 def load_model(directory: Path, model: ModelRecord) -> tuple[nn.Module, Any]:
@@ -57,7 +47,7 @@ def load_model(directory: Path, model: ModelRecord) -> tuple[nn.Module, Any]:
 
     raw_config = json.loads((directory / "config.json").read_text())
     if "auto_map" in raw_config:
-        raise InputRejected("the model's config needs custom code (auto_map); Amend never runs it")
+        raise HfFormatError("the model's config needs custom code (auto_map); Amend never runs it")
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
     if model.family == "causal_lm":
         loader: Any = AutoModelForCausalLM
@@ -75,19 +65,16 @@ def load_model(directory: Path, model: ModelRecord) -> tuple[nn.Module, Any]:
             dtype=torch.float32,
         )
     except (OSError, ValueError, KeyError) as error:
-        raise InputRejected(f"model {model.id} does not load with transformers: {error}") from None
+        raise HfFormatError(f"model {model.id} does not load with transformers: {error}") from None
     tokenizer = None
     if TOKENIZER_FILES & {path.name for path in directory.iterdir()}:
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
         except (OSError, ValueError, KeyError) as error:
-            raise InputRejected(f"model {model.id}: its tokenizer does not load: {error}") from None
+            raise HfFormatError(f"model {model.id}: its tokenizer does not load: {error}") from None
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
     return network, tokenizer
-
-
-_TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 def stored_dtype(directory: Path) -> torch.dtype:
@@ -99,17 +86,9 @@ def stored_dtype(directory: Path) -> torch.dtype:
     counts: Counter[str] = Counter()
     for path in directory.glob("*.safetensors"):
         for info in read_header(path, 1 << 30, 1 << 20, dtypes=ALL_DTYPES).values():
-            if info.dtype in _TORCH_DTYPES:
+            if info.dtype in DTYPES:
                 counts[info.dtype] += 1
-    return _TORCH_DTYPES[counts.most_common(1)[0][0]] if counts else torch.float32
-
-
-def fetch_dataset(records: Records, dataset: DatasetRecord, into: Path) -> Path:
-    path = into / f"{dataset.id}-{DATA_FILES[dataset.format]}"
-    records.storage.download(keys.dataset(dataset.tenant, dataset.id, DATA_FILES[dataset.format]), path)
-    if file_sha256(path) != dataset.sha256:
-        raise InputRejected(f"dataset {dataset.id} does not match its recorded SHA-256")
-    return path
+    return DTYPES[counts.most_common(1)[0][0]] if counts else torch.float32
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -153,10 +132,10 @@ def load_data(
     picked = all_rows if rows is None else [all_rows[i] for i in rows]
     if dataset.kind == "lm":
         if family != "causal_lm":
-            raise InputRejected(f"dataset {dataset.id} holds language-model rows; the model is a {family}")
+            raise HfFormatError(f"dataset {dataset.id} holds language-model rows; the model is a {family}")
         return LMData.from_rows(picked, tokenizer, max_length=max_length)
     if tokenizer is None:
-        raise InputRejected(f"dataset {dataset.id} holds text rows but the model has no tokenizer")
+        raise HfFormatError(f"dataset {dataset.id} holds text rows but the model has no tokenizer")
     encoded = tokenizer(
         [row["text"] for row in picked],
         padding=True,

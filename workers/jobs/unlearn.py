@@ -21,13 +21,21 @@ from typing import Any
 from app import audit
 from app.checks.model import file_sha256, manifest_sha256, store_model
 from app.errors import NotFound
-from app.records import Records, now
-from app.schemas.datasets import DatasetRecord
-from app.schemas.jobs import FreshLora, JobRecord, JobResult, UnlearnJobCreate
+from app.records import now
+from app.schemas.jobs import FreshLora, JobResult, UnlearnJobCreate
 from app.schemas.models import ModelFile, ModelRecord
 from app.schemas.unlearn import UNLEARN_PARAMS
 from app.storage import keys
-from workers.jobs.run import InputRejected, JobCancelled, JobContext, output_adapter_id, publish_adapter
+from workers.jobs.context import InputRejected, JobCancelled, JobContext
+from workers.jobs.inputs import (
+    adapter_record,
+    dataset_record,
+    fetch_adapter,
+    fetch_dataset,
+    fetch_model,
+    model_record,
+)
+from workers.jobs.outputs import audit_key, output_adapter_id, output_model_id, publish_adapter, report_key
 from workers.upkeep.scratch import job_scratch
 
 log = logging.getLogger(__name__)
@@ -35,21 +43,9 @@ log = logging.getLogger(__name__)
 SUMMARY_SPLITS = ("before", "after")
 
 
-def output_model_id(job_id: str) -> str:
-    """The model an unlearn job with output `weights` registers: deterministic from the job id."""
-    return "md_" + job_id.split("_", 1)[1]
-
-
-def report_key(job: JobRecord) -> str:
-    return keys.job(job.tenant, job.id, "results/report.json")
-
-
-def audit_key(job: JobRecord) -> str:
-    return keys.job(job.tenant, job.id, "results/audit.json")
-
-
-def existing_result(records: Records, job: JobRecord) -> JobResult | None:
+def existing_result(context: JobContext) -> JobResult | None:
     """The result of a redelivered unlearn job whose output, report and audit are all already stored."""
+    records, job = context.records, context.job
     output = job.spec.get("output", "adapter")
     try:
         if output == "weights":
@@ -82,59 +78,34 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _dataset(records: Records, tenant: str, dataset_id: str) -> DatasetRecord:
-    try:
-        return records.get_resource("datasets", tenant, dataset_id)
-    except NotFound:
-        raise InputRejected(f"dataset {dataset_id} no longer exists") from None
-
-
-def run_unlearn(context: JobContext) -> JobResult:
+def run(context: JobContext) -> JobResult:
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from workers.engines.unlearn import UnlearnCancelled, unlearn
-    from workers.formats.hf_models import (
-        fetch_dataset,
-        fetch_model,
-        load_data,
-        load_model,
-        max_tokens,
-        model_output_files,
-        stored_dtype,
-    )
+    from workers.formats.hf_models import load_data, load_model, max_tokens, model_output_files, stored_dtype
 
     job, records, settings = context.job, context.records, context.settings
     spec = UnlearnJobCreate.model_validate(job.spec)
     params = UNLEARN_PARAMS[spec.method].model_validate(spec.params)
     torch.manual_seed(params.seed)
-    try:
-        model_record: ModelRecord = records.get_resource("models", job.tenant, spec.model)
-    except NotFound:
-        raise InputRejected(f"model {spec.model} no longer exists") from None
-    family = model_record.family
+    model_in: ModelRecord = model_record(records, job.tenant, spec.model)
+    family = model_in.family
     with job_scratch(job.id) as scratch:
         root = Path(scratch)
         context.progress(0.02, "fetching the model")
-        model_dir = fetch_model(records, model_record, root / "model")
-        model, tokenizer = load_model(model_dir, model_record)
+        model_dir = fetch_model(records, model_in, root / "model")
+        model, tokenizer = load_model(model_dir, model_in)
         max_length = max_tokens(model)
         adapter_in: dict[str, Any] | None = None
         fresh_lora: dict[str, Any] | None = None
         if spec.adapter:
+            adapter = adapter_record(records, job.tenant, spec.adapter)
+            _, weights = fetch_adapter(records, adapter, root / "adapter")
             try:
-                adapter = records.get_adapter(job.tenant, spec.adapter)
-            except NotFound:
-                raise InputRejected(f"adapter {spec.adapter} no longer exists") from None
-            adapter_dir = root / "adapter"
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                records.storage.download(keys.adapter(job.tenant, adapter.id, name), adapter_dir / name)
-            if file_sha256(adapter_dir / "adapter_model.safetensors") != adapter.sha256:
-                raise InputRejected(f"adapter {adapter.id} does not match its recorded SHA-256")
-            try:
-                model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+                model = PeftModel.from_pretrained(model, weights.parent, is_trainable=True)
             except (RuntimeError, ValueError, KeyError) as error:  # shapes or module names do not match
-                raise InputRejected(f"adapter {adapter.id} does not fit model {model_record.id}: {error}") from None
+                raise InputRejected(f"adapter {adapter.id} does not fit model {model_in.id}: {error}") from None
             adapter_in = {"id": adapter.id, "sha256": adapter.sha256}
         elif spec.output == "adapter":
             lora = spec.lora or FreshLora()
@@ -142,11 +113,11 @@ def run_unlearn(context: JobContext) -> JobResult:
             try:
                 model = get_peft_model(model, config)
             except ValueError as error:  # e.g. target modules that the model does not have
-                raise InputRejected(f"the fresh LoRA does not fit model {model_record.id}: {error}") from None
+                raise InputRejected(f"the fresh LoRA does not fit model {model_in.id}: {error}") from None
             fresh_lora = lora.model_dump(mode="json")
 
         context.progress(0.08, "fetching the data")
-        forget_record = _dataset(records, job.tenant, spec.forget.dataset)
+        forget_record = dataset_record(records, job.tenant, spec.forget.dataset)
         manifest = records.storage.get_json(keys.dataset(job.tenant, forget_record.id, "manifest.json"))
         row_ids = spec.forget.rows if spec.forget.rows is not None else list(range(forget_record.rows))
         if row_ids and row_ids[-1] >= forget_record.rows:
@@ -154,14 +125,14 @@ def run_unlearn(context: JobContext) -> JobResult:
         forget = load_data(
             fetch_dataset(records, forget_record, root), forget_record, row_ids, family, tokenizer, max_length
         )
-        inputs: dict[str, Any] = {"model": {"id": model_record.id, "sha256": model_record.sha256},
+        inputs: dict[str, Any] = {"model": {"id": model_in.id, "sha256": model_in.sha256},
                                   "adapter": adapter_in, "fresh_lora": fresh_lora}
         splits: dict[str, Any] = {}
         for role, dataset_id in (("retain", spec.retain), ("eval", spec.eval_)):
             if dataset_id is None:
                 splits[role], inputs[role] = None, None
                 continue
-            record = _dataset(records, job.tenant, dataset_id)
+            record = dataset_record(records, job.tenant, dataset_id)
             splits[role] = load_data(
                 fetch_dataset(records, record, root), record, None, family, tokenizer, max_length
             )
@@ -191,7 +162,7 @@ def run_unlearn(context: JobContext) -> JobResult:
             output = {"kind": "weights", "id": output_model_id(job.id), "sha256": manifest_sha256(listing)}
         else:
             trained.peft_config["default"].base_model_name_or_path = (
-                adapter.base_model if spec.adapter and adapter.base_model else model_record.id
+                adapter.base_model if spec.adapter and adapter.base_model else model_in.id
             )
             # embeddings are never LoRA targets here; False also keeps peft from looking the base up online
             trained.save_pretrained(out_dir, save_embedding_layers=False)
@@ -238,7 +209,7 @@ def run_unlearn(context: JobContext) -> JobResult:
             extra={"job_id": job.id, "method": spec.method, "output": output["kind"], "output_id": output["id"],
                    "forget_rows": len(row_ids)},
         )
-        name = spec.name or f"{model_record.name}-{spec.method}"
+        name = spec.name or f"{model_in.name}-{spec.method}"
         if spec.output == "weights":
             records.storage.put_json(report_key(job), report)
             records.storage.put_json(audit_key(job), signed)

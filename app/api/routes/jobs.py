@@ -15,96 +15,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import audit
 from app.api.deps import CeleryDep, JobDep, Reader, RecordsDep, SettingsDep, Writer
-from app.errors import Conflict, NotFound, Unprocessable
-from app.queue import enqueue
-from app.records import Records, add_event, new_id, now
+from app.errors import NotFound
+from app.jobs import lifecycle
+from app.jobs.submit import submit
 from app.schemas.common import Page
-from app.schemas.jobs import FINAL_STATES, JobCreate, JobPublic, JobRecord, JobState, UnlearnJobCreate
-from app.schemas.unlearn import UNLEARN_FAMILIES, UNLEARN_PARAMS, missing_inputs
+from app.schemas.jobs import FINAL_STATES, JobCreate, JobPublic, JobState
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-
-def _request_hash(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
-
-
-# dataset kinds each model family can learn from
-_FAMILY_DATASETS = {"causal_lm": {"lm"}, "classifier": {"text_classification", "image_classification"}}
-
-
-def _check_unlearn_inputs(records: Records, tenant: str, spec: UnlearnJobCreate) -> None:
-    """The model, adapter and datasets exist for this tenant and fit the method and each other."""
-    model = records.get_resource("models", tenant, spec.model)
-    if spec.adapter:
-        records.get_adapter(tenant, spec.adapter)
-    if model.family not in UNLEARN_FAMILIES[spec.method]:
-        raise Unprocessable(
-            f"{spec.method} does not support {model.family} models (it supports "
-            f"{', '.join(sorted(UNLEARN_FAMILIES[spec.method]))})",
-            code="unsupported_family",
-        )
-    params = UNLEARN_PARAMS[spec.method].model_validate(spec.params)
-    provided = {"forget"} | ({"retain"} if spec.retain else set())
-    missing = missing_inputs(spec.method, params, provided)
-    if missing:
-        raise Unprocessable(f"{spec.method} needs {', '.join(missing)} data; the job has none", code="missing_input")
-    forget = records.get_resource("datasets", tenant, spec.forget.dataset)
-    if spec.forget.rows and spec.forget.rows[-1] >= forget.rows:
-        raise Unprocessable(
-            f"forget row {spec.forget.rows[-1]} does not exist: dataset {forget.id} has rows 0..{forget.rows - 1}",
-            code="invalid_rows",
-        )
-    for dataset_id in spec.dataset_ids():
-        dataset = records.get_resource("datasets", tenant, dataset_id)
-        if dataset.kind not in _FAMILY_DATASETS[model.family]:
-            raise Unprocessable(
-                f"dataset {dataset.id} holds {dataset.kind} rows, which a {model.family} model cannot use",
-                code="incompatible_inputs",
-            )
-        if dataset.kind == "text_classification" and not model.has_tokenizer:
-            raise Unprocessable(f"model {model.id} has no tokenizer for text rows", code="incompatible_inputs")
-        images = model.architecture.endswith("ForImageClassification")
-        if model.family == "classifier" and images != (dataset.kind == "image_classification"):
-            raise Unprocessable(
-                f"dataset {dataset.id} holds {dataset.kind} rows, which {model.architecture} cannot take",
-                code="incompatible_inputs",
-            )
-        if dataset.num_labels is not None and model.num_labels is not None and dataset.num_labels > model.num_labels:
-            raise Unprocessable(
-                f"dataset {dataset.id} has {dataset.num_labels} labels, model {model.id} only {model.num_labels}",
-                code="incompatible_inputs",
-            )
-    if model.family == "causal_lm" and not model.has_tokenizer:
-        raise Unprocessable(f"model {model.id} has no tokenizer for its text rows", code="incompatible_inputs")
-
-
-def _check_inputs(records: Records, tenant: str, spec: JobCreate) -> None:
-    """Every referenced adapter exists for this tenant, and their base models agree."""
-    if isinstance(spec, UnlearnJobCreate):
-        _check_unlearn_inputs(records, tenant, spec)
-        return
-    adapters = [records.get_adapter(tenant, adapter_id) for adapter_id in spec.input_adapter_ids()]
-    if not spec.params.get("allow_base_mismatch"):
-        bases = {a.base_model for a in adapters if a.base_model}
-        if len(bases) > 1:
-            raise Unprocessable(
-                f"the adapters were trained on different base models {sorted(bases)}; "
-                "set params.allow_base_mismatch to merge them anyway",
-                code="incompatible_adapters",
-            )
-
-
-def _wait_for_job(records: Records, job_id: str, tenant: str) -> JobRecord:
-    """The job holding an idempotency key may be a moment from being written by a concurrent request."""
-    deadline = time.monotonic() + 5.0
-    while True:
-        try:
-            return records.get_job(job_id, tenant)
-        except NotFound:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 @router.post(
@@ -123,44 +40,10 @@ def create_job(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
-    if len(spec.input_adapter_ids()) > settings.max_merge_adapters:
-        raise Unprocessable(f"at most {settings.max_merge_adapters} adapters per merge", code="too_many_adapters")
-    spec_dict = spec.model_dump(mode="json", by_alias=True)
-    request_hash = _request_hash(spec_dict)
-    job_id = new_id("jb")
-    if idempotency_key:
-        holder = records.claim_idempotency_key(caller.tenant, idempotency_key, job_id)
-        if holder is not None:
-            existing = _wait_for_job(records, holder, caller.tenant)
-            if existing.request_hash != request_hash:
-                raise Conflict("this Idempotency-Key was used with a different request", code="idempotency_conflict")
-            response.status_code = 200
-            return existing.public()
-    try:
-        _check_inputs(records, caller.tenant, spec)
-        records.reserve_job_slot(caller.tenant, job_id, settings.max_jobs_per_tenant)
-        record = JobRecord(
-            id=job_id,
-            tenant=caller.tenant,
-            type=spec.type,
-            method=spec.method,
-            state="queued",
-            progress=0.0,
-            stage="queued",
-            created_at=now(),
-            spec=spec_dict,
-            idempotency_key=idempotency_key,
-            request_hash=request_hash,
-        )
-        add_event(record, "queued")
-        records.create_job(record)
-    except BaseException:
-        records.release_job_slot(caller.tenant, job_id)
-        if idempotency_key:
-            records.release_idempotency_key(caller.tenant, idempotency_key)
-        raise
-    enqueue(celery, record.id, record.type)
-    return record.public()
+    submitted = submit(records, settings, celery, caller.tenant, spec, idempotency_key)
+    if not submitted.created:
+        response.status_code = 200
+    return submitted.job.public()
 
 
 def _etag(job: JobPublic) -> str:
@@ -198,20 +81,7 @@ def list_jobs(
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, summary="Cancel a queued or running job")
 def cancel_job(job: JobDep, caller: Writer, records: RecordsDep) -> JobPublic:
-    def change(record: JobRecord) -> bool:
-        if record.state in FINAL_STATES:
-            raise Conflict(f"job {record.id} is already {record.state}", code="job_finished")
-        record.cancel_requested = True
-        if record.state == "queued":
-            record.state = "cancelled"
-            record.finished_at = now()
-            add_event(record, "cancelled before it started")
-        else:
-            add_event(record, "cancel requested")
-        return True
-
-    records.index.set(records.cancel_key(job.id), "1", ex=7 * 24 * 3600)
-    return records.mutate_job(job.id, change).public()
+    return lifecycle.cancel(records, job.id).public()
 
 
 @router.get("/{job_id}/report", summary="The job's full report (merge quality, unlearning metrics)")

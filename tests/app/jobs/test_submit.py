@@ -1,0 +1,76 @@
+"""Admission without HTTP (what a scheduler calls): checks, idempotency, quota slot, record, enqueue — and
+nothing left behind when a check refuses."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.errors import Conflict, NotFound, QuotaExceeded
+from app.jobs.submit import submit
+from app.main import create_app
+from app.schemas.jobs import job_create_adapter
+from app.settings import Settings
+from tests.app.test_api import upload
+from tests.conftest import tenant_keys
+
+
+class SentTasks:
+    """Stands in for the Celery app's `send_task`: records what would go on the queue."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list, str]] = []
+
+    def send_task(self, name: str, args: list, queue: str) -> None:
+        self.sent.append((name, args, queue))
+
+
+@pytest.fixture
+def api(redis_url, redis_client, moto_s3):
+    key_a, _, api_keys = tenant_keys()
+    settings = Settings(environment="test", redis_url=redis_url, s3_bucket="unit", api_keys=api_keys)
+    with TestClient(create_app(settings)) as client:
+        client.headers["Authorization"] = f"Bearer {key_a}"
+        yield client
+
+
+@pytest.fixture
+def spec(api, adapter_dir):
+    ids = [upload(api, adapter_dir(n, seed=s), n).json()["id"] for n, s in (("one", 1), ("two", 2))]
+    return job_create_adapter.validate_python(
+        {"type": "merge", "adapters": [{"id": i} for i in ids], "method": "task_arithmetic",
+         "output": {"name": "merged", "rank": 4}}
+    )
+
+
+def test_submit_creates_queues_and_is_idempotent(api, spec):
+    records, settings, celery = api.app.state.records, api.app.state.settings, SentTasks()
+    first = submit(records, settings, celery, "tenant-a", spec, idempotency_key="k1")
+    assert first.created and first.job.state == "queued" and first.job.events[-1].stage == "queued"
+    assert records.get_job(first.job.id, "tenant-a").state == "queued"
+    assert celery.sent == [("workers.run_job", [first.job.id], "amend.merge")]
+    again = submit(records, settings, celery, "tenant-a", spec, idempotency_key="k1")
+    assert not again.created and again.job.id == first.job.id and len(celery.sent) == 1
+    other = spec.model_copy(update={"method": "cat", "params": {}})
+    with pytest.raises(Conflict):
+        submit(records, settings, celery, "tenant-a", other, idempotency_key="k1")
+
+
+def test_a_refused_submission_leaves_no_job_slot_or_key(api, spec):
+    records, settings, celery = api.app.state.records, api.app.state.settings, SentTasks()
+    missing = spec.model_copy(update={"adapters": [*spec.adapters[:1], spec.adapters[1].model_copy(
+        update={"id": "ad_" + "0" * 26})]})
+    with pytest.raises(NotFound):
+        submit(records, settings, celery, "tenant-a", missing, idempotency_key="k2")
+    assert records.active_jobs("tenant-a") == [] and celery.sent == []
+    # the key is free again: the same key now admits a valid request
+    assert submit(records, settings, celery, "tenant-a", spec, idempotency_key="k2").created
+
+
+def test_the_quota_slot_is_taken_at_admission(api, spec):
+    records, celery = api.app.state.records, SentTasks()
+    settings = api.app.state.settings.model_copy(update={"max_jobs_per_tenant": 1})
+    submit(records, settings, celery, "tenant-a", spec)
+    with pytest.raises(QuotaExceeded):
+        submit(records, settings, celery, "tenant-a", spec)
+    assert len(celery.sent) == 1

@@ -1,0 +1,73 @@
+"""What a job handler works with: the `JobContext` (record, stores, lease, progress, cancel), the typed job
+errors that end a job with a stable code, and the service handles a worker process shares.
+
+The errors here are the handlers' own; `workers/jobs/run.py` holds the one table that maps these and the
+engines' and formats' errors to job error codes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import redis
+
+from app.records import Records
+from app.schemas.jobs import JobRecord
+from app.settings import Settings, get_settings
+from app.storage import Storage
+from workers.upkeep.lease import Lease
+
+
+class JobCancelled(Exception):
+    """The job's cancel flag was seen between two steps."""
+
+
+class LeaseLost(Exception):
+    """This worker's lease on the job expired; another copy owns the job now, so this one stops quietly."""
+
+
+class InputRejected(Exception):
+    """The job's inputs cannot be processed (gone, or not what the job needs); retrying will not help."""
+
+    code = "invalid_input"
+
+
+class InputCorrupted(InputRejected):
+    """A fetched input's bytes do not match the SHA-256 recorded when it was stored."""
+
+    code = "input_corrupted"
+
+
+@lru_cache
+def services() -> tuple[Settings, Records]:
+    settings = get_settings()
+    index = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    return settings, Records(Storage(settings), index)
+
+
+@dataclass
+class JobContext:
+    job: JobRecord
+    records: Records
+    settings: Settings
+    lease: Lease
+    _last_write: float = 0.0
+
+    def progress(self, fraction: float, stage: str) -> None:
+        """Report progress (cheap: Redis only, throttled) and stop here if the job was cancelled."""
+        self.check_cancelled()
+        current = time.monotonic()
+        if current - self._last_write > 0.25 or fraction >= 1.0:
+            self._last_write = current
+            self.records.set_progress(self.job.id, min(max(fraction, 0.0), 1.0), stage)
+
+    def should_cancel(self) -> bool:
+        return self.lease.lost or bool(self.records.index.exists(self.records.cancel_key(self.job.id)))
+
+    def check_cancelled(self) -> None:
+        if self.lease.lost:
+            raise LeaseLost
+        if self.should_cancel():
+            raise JobCancelled

@@ -1,0 +1,78 @@
+"""A job's inputs, fetched from storage into its scratch directory: adapters, models, datasets.
+
+Every fetched file is checked against the SHA-256 recorded when it was stored, so a job computes on (and an
+audit record names) exactly the bytes that were uploaded; a mismatch is `InputCorrupted` and the job makes no
+output. An input that no longer exists is `InputRejected`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from app.checks.model import check_name, file_sha256
+from app.errors import NotFound
+from app.records import Records
+from app.schemas.adapters import AdapterRecord
+from app.schemas.datasets import DatasetRecord
+from app.schemas.models import ModelRecord
+from app.storage import keys
+from workers.formats.hf_models import DATA_FILES
+from workers.jobs.context import InputCorrupted, InputRejected
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _checked(path: Path, sha256: str, what: str) -> Path:
+    if file_sha256(path) != sha256:
+        raise InputCorrupted(f"{what} does not match its recorded SHA-256")
+    return path
+
+
+def adapter_record(records: Records, tenant: str, adapter_id: str) -> AdapterRecord:
+    try:
+        return records.get_adapter(tenant, adapter_id)
+    except NotFound:
+        raise InputRejected(f"adapter {adapter_id} no longer exists") from None
+
+
+def model_record(records: Records, tenant: str, model_id: str) -> ModelRecord:
+    try:
+        return records.get_resource("models", tenant, model_id)
+    except NotFound:
+        raise InputRejected(f"model {model_id} no longer exists") from None
+
+
+def dataset_record(records: Records, tenant: str, dataset_id: str) -> DatasetRecord:
+    try:
+        return records.get_resource("datasets", tenant, dataset_id)
+    except NotFound:
+        raise InputRejected(f"dataset {dataset_id} no longer exists") from None
+
+
+def fetch_adapter(records: Records, adapter: AdapterRecord, into: Path) -> tuple[dict[str, Any], Path]:
+    """(config, weights path) of a stored adapter under `into/<id>/`, both files SHA-256-checked."""
+    directory = into / adapter.id
+    for name in ADAPTER_FILES:
+        records.storage.download(keys.adapter(adapter.tenant, adapter.id, name), directory / name)
+    config = _checked(directory / "adapter_config.json", adapter.config_sha256, f"adapter {adapter.id}'s config")
+    weights = _checked(directory / "adapter_model.safetensors", adapter.sha256, f"adapter {adapter.id}")
+    return json.loads(config.read_text()), weights
+
+
+def fetch_model(records: Records, model: ModelRecord, into: Path) -> Path:
+    """Download a model's files into `into`, each checked against the record's SHA-256."""
+    into.mkdir(parents=True, exist_ok=True)
+    for item in model.files:
+        check_name(item.name)
+        target = into / item.name
+        records.storage.download(keys.model(model.tenant, model.id, f"files/{item.name}"), target)
+        _checked(target, item.sha256, f"model {model.id}: {item.name}")
+    return into
+
+
+def fetch_dataset(records: Records, dataset: DatasetRecord, into: Path) -> Path:
+    path = into / f"{dataset.id}-{DATA_FILES[dataset.format]}"
+    records.storage.download(keys.dataset(dataset.tenant, dataset.id, DATA_FILES[dataset.format]), path)
+    return _checked(path, dataset.sha256, f"dataset {dataset.id}")

@@ -1,0 +1,69 @@
+"""Where a job's outputs go: ids and keys derived from the job id (so a redelivered job finds what it already
+stored), and publishing an output adapter (files first, the record last)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from app.adapter_store import store_adapter
+from app.errors import NotFound
+from app.records import Records
+from app.schemas.jobs import JobRecord, JobResult
+from app.storage import keys
+from workers.jobs.context import JobContext
+
+
+def _suffix(job_id: str) -> str:
+    return job_id.split("_", 1)[1]
+
+
+def output_adapter_id(job_id: str) -> str:
+    """The job's output adapter id: deterministic, and time-ordered like the job id it comes from."""
+    return "ad_" + _suffix(job_id)
+
+
+def output_model_id(job_id: str) -> str:
+    """The model a job with output `weights` registers: deterministic from the job id."""
+    return "md_" + _suffix(job_id)
+
+
+def report_key(job: JobRecord) -> str:
+    return keys.job(job.tenant, job.id, "results/report.json")
+
+
+def audit_key(job: JobRecord) -> str:
+    return keys.job(job.tenant, job.id, "results/audit.json")
+
+
+def adapter_result(records: Records, job: JobRecord) -> JobResult | None:
+    """The result of a job whose output adapter and report are both already stored, else None."""
+    try:
+        adapter = records.get_adapter(job.tenant, output_adapter_id(job.id))
+        report = records.storage.get_json(report_key(job))
+    except NotFound:
+        return None
+    return JobResult(
+        adapter_id=adapter.id, adapter_ids=[adapter.id], report=report.get("summary"), report_key=report_key(job)
+    )
+
+
+def publish_adapter(context: JobContext, directory: Path, name: str, report: dict[str, Any]) -> JobResult:
+    """Store an output adapter and its report under keys derived from the job id; the record goes last."""
+    job, records, settings = context.job, context.records, context.settings
+    adapter_id = output_adapter_id(job.id)
+    records.storage.put_json(report_key(job), report)
+    store_adapter(
+        records,
+        settings,
+        tenant=job.tenant,
+        adapter_id=adapter_id,
+        name=name,
+        config=json.loads((directory / "adapter_config.json").read_text()),
+        weights=directory / "adapter_model.safetensors",
+        source_job_id=job.id,
+    )
+    return JobResult(
+        adapter_id=adapter_id, adapter_ids=[adapter_id], report=report.get("summary"), report_key=report_key(job)
+    )
