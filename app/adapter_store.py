@@ -17,6 +17,7 @@ from app.settings import Settings
 from app.storage import keys
 
 log = logging.getLogger(__name__)
+PATTERN_FIELDS = ("rank_pattern", "alpha_pattern")
 
 
 def store_adapter(
@@ -30,11 +31,14 @@ def store_adapter(
     weights: Path,
     source_job_id: str | None = None,
 ) -> AdapterRecord:
-    summary = validate_adapter(
-        config, weights, max_header_bytes=settings.max_safetensors_header_bytes, max_tensors=settings.max_tensors
+    config_bytes = stored_config(config)
+    summary = validate_adapter(  # the config exactly as stored, so the worker reads what was checked
+        json.loads(config_bytes),
+        weights,
+        max_header_bytes=settings.max_safetensors_header_bytes,
+        max_tensors=settings.max_tensors,
     )
     size = weights.stat().st_size
-    config_bytes = json.dumps(config, indent=2, sort_keys=True).encode()
     records.reserve_bytes(tenant, size, settings.max_bytes_per_tenant, "delete adapters first")
     try:
         config_sha256 = records.storage.put_bytes(keys.adapter(tenant, adapter_id, "adapter_config.json"), config_bytes)
@@ -56,6 +60,23 @@ def store_adapter(
         records.release_bytes(tenant, size)
         raise
     return record
+
+
+def stored_config(config: dict[str, Any]) -> bytes:
+    """adapter_config.json as stored: keys sorted at every level (as PEFT writes it), except the keys of
+    `rank_pattern` and `alpha_pattern`, whose order is their precedence (the first matching key applies,
+    `app.checks.peft_patterns`), so sorting them could change a module's rank or alpha."""
+
+    def ordered(value: Any, keep_order: bool = False) -> Any:
+        if isinstance(value, dict):
+            items = value.items() if keep_order else sorted(value.items())
+            return {key: ordered(item) for key, item in items}
+        if isinstance(value, list):
+            return [ordered(item) for item in value]
+        return value
+
+    canonical = {key: ordered(value, key in PATTERN_FIELDS) for key, value in sorted(config.items())}
+    return json.dumps(canonical, indent=2).encode()
 
 
 def _discard(records: Records, tenant: str, adapter_id: str) -> None:

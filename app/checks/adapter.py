@@ -2,8 +2,9 @@
 
 The config must be a PEFT LoRA config; the weights a safetensors file whose header parses within limits,
 whose tensors are float, contiguous and exactly fill the file, whose `lora_A`/`lora_B` pairs match the
-config's rank (and `rank_pattern`) and target modules, and whose values are all finite. Pickle files never
-get this far: only the safetensors format is read, and only as bytes.
+config's rank (and `rank_pattern`, by PEFT's rule in `app.checks.peft_patterns`) and target modules, and
+whose values are all finite. Pickle files never get this far: only the safetensors format is read, and only
+as bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from app.checks.peft_patterns import PatternError, PeftPattern
 from app.errors import AmendError, InvalidAdapter, PayloadTooLarge, UnsupportedMediaType
 
 # dtype -> (bytes per element, numpy view, exponent mask): a value is finite when its exponent bits are not
@@ -84,10 +86,7 @@ def parse_config(raw: bytes, max_bytes: int) -> dict[str, Any]:
     alpha = config.get("lora_alpha", rank)
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0 < alpha <= 1e6:
         raise InvalidAdapter("adapter_config.json: lora_alpha must be a positive number")
-    for pattern_name in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(pattern_name) or {}
-        if not isinstance(pattern, dict):
-            raise InvalidAdapter(f"adapter_config.json: {pattern_name} must be an object")
+    rank_and_alpha_patterns(config)
     targets = config.get("target_modules")
     if not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)) and not isinstance(
         targets, str
@@ -187,12 +186,27 @@ def check_finite(
                 remaining -= take
 
 
-def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rule: a key applies to a module whose name equals it or ends with `.key`."""
-    for key, value in pattern.items():
-        if module == key or module.endswith("." + key):
-            return value
-    return default
+def rank_and_alpha_patterns(config: dict[str, Any]) -> tuple[PeftPattern[Any], PeftPattern[Any]]:
+    """The config's `rank_pattern` and `alpha_pattern`, compiled with PEFT's rule (`app.checks.peft_patterns`);
+    refuses a pattern that is not an object, a key that is not a regular expression, and a value that is
+    not a rank in 1..4096 / a positive alpha."""
+    compiled = []
+    for pattern_name in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(pattern_name) or {}
+        if not isinstance(pattern, dict):
+            raise InvalidAdapter(f"adapter_config.json: {pattern_name} must be an object")
+        for key, value in pattern.items():
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise InvalidAdapter(f"adapter_config.json: {pattern_name}[{key!r}] must be a number")
+            if pattern_name == "rank_pattern" and not (isinstance(value, int) and 1 <= value <= 4096):
+                raise InvalidAdapter(f"adapter_config.json: rank_pattern[{key!r}] must be an integer in 1..4096")
+            if pattern_name == "alpha_pattern" and not 0 < value <= 1e6:
+                raise InvalidAdapter(f"adapter_config.json: alpha_pattern[{key!r}] must be a positive number")
+        try:
+            compiled.append(PeftPattern.compile(pattern, f"adapter_config.json: {pattern_name}"))
+        except PatternError as error:
+            raise InvalidAdapter(str(error)) from None
+    return compiled[0], compiled[1]
 
 
 def _targeted(module: str, targets: list[str] | str) -> bool:
@@ -219,7 +233,7 @@ def validate_adapter(
     if not pairs:
         raise InvalidAdapter("the weights file holds no LoRA tensors")
     rank_default = int(config["r"])
-    rank_pattern = config.get("rank_pattern") or {}
+    rank_pattern, _ = rank_and_alpha_patterns(config)
     targets = config["target_modules"]
     leaf_names: set[str] = set()
     dtypes = set()
@@ -228,7 +242,7 @@ def validate_adapter(
             raise InvalidAdapter(f"module {module!r} has lora_{''.join(sides)} without its pair")
         lora_a, lora_b = sides["A"], sides["B"]
         stripped = module.removeprefix("base_model.model.")
-        expected = int(_pattern_value(rank_pattern, stripped, rank_default))
+        expected = int(rank_pattern.value(stripped, rank_default))
         if lora_a.shape[0] != expected or lora_b.shape[1] != expected:
             raise InvalidAdapter(
                 f"module {stripped!r}: lora_A is {list(lora_a.shape)} and lora_B is {list(lora_b.shape)}, "

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.checks.peft_patterns import PeftPattern
+
 MAX_RANK = 1024
 
 MergeRule = Literal["task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs"]
@@ -145,7 +147,8 @@ class MergeOutput(BaseModel):
     rank_pattern: dict[str, int] | None = Field(
         None,
         max_length=4096,
-        description="Per-module output rank, keyed by module name or a suffix of it (as PEFT's rank_pattern).",
+        description="Per-module output rank, keyed by module name, a dotted suffix of it, or a regular expression "
+        "matching a dotted suffix (PEFT's rank_pattern rule: the first matching key applies).",
     )
     energy: float | None = Field(
         None, gt=0.0, le=1.0, description="Smallest rank per module keeping this fraction of the energy."
@@ -161,4 +164,5 @@ class MergeOutput(BaseModel):
                 raise ValueError("rank_pattern keys must be 1..512 characters")
             if not 1 <= value <= MAX_RANK:
                 raise ValueError(f"rank_pattern[{key!r}] must be in 1..{MAX_RANK}")
+        PeftPattern.compile(self.rank_pattern, "rank_pattern")  # a key that is not a regex: PatternError
         return self

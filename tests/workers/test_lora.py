@@ -320,3 +320,57 @@ def test_inputs_restricted_to_some_layers_give_an_adapter_on_exactly_those_modul
     c = save_adapter(tmp_path, "c", 3, r=4, lora_alpha=8)
     merge_adapter_files(inputs((c, 1.0)), "cat", {}, {}, tmp_path / "o2")
     assert config(tmp_path / "o2")["target_modules"] == ["q_proj", "v_proj"]
+
+
+# rank_pattern / alpha_pattern keys of each kind PEFT accepts: (a) a regular expression, (b) a plain leaf
+# name, (c) an exact full module name (the rule itself: app/checks/peft_patterns.py)
+PATTERN_CASES = {
+    "regex": ({r"layers\.[1-9]\.self_attn\.q_proj": 2}, {r"layers\.1\.self_attn\.(q|v)_proj": 3}),
+    "suffix": ({"q_proj": 2}, {"v_proj": 16}),
+    "exact": ({"model.layers.0.self_attn.v_proj": 2}, {"model.layers.0.self_attn.v_proj": 4}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PATTERN_CASES))
+def test_pattern_keys_give_the_ranks_and_scalings_peft_uses_and_merge(tmp_path: Path, case: str) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    from workers.formats.lora import scaling_rule
+
+    rank_pattern, alpha_pattern = PATTERN_CASES[case]
+    kw = {"r": 4, "lora_alpha": 8, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    a, b = save_adapter(tmp_path, "a", 1, **kw), save_adapter(tmp_path, "b", 2, **kw)
+    peft_layers = {
+        name.removeprefix("base_model.model."): module
+        for name, module in loaded(a).named_modules()
+        if isinstance(module, LoraLayer)
+    }
+    weights = load_file(str(a / "adapter_model.safetensors"))
+    factors = read_adapter_factors(config(a), a / "adapter_model.safetensors", 1.0)
+    scaling = scaling_rule(config(a))
+    assert set(factors) == set(peft_layers) and len(peft_layers) == 4
+    assert len({f.rank for f in factors.values()}) == 2
+    for name, layer in peft_layers.items():
+        rank = weights[f"base_model.model.{name}.lora_A.weight"].shape[0]
+        assert factors[name].rank == layer.r["default"] == rank, name
+        assert scaling(name, rank) == pytest.approx(layer.scaling["default"]), name
+    reference = logits(dense_model([(a, 1.0), (b, -0.5)]))
+    for method, output in (("cat", {}), ("task_arithmetic", {"rank": 8})):
+        out = tmp_path / f"out-{method}"
+        merge_adapter_files(inputs((a, 1.0), (b, -0.5)), method, {}, output, out)
+        assert torch.allclose(logits(loaded(out)), reference, atol=1e-4), method
+
+
+def test_regex_output_rank_pattern_and_invalid_pattern_keys(tmp_path: Path) -> None:
+    a = save_adapter(tmp_path, "a", 1, r=4, lora_alpha=8)
+    out = tmp_path / "out"
+    merge_adapter_files(inputs((a, 1.0)), "task_arithmetic", {}, {"rank_pattern": {r"layers\.[1]\..*q_proj": 2}}, out)
+    ranks = {name: f.rank for name, f in read_adapter_factors(config(out), out / "adapter_model.safetensors", 1).items()}
+    assert ranks["model.layers.1.self_attn.q_proj"] == 2
+    assert {rank for name, rank in ranks.items() if name != "model.layers.1.self_attn.q_proj"} == {4}
+    assert torch.isfinite(logits(loaded(out))).all()
+    for field in ("rank_pattern", "alpha_pattern"):
+        bad = {**config(a), field: {"q_proj": 4, "v_proj[": 4}}
+        with pytest.raises(AdapterFormatError, match=rf"{field} key 'v_proj\[' is not a valid regular expression"):
+            merge_adapter_files([(bad, a / "adapter_model.safetensors", 1.0)], "cat", {}, {}, tmp_path / field)
+        assert not (tmp_path / field).exists()

@@ -3,9 +3,10 @@
 `read_adapter_factors` reads an `adapter_model.safetensors` lazily, one tensor at a time (safe_open),
 normalises module names (PEFT's `base_model.model.` prefix and `.lora_A.weight` suffix stripped), and folds
 the per-module scaling — lora_alpha/r, or lora_alpha/√r with rsLoRA, honouring `rank_pattern` and
-`alpha_pattern` with PEFT's key matching — and the job's weight into lora_B, in float32. PEFT stores LoRA
-factors of fan_in_fan_out (GPT-2 Conv1D) layers already in the (out, in) orientation — only the delta
-weight is transposed to the layer's layout — so the factors need no transpose either way.
+`alpha_pattern` with PEFT's key matching (`app.checks.peft_patterns`) — and the job's weight into lora_B,
+in float32. PEFT stores LoRA factors of fan_in_fan_out (GPT-2 Conv1D) layers already in the (out, in)
+orientation — only the delta weight is transposed to the layer's layout — so the factors need no transpose
+either way.
 
 `merge_adapter_files` is the file-to-file merge the pipeline calls: validate, check base models and shapes
 before any compute, read, merge with `workers.engines.merge.engine.merge_modules`, write a PEFT adapter
@@ -27,6 +28,7 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
+from app.checks.peft_patterns import PatternError, PeftPattern
 from app.schemas.merge import MergeOutput
 from workers.engines import registry
 from workers.engines.merge.engine import merge_modules
@@ -40,18 +42,6 @@ _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[A-Za-z0-9_\-]+)?\.
 
 class AdapterFormatError(ValueError):
     """The adapter files cannot be read as a plain LoRA adapter; the message says what and where."""
-
-
-def pattern_value(pattern: Mapping[str, Any] | None, name: str, default: Any) -> Any:
-    """PEFT's `rank_pattern` / `alpha_pattern` lookup: the first key that is the module name or a regex
-    matching a dotted suffix of it (`(.*\\.)?(key)$`), else `default`."""
-    for key, value in (pattern or {}).items():
-        try:
-            if key == name or re.match(rf"(.*\.)?({key})$", name):
-                return value
-        except re.error:
-            raise AdapterFormatError(f"pattern key {key!r} is not a valid regular expression") from None
-    return default
 
 
 def check_config(config: Mapping[str, Any]) -> None:
@@ -118,19 +108,32 @@ def adapter_shapes(weights_path: Path) -> dict[str, tuple[int, int, int, str]]:
     return out
 
 
-def scaling(config: Mapping[str, Any], name: str, rank: int) -> float:
-    """The module's LoRA scaling: alpha/r, or alpha/√r with use_rslora (rank/alpha patterns honoured)."""
-    r = int(pattern_value(config.get("rank_pattern"), name, config.get("r", rank)))
-    alpha = float(pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", r)))
-    if r != rank:
-        raise AdapterFormatError(f"module {name!r}: the config says r={r} but the weights have rank {rank}")
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+def scaling_rule(config: Mapping[str, Any]) -> Callable[[str, int], float]:
+    """The adapter's LoRA scaling per module, `(name, rank) -> scaling`: alpha/r, or alpha/√r with use_rslora,
+    with `rank_pattern` and `alpha_pattern` resolved by PEFT's rule (`app.checks.peft_patterns`). A pattern
+    key that is not a regular expression is refused here, before any tensor is read; so is a module whose
+    rank in the weights is not the one the config gives it."""
+    try:
+        rank_pattern = PeftPattern.compile(config.get("rank_pattern"), "rank_pattern")
+        alpha_pattern = PeftPattern.compile(config.get("alpha_pattern"), "alpha_pattern")
+    except PatternError as error:
+        raise AdapterFormatError(str(error)) from None
+
+    def scaling(name: str, rank: int) -> float:
+        r = int(rank_pattern.value(name, config.get("r", rank)))
+        alpha = float(alpha_pattern.value(name, config.get("lora_alpha", r)))
+        if r != rank:
+            raise AdapterFormatError(f"module {name!r}: the config says r={r} but the weights have rank {rank}")
+        return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+    return scaling
 
 
 def read_adapter_factors(config: dict, weights_path: Path, weight: float) -> dict[str, TaskFactors]:
     """Every module's factors in float32, (out, in) orientation, with weight·scaling folded into lora_B."""
     check_config(config)
     where = str(Path(weights_path).name)
+    scaling = scaling_rule(config)
     factors: dict[str, TaskFactors] = {}
     with safe_open(str(weights_path), framework="pt") as handle:
         for name, sides in _pairs(list(handle.keys()), where).items():
@@ -143,7 +146,7 @@ def read_adapter_factors(config: dict, weights_path: Path, weight: float) -> dic
                 raise AdapterFormatError(f"{where}: module {name!r}: unsupported dtype {lora_A.dtype}")
             if lora_A.shape[0] != lora_B.shape[1]:
                 raise AdapterFormatError(f"{where}: module {name!r}: lora_A and lora_B ranks differ")
-            scale = weight * scaling(config, name, int(lora_A.shape[0]))
+            scale = weight * scaling(name, int(lora_A.shape[0]))
             factors[name] = TaskFactors(lora_A=lora_A.float(), lora_B=lora_B.float() * scale)
     return factors
 
@@ -162,10 +165,10 @@ class _StackedReader:
         self._shapes = shapes
         self._names = list(dict.fromkeys(name for per_adapter in shapes for name in per_adapter))
         # every scaling before any tensor is read (a config whose r disagrees with the weights is refused here)
-        self._scales = [
-            {name: float(weight) * scaling(config, name, r) for name, (_, _, r, _) in per_adapter.items()}
-            for (config, _, weight), per_adapter in zip(inputs, shapes, strict=True)
-        ]
+        self._scales: list[dict[str, float]] = []
+        for (config, _, weight), per_adapter in zip(inputs, shapes, strict=True):
+            scaling = scaling_rule(config)
+            self._scales.append({name: float(weight) * scaling(name, r) for name, (_, _, r, _) in per_adapter.items()})
         self._paths = [Path(path) for _, path, _ in inputs]
         self._handles: list[TensorFile] = []
         self._pairs: list[dict[str, dict[str, str]]] = []

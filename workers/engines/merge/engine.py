@@ -8,13 +8,13 @@ result for NaN/Inf (`MergeNumericError`) and builds the data-free report.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ValidationError
 
+from app.checks.peft_patterns import PatternError, PeftPattern
 from app.schemas.merge import MergeOutput
 from workers.engines import registry
 from workers.engines.merge.core_space import stack_factors
@@ -74,15 +74,11 @@ def _check_module(
     return out
 
 
-def _pattern_match(key: str, name: str) -> bool:
-    # PEFT's rank_pattern matching: the key is the full name or a regex matching a dotted suffix of it
-    try:
-        return key == name or re.match(rf"(.*\.)?({key})$", name) is not None
-    except re.error:
-        raise MergeInputError(f"rank_pattern key {key!r} is not a valid pattern") from None
-
-
 def _targets(modules: dict[str, list[TaskFactors | None]], output: MergeOutput) -> dict[str, RankTarget]:
+    try:  # PEFT's rank_pattern rule, the one the adapters' own patterns are read with
+        pattern = PeftPattern.compile(output.rank_pattern, "rank_pattern")
+    except PatternError as error:
+        raise MergeInputError(str(error)) from None
     targets: dict[str, RankTarget] = {}
     used: set[str] = set()
     for name, tasks in modules.items():
@@ -90,14 +86,14 @@ def _targets(modules: dict[str, list[TaskFactors | None]], output: MergeOutput) 
         default = max(f.rank for f in present)
         m, n = int(present[0].lora_B.shape[0]), int(present[0].lora_A.shape[1])
         rank = output.rank if output.rank is not None else default
-        for key, value in (output.rank_pattern or {}).items():
-            if _pattern_match(key, name):
-                if value > min(m, n):
-                    raise MergeInputError(
-                        f"module {name!r}: rank_pattern[{key!r}] = {value} exceeds min(m, n) = {min(m, n)}"
-                    )
-                rank, used = value, used | {key}
-                break
+        key = pattern.key_for(name)
+        if key is not None:
+            value = pattern.values[key]
+            if value > min(m, n):
+                raise MergeInputError(
+                    f"module {name!r}: rank_pattern[{key!r}] = {value} exceeds min(m, n) = {min(m, n)}"
+                )
+            rank, used = value, used | {key}
         targets[name] = RankTarget(rank=rank, energy=output.energy)
     unused = sorted(set(output.rank_pattern or {}) - used)
     if unused:
