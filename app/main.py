@@ -22,7 +22,6 @@ from app.queue import make_celery, reindex_and_requeue
 from app.records import Records
 from app.schemas.common import ErrorBody
 from app.settings import Settings, get_settings
-from app.storage import Storage
 
 log = logging.getLogger(__name__)
 # The errors every /v1 route may answer, documented once in the OpenAPI spec with the one error shape.
@@ -76,8 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         f"sha256:{key.digest}:{key.tenant}:{'+'.join(sorted(key.scopes))}" for key in app.state.api_keys.values()
     )
     app.state.settings = settings = settings.model_copy(update={"api_keys": SecretStr(hashed)})
-    index = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
-    app.state.records = Records(Storage(settings), index)
+    app.state.records = Records.connect(settings)
     app.state.celery = make_celery(settings, "amend-api")
 
     @app.exception_handler(AmendError)

@@ -26,6 +26,7 @@ from app.schemas.adapters import AdapterRecord
 from app.schemas.datasets import DatasetRecord
 from app.schemas.jobs import ACTIVE_STATES, JobEvent, JobRecord
 from app.schemas.models import ModelRecord
+from app.settings import Settings
 from app.storage import Storage, keys
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,14 @@ class Records:
     def __init__(self, storage: Storage, index: redis.Redis) -> None:
         self.storage = storage
         self.index = index
+
+    @classmethod
+    def connect(cls, settings: Settings, socket_timeout: float = 5.0) -> Records:
+        """Records on the configured object storage and Redis index (the one way every process opens them)."""
+        index = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=socket_timeout, socket_connect_timeout=min(socket_timeout, 5.0)
+        )
+        return cls(Storage(settings), index)
 
     # -- keys ---------------------------------------------------------------------------------------
     @staticmethod

@@ -11,12 +11,9 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
-import redis
-
 from app.records import Records
 from app.schemas.jobs import JobRecord
 from app.settings import Settings, get_settings
-from app.storage import Storage
 from workers.upkeep.lease import Lease
 
 
@@ -43,8 +40,7 @@ class InputCorrupted(InputRejected):
 @lru_cache
 def services() -> tuple[Settings, Records]:
     settings = get_settings()
-    index = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-    return settings, Records(Storage(settings), index)
+    return settings, Records.connect(settings, socket_timeout=10.0)
 
 
 @dataclass
