@@ -365,7 +365,8 @@ def test_regex_output_rank_pattern_and_invalid_pattern_keys(tmp_path: Path) -> N
     a = save_adapter(tmp_path, "a", 1, r=4, lora_alpha=8)
     out = tmp_path / "out"
     merge_adapter_files(inputs((a, 1.0)), "task_arithmetic", {}, {"rank_pattern": {r"layers\.[1]\..*q_proj": 2}}, out)
-    ranks = {name: f.rank for name, f in read_adapter_factors(config(out), out / "adapter_model.safetensors", 1).items()}
+    factors = read_adapter_factors(config(out), out / "adapter_model.safetensors", 1.0)
+    ranks = {name: f.rank for name, f in factors.items()}
     assert ranks["model.layers.1.self_attn.q_proj"] == 2
     assert {rank for name, rank in ranks.items() if name != "model.layers.1.self_attn.q_proj"} == {4}
     assert torch.isfinite(logits(loaded(out))).all()

@@ -1,19 +1,17 @@
 """Merge methods: T LoRA adapters → one adapter. Importing this package registers every method.
 
-One module per method (named after it), shared pieces beside them: `core_space` (bases and cores),
-`sparsify` (pruning and sign rules), `rules` (rule dispatch), `full_space` (the dense reference),
-`report` (data-free quality report) and `engine` (the entry point, `merge_modules`).
+One module per method with logic of its own (named after it): `cat`, `merge_then_compress`, `knots`, `ctm`.
+Methods that differ only in configuration are registered beside the implementation they configure:
+`task_arithmetic`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` and `breadcrumbs` are rows of
+`merge_then_compress.VARIANTS` (the rule fixed), each with its paper. Shared pieces beside them:
+`core_space` (bases and cores), `sparsify` (pruning and sign rules), `rules` (the rule table and dispatch),
+`full_space` (the dense reference), `report` (data-free quality report) and `engine` (the entry point,
+`merge_modules`).
 """
 
 from workers.engines.merge import (  # noqa: F401  (imported to register the methods)
-    breadcrumbs,
     cat,
     ctm,
-    dare_linear,
-    dare_ties,
     knots,
-    magnitude_prune,
     merge_then_compress,
-    task_arithmetic,
-    ties,
 )

@@ -3,16 +3,30 @@
 The baseline of CtM (He et al., ICML 2026, `merge_space in {full, core}` followed by a truncated SVD) and
 the core-space merge of Panariello, Marczak et al. (NeurIPS 2025). In core space the rule is applied to the
 K×K cores M_t, and the truncation is the SVD of the merged K×K core — the exact Eckart–Young truncation
-of the merged update, never an m×n SVD. `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`,
-`magnitude_prune` and `breadcrumbs` are this function with the rule fixed.
+of the merged update, never an m×n SVD.
+
+`task_arithmetic`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` and `breadcrumbs` are this
+implementation with the rule fixed: each is one row of `VARIANTS` below (its params model and its paper),
+registered under its own name; what the rule does (sparsifier, sign election) is its row in `rules.RULES`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from app.schemas.merge import MergeThenCompressParams
+from app.schemas.merge import (
+    BreadcrumbsParams,
+    DareLinearParams,
+    DareTiesParams,
+    MagnitudePruneParams,
+    MergeThenCompressParams,
+    TaskArithmeticParams,
+    TiesParams,
+)
 from workers.engines.merge.core_space import (
     CoreBasis,
     batches,
@@ -84,3 +98,63 @@ def _sum_conflicts(basis: CoreBasis, spans: list[slice], summed: Tensor) -> Tens
 def merge_then_compress(job: MergeJob, params: MergeThenCompressParams) -> dict[str, MergedModule]:
     """Rule `params.rule` in `params.space`, then the exact truncation to each module's output rank."""
     return merge_in_space(job, params.rule, RuleOptions.from_params(params), params.lambda_, params.space)
+
+
+VariantParams = (
+    TaskArithmeticParams | TiesParams | DareLinearParams | DareTiesParams | MagnitudePruneParams | BreadcrumbsParams
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A method that is `merge_then_compress` with the rule fixed to the method's name."""
+
+    params_model: type[VariantParams]
+    paper: str
+
+
+VARIANTS: dict[str, Variant] = {
+    "task_arithmetic": Variant(
+        TaskArithmeticParams,
+        "Task arithmetic (Ilharco et al., ICLR 2023): λ·Σ_t ΔW_t exactly (not PEFT's factor-wise `linear` "
+        "with its cross terms), then the exact rank-r truncation.",
+    ),
+    "ties": Variant(
+        TiesParams,
+        "TIES-Merging (Yadav et al., NeurIPS 2023): trim to top-density per task, elect sign, disjoint mean.",
+    ),
+    "dare_linear": Variant(
+        DareLinearParams,
+        "DARE (Yu et al., ICML 2024): keep each entry with probability density, rescale by 1/density, sum.",
+    ),
+    "dare_ties": Variant(
+        DareTiesParams,
+        "DARE-TIES (Yu et al., ICML 2024): DARE pruning, then TIES sign election and disjoint mean.",
+    ),
+    "magnitude_prune": Variant(
+        MagnitudePruneParams,
+        "Magnitude pruning: keep the top-density entries by magnitude per task, then sum.",
+    ),
+    "breadcrumbs": Variant(
+        BreadcrumbsParams,
+        "Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): drop the largest `gamma` and the smallest "
+        "entries per task, keeping `density`, then sum.",
+    ),
+}
+
+
+def _with_rule(rule: str, variant: Variant) -> Callable[[MergeJob, VariantParams], dict[str, MergedModule]]:
+    def merge(job: MergeJob, params: VariantParams) -> dict[str, MergedModule]:
+        return merge_in_space(job, rule, RuleOptions.from_params(params), params.lambda_, params.space)
+
+    merge.__name__ = merge.__qualname__ = rule
+    merge.__doc__ = (
+        f"`{rule}` — {variant.paper}\n\nMerge every module with the `{rule}` rule in `params.space` (`core`, the "
+        "default: the K×K core-space cores; `full`: the dense updates, the reference), then truncate exactly "
+        "to the module's output rank."
+    )
+    return merge
+
+
+for _name, _variant in VARIANTS.items():
+    register("merge", _name, _variant.params_model)(_with_rule(_name, _variant))
