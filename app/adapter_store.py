@@ -1,22 +1,20 @@
-"""Publish an adapter — an upload or a job's output — by one path: validate, store the files, write the
-record last (publish by final PUT), count its bytes against the tenant's quota; on any failure remove what
-was written and give the bytes back, so a half-stored adapter is never visible."""
+"""Publish an adapter — an upload or a job's output: validate it, then `app.publish.publish` (its files, then
+the record last; counted against the tenant's quota; undone on failure), so a half-stored adapter is never
+visible."""
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from app.checks.adapter import validate_adapter
+from app.publish import publish
 from app.records import Records, now
 from app.schemas.adapters import AdapterRecord
 from app.settings import Settings
-from app.storage import keys
 
-log = logging.getLogger(__name__)
 PATTERN_FIELDS = ("rank_pattern", "alpha_pattern")
 
 
@@ -39,27 +37,31 @@ def store_adapter(
         max_tensors=settings.max_tensors,
     )
     size = weights.stat().st_size
-    records.reserve_bytes(tenant, size, settings.max_bytes_per_tenant, "delete adapters first")
-    try:
-        config_sha256 = records.storage.put_bytes(keys.adapter(tenant, adapter_id, "adapter_config.json"), config_bytes)
-        sha256 = records.storage.upload_path(keys.adapter(tenant, adapter_id, "adapter_model.safetensors"), weights)
-        record = AdapterRecord(
+
+    def record(digests: dict[str, str]) -> AdapterRecord:
+        return AdapterRecord(
             id=adapter_id,
             tenant=tenant,
             name=name,
             **asdict(summary),  # base_model, rank, alpha, target_modules, n_modules, dtype, use_rslora
             size_bytes=size,
-            sha256=sha256,
-            config_sha256=config_sha256,
+            sha256=digests["adapter_model.safetensors"],
+            config_sha256=digests["adapter_config.json"],
             created_at=now(),
             source_job_id=source_job_id,
         )
-        records.put_adapter(record)
-    except BaseException:
-        _discard(records, tenant, adapter_id)
-        records.release_bytes(tenant, size)
-        raise
-    return record
+
+    return publish(
+        records,
+        "adapters",
+        tenant=tenant,
+        resource_id=adapter_id,
+        files={"adapter_config.json": config_bytes, "adapter_model.safetensors": weights},
+        record=record,
+        size=size,
+        limit=settings.max_bytes_per_tenant,
+        hint="delete adapters first",
+    )
 
 
 def stored_config(config: dict[str, Any]) -> bytes:
@@ -77,11 +79,3 @@ def stored_config(config: dict[str, Any]) -> bytes:
 
     canonical = {key: ordered(value, key in PATTERN_FIELDS) for key, value in sorted(config.items())}
     return json.dumps(canonical, indent=2).encode()
-
-
-def _discard(records: Records, tenant: str, adapter_id: str) -> None:
-    """Best effort: without its record nothing of a failed adapter is visible; this removes its files."""
-    try:
-        records.storage.delete_prefix(keys.adapter(tenant, adapter_id))
-    except Exception as error:  # noqa: BLE001 - the original error is what the caller must see
-        log.warning("could not remove a failed adapter's files", extra={"adapter_id": adapter_id, "error": str(error)})

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 from app.audit import canonical_json
 from app.checks.adapter import ALL_DTYPES, check_finite, read_header
 from app.errors import Forbidden, InvalidModel, NotFound, PayloadTooLarge, UnsupportedMediaType
+from app.publish import publish
 from app.schemas.models import ModelFile, ModelRecord
-from app.storage import keys
 from app.uploads import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
@@ -353,7 +353,8 @@ def store_model(
     source: str,
     source_job_id: str | None = None,
 ) -> ModelRecord:
-    """Validate `files`, store each under keys.model(tenant, id, "files/<name>"), then the record (last)."""
+    """Validate `files`, then publish them under keys.model(tenant, id, "files/<name>") and the record last
+    (`app.publish.publish`: counted against the quota, undone on failure)."""
     summary = validate_model_files(
         files,
         max_config_bytes=settings.max_config_bytes,
@@ -361,13 +362,14 @@ def store_model(
         max_tensors=settings.max_tensors,
     )
     size = sum(path.stat().st_size for path in files.values())
-    records.reserve_bytes(tenant, size, settings.max_bytes_per_tenant, "delete models or adapters first")
-    stored: list[ModelFile] = []
-    try:
-        for file_name, path in sorted(files.items()):
-            sha = records.storage.upload_path(keys.model(tenant, model_id, f"files/{file_name}"), path)
-            stored.append(ModelFile(name=file_name, size=path.stat().st_size, sha256=sha))
-        record = ModelRecord(
+    ordered = sorted(files.items())
+
+    def record(digests: dict[str, str]) -> ModelRecord:
+        stored = [
+            ModelFile(name=file_name, size=path.stat().st_size, sha256=digests[f"files/{file_name}"])
+            for file_name, path in ordered
+        ]
+        return ModelRecord(
             id=model_id,
             tenant=tenant,
             name=name,
@@ -383,12 +385,15 @@ def store_model(
             source_job_id=source_job_id,
             created_at=datetime.now(UTC),
         )
-        records.put_resource("models", record)
-    except BaseException:
-        try:
-            records.storage.delete_prefix(keys.model(tenant, model_id))
-        except Exception:  # noqa: BLE001 - the original error is what the caller must see
-            pass
-        records.release_bytes(tenant, size)
-        raise
-    return record
+
+    return publish(
+        records,
+        "models",
+        tenant=tenant,
+        resource_id=model_id,
+        files={f"files/{file_name}": path for file_name, path in ordered},
+        record=record,
+        size=size,
+        limit=settings.max_bytes_per_tenant,
+        hint="delete models or adapters first",
+    )

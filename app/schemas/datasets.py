@@ -12,6 +12,9 @@ from pydantic import BaseModel, Field
 # image_classification: a safetensors file with pixel_values (float) and labels (int)
 DatasetKind = Literal["lm", "text_classification", "image_classification"]
 DatasetFormat = Literal["jsonl", "safetensors"]
+# the data file of a dataset of each format, under keys.dataset(tenant, id, name): written by the upload,
+# read by the workers
+DATA_FILES: dict[DatasetFormat, str] = {"jsonl": "data.jsonl", "safetensors": "data.safetensors"}
 
 
 class DatasetPublic(BaseModel):

@@ -12,9 +12,10 @@ from fastapi import Path as PathParam
 from app.api.deps import Reader, RecordsDep, SettingsDep, Writer
 from app.checks.dataset import validate_jsonl, validate_tensors
 from app.errors import UnsupportedMediaType
+from app.publish import publish
 from app.records import new_id, now
 from app.schemas.common import Page
-from app.schemas.datasets import DatasetManifest, DatasetPublic, DatasetRecord
+from app.schemas.datasets import DATA_FILES, DatasetManifest, DatasetPublic, DatasetRecord
 from app.schemas.jobs import ID_PATTERN
 from app.storage import keys
 from app.uploads import PICKLE_SUFFIXES, copy_bounded
@@ -22,7 +23,6 @@ from app.uploads import PICKLE_SUFFIXES, copy_bounded
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 DatasetId = Annotated[str, PathParam(pattern=ID_PATTERN, max_length=48)]
-DATA_FILES = {"jsonl": "data.jsonl", "safetensors": "data.safetensors"}
 
 
 def get_dataset(dataset_id: DatasetId, caller: Reader, records: RecordsDep) -> DatasetRecord:
@@ -30,10 +30,6 @@ def get_dataset(dataset_id: DatasetId, caller: Reader, records: RecordsDep) -> D
 
 
 DatasetDep = Annotated[DatasetRecord, Depends(get_dataset)]
-
-
-def data_key(dataset: DatasetRecord) -> str:
-    return keys.dataset(dataset.tenant, dataset.id, DATA_FILES[dataset.format])
 
 
 @router.post("", status_code=201, response_model=DatasetPublic, summary="Upload a JSONL or safetensors dataset")
@@ -79,18 +75,17 @@ def upload_dataset(
             created_at=now(),
         )
         manifest = DatasetManifest(dataset_id=dataset_id, rows=summary.rows, row_sha256=summary.row_sha256)
-        records.reserve_bytes(caller.tenant, size, settings.max_bytes_per_tenant, "delete datasets first")
-        try:
-            records.storage.upload_path(data_key(record), path)
-            records.storage.put_json(keys.dataset(caller.tenant, dataset_id, "manifest.json"), manifest.model_dump())
-            records.put_resource("datasets", record)
-        except BaseException:
-            try:
-                records.storage.delete_prefix(keys.dataset(caller.tenant, dataset_id))
-            except Exception:  # noqa: BLE001 - the original error is what the client must see
-                pass
-            records.release_bytes(caller.tenant, size)
-            raise
+        publish(
+            records,
+            "datasets",
+            tenant=caller.tenant,
+            resource_id=dataset_id,
+            files={DATA_FILES[record.format]: path, "manifest.json": manifest.model_dump_json().encode()},
+            record=lambda _digests: record,
+            size=size,
+            limit=settings.max_bytes_per_tenant,
+            hint="delete datasets first",
+        )
     return record.public()
 
 
