@@ -105,15 +105,12 @@ def _dev(args: argparse.Namespace) -> int:
 def _reindex(args: argparse.Namespace) -> int:
     import json
 
-    import redis
-
     from app.queue import make_celery, reindex_and_requeue
     from app.records import Records
     from app.settings import get_settings
-    from app.storage import Storage
 
     settings = get_settings()
-    records = Records(Storage(settings), redis.Redis.from_url(settings.redis_url))
+    records = Records.connect(settings, socket_timeout=30.0)
     print(json.dumps(reindex_and_requeue(records, make_celery(settings, "amend-reindex"))))
     return 0
 

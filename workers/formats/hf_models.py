@@ -23,7 +23,6 @@ from workers.formats.tensor_files import DTYPES
 
 log = logging.getLogger(__name__)
 
-DATA_FILES = {"jsonl": "data.jsonl", "safetensors": "data.safetensors"}
 MAX_TEXT_TOKENS = 512
 
 

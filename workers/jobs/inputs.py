@@ -15,10 +15,9 @@ from app.checks.model import check_name, file_sha256
 from app.errors import NotFound
 from app.records import Records
 from app.schemas.adapters import AdapterRecord
-from app.schemas.datasets import DatasetRecord
+from app.schemas.datasets import DATA_FILES, DatasetRecord
 from app.schemas.models import ModelRecord
 from app.storage import keys
-from workers.formats.hf_models import DATA_FILES
 from workers.jobs.context import InputCorrupted, InputRejected
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
