@@ -326,3 +326,20 @@ def merge_adapter_files(
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "merge_report.json").write_text(json.dumps(result.report))
     return result.report
+
+
+def read_lora_modules(config: dict, weights_path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Every module's (lora_A, lora_B) as stored (their own dtype, (out, in) orientation) and its PEFT scaling
+    (`scaling_rule`), for methods that keep the adapter's factors and config (compression's cast, quantize)."""
+    check_config(config)
+    where = str(Path(weights_path).name)
+    scaling = scaling_rule(config)
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    with TensorFile(Path(weights_path)) as handle:
+        for name, sides in _pairs(handle.keys(), where).items():
+            lora_A, lora_B = handle.read(sides["A"]), handle.read(sides["B"])
+            if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1]:
+                raise AdapterFormatError(f"{where}: module {name!r}: lora_A {list(lora_A.shape)} and lora_B "
+                                         f"{list(lora_B.shape)} are not a pair of 2-D factors of one rank")
+            modules[name] = (lora_A, lora_B, scaling(name, int(lora_A.shape[0])))
+    return modules
