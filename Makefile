@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' $(LOCK))
 
-.PHONY: install run test test-fast bench lint lock clean
+.PHONY: install run test test-fast bench lint lock lock-freeze clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,10 +57,19 @@ lock:
 	.lock-venv/bin/pip install --quiet "torch==$(TORCH_VERSION)" uv
 	.lock-venv/bin/uv pip install --quiet --python .lock-venv/bin/python -e '.[dev,bench]'
 	{ sed -n '1,2p' $(LOCK); .lock-venv/bin/uv pip freeze --python .lock-venv/bin/python --exclude-editable \
-	  | sed -E 's/^torch==([0-9.]+)\+.*/torch==\1/'; } > $(LOCK).new
+	  | grep -vE '^(pip|setuptools)==' | sed -E 's/^torch==([0-9.]+)\+.*/torch==\1/'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	rm -rf .lock-venv $(STAMP)
 	$(MAKE) test
+
+# After adding a dependency to pyproject.toml and installing it into .venv with the lock as constraints
+# (`.venv/bin/uv pip install --python .venv/bin/python -c requirements.lock NAME`): rewrite the lock from the venv,
+# keeping every other pin as it was.
+lock-freeze: install
+	{ sed -n '1,2p' $(LOCK); $(UV) pip freeze --python $(PY) --exclude-editable | grep -vE '^(pip|setuptools)==' \
+	  | sed -E 's/^torch==([0-9.]+)\+.*/torch==\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	@touch $(STAMP)
 
 clean:
 	rm -rf .amend-data

@@ -16,6 +16,7 @@ from typing import Any
 from celery import Celery
 
 from app.errors import Conflict, NotFound
+from app.jobs import compress as compress_admission
 from app.jobs import lifecycle
 from app.jobs import merge as merge_admission
 from app.jobs import unlearn as unlearn_admission
@@ -28,6 +29,7 @@ from app.settings import Settings
 ADMISSION_CHECKS: dict[str, Callable[[Records, Settings, str, Any], None]] = {
     "merge": merge_admission.check,
     "unlearn": unlearn_admission.check,
+    "compress": compress_admission.check,
 }
 IDEMPOTENT_WAIT_SECONDS = 5.0
 
@@ -38,8 +40,24 @@ class Submitted:
     created: bool  # False: the job already made for this Idempotency-Key
 
 
+ORDERED_KEYS = frozenset({"rank_pattern", "alpha_pattern"})  # PEFT: the first matching key wins
+
+
+def _pattern_orders(value: Any) -> list[Any]:
+    """The key order of every PEFT pattern in the spec (sorting keys must not make two specs equal)."""
+    if isinstance(value, dict):
+        found = [[name, list(inner)] for name, inner in value.items()
+                 if name in ORDERED_KEYS and isinstance(inner, dict)]
+        return found + [order for inner in value.values() for order in _pattern_orders(inner)]
+    if isinstance(value, list):
+        return [order for inner in value for order in _pattern_orders(inner)]
+    return []
+
+
 def request_hash(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    """Equal for the same request whatever the order of its keys — except the pattern keys, whose order counts."""
+    canonical = json.dumps([spec, _pattern_orders(spec)], sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _wait_for_job(records: Records, job_id: str, tenant: str) -> JobRecord:

@@ -74,3 +74,13 @@ def test_the_quota_slot_is_taken_at_admission(api, spec):
     with pytest.raises(QuotaExceeded):
         submit(records, settings, celery, "tenant-a", spec)
     assert len(celery.sent) == 1
+
+
+def test_the_request_hash_ignores_key_order_but_not_pattern_order():
+    from app.jobs.submit import request_hash
+
+    one = {"type": "merge", "output": {"name": "m", "rank_pattern": {"q_proj": 2, r"layers\.0\..*": 8}}}
+    same = {"output": {"rank_pattern": {"q_proj": 2, r"layers\.0\..*": 8}, "name": "m"}, "type": "merge"}
+    swapped = {"type": "merge", "output": {"name": "m", "rank_pattern": {r"layers\.0\..*": 8, "q_proj": 2}}}
+    assert request_hash(one) == request_hash(same)
+    assert request_hash(one) != request_hash(swapped)
