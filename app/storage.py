@@ -171,6 +171,12 @@ class Storage:
     def get_json(self, key: str) -> Any:
         return json.loads(self.get_bytes(key))
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Bytes `start .. start + length - 1` of an object (fewer at its end), e.g. a safetensors header."""
+        with _translate():
+            body = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
+            return body["Body"].read()
+
     def exists(self, key: str) -> bool:
         try:
             with _translate():

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from app.schemas.compress import ADAPTER_METHODS, COMPRESS_PARAMS, SIZE_RULES, CompressMethod, CompressOutput
 from app.schemas.merge import MERGE_PARAMS, MergeMethod, MergeOutput
 from app.schemas.unlearn import UNLEARN_PARAMS, UnlearnMethod
 
@@ -143,8 +144,49 @@ class UnlearnJobCreate(BaseModel):
         return [i for i in (self.forget.dataset, self.retain, self.eval_) if i]
 
 
-# The job union, discriminated on `type`; each later job type (compress) joins it here.
-JobCreate = Annotated[MergeJobCreate | UnlearnJobCreate, Field(discriminator="type")]
+class CompressJobCreate(BaseModel):
+    """`{"type": "compress", "adapter": id, "method": ..., "params": {...}, "output": {...}}`, or for `extract`
+    `{"type": "compress", "method": "extract", "base_model": id, "model": id, "params": {...}, "output": {...}}`.
+
+    `params` is validated against the method's `<Method>Params` (app/schemas/compress.py); `output` takes at
+    most one size rule, and only one its method accepts.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["compress"]
+    method: CompressMethod
+    adapter: str | None = Field(None, pattern=ID_PATTERN, description="The adapter to compress (not extract).")
+    base_model: str | None = Field(None, pattern=ID_PATTERN, description="extract: the base model id.")
+    model: str | None = Field(None, pattern=ID_PATTERN, description="extract: the fine-tuned model id.")
+    params: dict[str, Any] = Field(default_factory=dict)
+    output: CompressOutput = Field(default_factory=CompressOutput)
+
+    @model_validator(mode="after")
+    def _inputs_match_method(self) -> CompressJobCreate:
+        self.params = validated_params(COMPRESS_PARAMS, self.method, self.params)
+        if self.method in ADAPTER_METHODS:
+            if self.adapter is None or self.base_model is not None or self.model is not None:
+                raise ValueError(f"{self.method} takes an 'adapter' (and no base_model or model)")
+        elif self.adapter is not None or self.base_model is None or self.model is None:
+            raise ValueError("extract takes 'base_model' and 'model' (and no adapter)")
+        elif self.base_model == self.model:
+            raise ValueError("extract needs two different models: base_model and the fine-tuned model")
+        refused = [rule for rule in self.output.given() if rule not in SIZE_RULES[self.method]]
+        if refused:
+            allowed = ", ".join(sorted(SIZE_RULES[self.method])) or "none"
+            raise ValueError(f"{self.method} does not take output.{refused[0]} (its size rules: {allowed})")
+        return self
+
+    def input_adapter_ids(self) -> list[str]:
+        return [self.adapter] if self.adapter else []
+
+    def input_model_ids(self) -> list[str]:
+        return [i for i in (self.base_model, self.model) if i]
+
+
+# The job union, discriminated on `type`.
+JobCreate = Annotated[MergeJobCreate | UnlearnJobCreate | CompressJobCreate, Field(discriminator="type")]
 job_create_adapter: TypeAdapter[JobCreate] = TypeAdapter(JobCreate)
 
 
@@ -197,11 +239,13 @@ class JobRecord(JobPublic):
 
     def input_adapter_ids(self) -> list[str]:
         ids = [item["id"] for item in self.spec.get("adapters", [])]
-        if self.type == "unlearn" and self.spec.get("adapter"):
+        if self.type in ("unlearn", "compress") and self.spec.get("adapter"):
             ids.append(self.spec["adapter"])
         return ids
 
     def input_model_ids(self) -> list[str]:
+        if self.type == "compress":
+            return [i for i in (self.spec.get("base_model"), self.spec.get("model")) if i]
         return [self.spec["model"]] if self.type == "unlearn" and self.spec.get("model") else []
 
     def input_dataset_ids(self) -> list[str]:

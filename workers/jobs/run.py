@@ -24,12 +24,14 @@ from app.jobs import lifecycle
 from app.records import Records
 from app.schemas.jobs import FINAL_STATES, JobError, JobResult
 from app.settings import Settings
+from workers.engines.compress.errors import CompressInputError, CompressNumericError
 from workers.engines.merge.errors import MergeInputError, MergeNumericError
 from workers.engines.unlearn.errors import UnlearnError
+from workers.formats.compact import CompactFormatError
 from workers.formats.hf_models import HfFormatError
 from workers.formats.lora import AdapterFormatError
 from workers.formats.tensor_files import TensorFileError
-from workers.jobs import merge, unlearn
+from workers.jobs import compress, merge, unlearn
 from workers.jobs.context import InputRejected, JobCancelled, JobContext, LeaseLost, services
 from workers.upkeep.lease import Lease
 
@@ -46,6 +48,7 @@ class JobType:
 HANDLERS: dict[str, JobType] = {
     "merge": JobType(merge.run, merge.existing_result),
     "unlearn": JobType(unlearn.run, unlearn.existing_result),
+    "compress": JobType(compress.run, compress.existing_result),
 }
 
 
@@ -60,6 +63,9 @@ ERROR_CODES: list[tuple[type[BaseException], Callable[[BaseException], str]]] = 
     (UnlearnError, _own_code),  # unlearn_missing_input, unlearn_unsupported_family, unlearn_non_finite, ...
     (MergeInputError, lambda _: "invalid_input"),
     (MergeNumericError, lambda _: "merge_non_finite"),
+    (CompressInputError, lambda _: "invalid_input"),
+    (CompressNumericError, lambda _: "compress_non_finite"),
+    (CompactFormatError, lambda _: "invalid_input"),
     (AdapterFormatError, lambda _: "invalid_input"),
     (HfFormatError, lambda _: "invalid_input"),
     (TensorFileError, lambda _: "invalid_input"),

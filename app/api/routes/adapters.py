@@ -12,10 +12,11 @@ from fastapi.responses import StreamingResponse
 from app.adapter_store import store_adapter
 from app.api.deps import AdapterDep, Reader, RecordsDep, SettingsDep, Writer
 from app.checks.adapter import parse_config
-from app.errors import UnsupportedMediaType
+from app.errors import NotFound, Unprocessable, UnsupportedMediaType
 from app.records import new_id
 from app.schemas.adapters import AdapterPublic
 from app.schemas.common import Page
+from app.schemas.compress import COMPACT_FILE
 from app.storage import keys
 from app.uploads import PICKLE_SUFFIXES, copy_bounded
 
@@ -82,13 +83,26 @@ def download_adapter_file(
     adapter: AdapterDep,
     records: RecordsDep,
     filename: Literal["adapter_config.json", "adapter_model.safetensors"],
+    format: Annotated[  # noqa: A002 - the query parameter's public name
+        Literal["peft", "compact"],
+        Query(description="adapter_model.safetensors as a PEFT file (default), or the compact form a "
+                          "sparsify_quantize job stored (int8 codes, bit masks, float scales)"),
+    ] = "peft",
 ) -> StreamingResponse:
-    key = keys.adapter(adapter.tenant, adapter.id, filename)
+    stored: str = filename
+    media_type = ADAPTER_FILES[filename]
+    if format == "compact":
+        if filename != "adapter_model.safetensors":
+            raise Unprocessable("format=compact applies to adapter_model.safetensors only")
+        stored = COMPACT_FILE
+    key = keys.adapter(adapter.tenant, adapter.id, stored)
+    if format == "compact" and not records.storage.exists(key):
+        raise NotFound(f"adapter {adapter.id} has no compact form (a sparsify_quantize job's output has one)")
     size = records.storage.size(key)
     return StreamingResponse(
         records.storage.iter_chunks(key),
-        media_type=ADAPTER_FILES[filename],
-        headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{filename}"'},
+        media_type=media_type,
+        headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{stored}"'},
     )
 
 
