@@ -14,8 +14,11 @@ from app.checks.peft_patterns import PeftPattern
 
 MAX_RANK = 1024
 
-MergeRule = Literal["task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs"]
+MergeRule = Literal[
+    "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs", "tsv", "iso_c", "iso_cts"
+]
 MergeSpace = Literal["full", "core"]
+SPECTRAL_RULES = frozenset({"tsv", "iso_c", "iso_cts"})
 
 
 class _Params(BaseModel):
@@ -44,6 +47,13 @@ class _Spaced(BaseModel):
     space: MergeSpace = Field(
         "core", description="`full`: dense reference on m×n; `core`: lossless Tr×Tr core space."
     )
+    isotropize: bool = Field(False, description="Replace the output's singular values by their mean (Iso-C).")
+
+
+class _CommonSpace(BaseModel):
+    common_fraction: float = Field(
+        0.8, ge=0.0, le=1.0, description="Iso-CTS: share of the output rank given to the common subspace."
+    )
 
 
 class CatParams(_Params):
@@ -70,6 +80,18 @@ class MagnitudePruneParams(_Sparsified, _Spaced):
     """`magnitude_prune`: keep the top-density entries by magnitude per task, sum."""
 
 
+class TsvParams(_Params, _Spaced):
+    """`tsv`: Task Singular Vectors — each task's top ⌊rank/T⌋ singular triplets, orthogonalised together."""
+
+
+class IsoCParams(_Params, _Spaced):
+    """`iso_c`: the sum's top-rank singular directions with their singular values replaced by their mean."""
+
+
+class IsoCtsParams(_Params, _Spaced, _CommonSpace):
+    """`iso_cts`: common directions of the sum plus each task's own directions, orthogonalised, isotropic."""
+
+
 class BreadcrumbsParams(_Sparsified, _Spaced):
     """`breadcrumbs`: drop the largest `gamma` and the smallest entries, keeping `density` per task."""
 
@@ -82,7 +104,7 @@ class BreadcrumbsParams(_Sparsified, _Spaced):
         return self
 
 
-class _RuleParams(_Sparsified, _SignElected):
+class _RuleParams(_Sparsified, _SignElected, _CommonSpace):
     rule: MergeRule = Field("task_arithmetic", description="The merge rule applied in the method's space.")
     gamma: float = Field(0.01, ge=0.0, le=1.0, description="Breadcrumbs: fraction of largest entries dropped.")
 
@@ -98,7 +120,21 @@ class MergeThenCompressParams(_RuleParams, _Spaced):
 
 
 class KnotsParams(_RuleParams):
-    """`knots`: SVD alignment of the stacked updates, merge the per-task blocks of ΣVᵀ (KnOTS)."""
+    """`knots`: SVD alignment of the stacked updates, merge the per-task blocks of ΣVᵀ (KnOTS).
+
+    Spectral rules are refused: KnOTS' shared U is orthonormal, so a spectral rule on the blocks ΣV_tᵀ gives
+    exactly the core-space result (use `merge_then_compress` with space `core`)."""
+
+    isotropize: bool = Field(False, description="Replace the output's singular values by their mean (Iso-C).")
+
+    @model_validator(mode="after")
+    def _entrywise_rule(self) -> KnotsParams:
+        if self.rule in SPECTRAL_RULES:
+            raise ValueError(
+                f"rule {self.rule!r} in KnOTS space equals the core-space merge (U is orthonormal): "
+                "use merge_then_compress with space 'core'"
+            )
+        return self
 
 
 class CtmParams(_RuleParams):
@@ -118,6 +154,9 @@ MERGE_PARAMS: dict[str, type[_Params]] = {
     "dare_ties": DareTiesParams,
     "magnitude_prune": MagnitudePruneParams,
     "breadcrumbs": BreadcrumbsParams,
+    "tsv": TsvParams,
+    "iso_c": IsoCParams,
+    "iso_cts": IsoCtsParams,
     "merge_then_compress": MergeThenCompressParams,
     "knots": KnotsParams,
     "ctm": CtmParams,
@@ -131,6 +170,9 @@ MergeMethod = Literal[
     "dare_ties",
     "magnitude_prune",
     "breadcrumbs",
+    "tsv",
+    "iso_c",
+    "iso_cts",
     "merge_then_compress",
     "knots",
     "ctm",

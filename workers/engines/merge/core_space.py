@@ -225,12 +225,13 @@ def cores(basis: CoreBasis, ranks: Sequence[int]) -> Tensor:
     return torch.stack([task_cores(basis, span) for span in spans(ranks)], dim=1)
 
 
-def truncate(core: Tensor, targets: Sequence[RankTarget]) -> list[tuple[Tensor, Tensor]]:
+def truncate(core: Tensor, targets: Sequence[RankTarget], isotropic: bool = False) -> list[tuple[Tensor, Tensor]]:
     """Exact truncation of each core C (G,K,K) to its target rank k: (XΣ^½ (K×k), Σ^½Yᵀ (k×K)).
 
     The SVD of the K×K core is the SVD of the merged update (bases are orthonormal), so this is the
     Eckart–Young optimum; a rank above the numerical rank gives the exact update. The left singular pairs
     come from the symmetric eigendecomposition of CCᵀ (float64), and Yᵀ = Σ⁻¹XᵀC for the kept ones.
+    `isotropic` replaces the k kept singular values by their mean (`isotropize`, Iso-C's flattening).
     """
     lam, x = torch.linalg.eigh(core @ core.mT)
     s = lam.flip(-1).clamp(min=0).sqrt()
@@ -241,8 +242,9 @@ def truncate(core: Tensor, targets: Sequence[RankTarget]) -> list[tuple[Tensor, 
         if float(s[i, 0]) <= 0.0:  # zero update: one zero direction
             out.append((core.new_zeros(core.shape[-2], 1), core.new_zeros(1, core.shape[-1])))
             continue
-        root = s[i, :k].sqrt()
         yh = (x[i, :, :k].mT @ core[i]) / s[i, :k].unsqueeze(-1)
+        kept = s[i, :k].mean().expand(k) if isotropic else s[i, :k]
+        root = kept.sqrt()
         out.append((x[i, :, :k] * root, root.unsqueeze(-1) * yh))
     return out
 

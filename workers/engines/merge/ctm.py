@@ -8,7 +8,9 @@ Read from the official code (`ZhengbaoHe/compress-then-merge`, `task_merger.py`,
 3. Tucker-2 of stack(M̃_t) with ranks [r, r] by HOOI from an HOSVD start, until the objective
    Σ_t‖PᵀM̃_tQ‖² stops improving (at most `max_iter` sweeps); U = U_ref·P, V = V_ref·Q;
 4. coordinates C_t = PᵀM_tQ (r×r) of the un-balanced cores;
-5. merge the C_t with the rule, optionally isotropize (singular values → their mean);
+5. merge the C_t with the rule, optionally isotropize (singular values → their mean); a spectral rule
+   (tsv, iso_c, iso_cts: `spectral.py`) merges the r×r matrices C_t to rank r, as the CtM code's
+   `_merge_tensors` does for tsv and iso-cts;
 6. output B = λ·U·C, A = Vᵀ, or balanced (SVD C = XΣYᵀ): B = λ·U·X·Σ^½, A = Σ^½·Yᵀ·Vᵀ.
 
 The output rank is at most r by construction; nothing is truncated afterwards, and no m×n is formed.
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from app.schemas.merge import CtmParams
 from workers.engines.merge.core_space import batches, core_bases, lift, lifted_grams, spans, stack_factors
-from workers.engines.merge.rules import RuleOptions, apply_rule
+from workers.engines.merge.rules import RuleOptions, apply_rule, is_spectral, merge_matrices
 from workers.engines.merge.types import RANK_TOL, MergedModule, MergeJob, RankTarget
 from workers.engines.registry import register
 
@@ -216,12 +218,17 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
             # 4. coordinates of the original cores: C_t = (PᵀL_t)(R_tQ)
             c_t = (p.mT.unsqueeze(1) @ factors[0][idx]) @ (factors[1][idx] @ q.unsqueeze(1))  # (g, T, r_B, r_A)
             g, t = c_t.shape[:2]
-            # 5. merge the coordinates with the rule, optionally isotropize
-            outcome = apply_rule(params.rule, c_t.reshape(g, t, r_B * r_A), options, [batch[i] for i in idx])
-            merged = outcome.merged.reshape(g, r_B, r_A)
+            # 5. merge the coordinates with the rule (entrywise, or spectral to rank r), optionally isotropize
+            keys = [batch[i] for i in idx]
+            conflicts: Tensor | None = None
+            if is_spectral(params.rule):
+                merged = merge_matrices(params.rule, c_t, options, keys, [min(r)] * g)
+            else:
+                outcome = apply_rule(params.rule, c_t.reshape(g, t, r_B * r_A), options, keys)
+                merged = outcome.merged.reshape(g, r_B, r_A)
+                conflicts = outcome.conflicts()
             if params.isotropize:
                 merged = isotropize(merged)
-            conflicts = outcome.conflicts()
             # 6. output factors in weight space
             svd = torch.linalg.svd(merged, full_matrices=False) if params.balanced else None
             for j, i in enumerate(idx):
@@ -237,7 +244,7 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
                 lora_B, lora_A = lift(stack, basis, i, left, right)
                 per_task: list[float | None] = [None] * job.num_tasks
                 for jj, task in enumerate(stack.tasks):
-                    per_task[task] = float(conflicts[j, jj])
+                    per_task[task] = float(conflicts[j, jj]) if conflicts is not None else None
                 out[stack.name] = MergedModule(
                     lora_A=lora_A,
                     lora_B=lora_B,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from workers.engines.merge.rules import RuleOptions, apply_rule
+from workers.engines.merge.rules import RuleOptions, apply_rule, is_spectral, merge_matrices
 from workers.engines.merge.types import MergedModule, RankTarget, TaskFactors
 
 
@@ -21,22 +21,32 @@ def merge_full(
     options: RuleOptions,
     lambda_: float,
     target: RankTarget,
+    isotropic: bool = False,
 ) -> MergedModule:
-    """Merge one module in full space with `rule`, scale by λ, keep the best rank-k approximation."""
+    """Merge one module in full space with `rule`, scale by λ, keep the best rank-k approximation
+    (its singular values replaced by their mean when `isotropic`). A spectral rule gets the output rank
+    `target` chooses from the spectrum of the plain sum, as in core space."""
     present = [(t, f) for t, f in enumerate(tasks) if f is not None]
     # dense task updates ΔW_t = B_t A_t
     dense = torch.stack([f.lora_B @ f.lora_A for _, f in present])
     m, n = dense.shape[1:]
-    # merge entrywise with the rule, then λ
-    outcome = apply_rule(rule, dense.reshape(1, len(present), m * n), options, [name])
-    merged = lambda_ * outcome.merged.reshape(m, n).double()
+    conflicts: list[float | None] = [None] * len(tasks)
+    if is_spectral(rule):
+        # a spectral rule on the dense matrices (per-task SVDs, as the reference code does)
+        rank = target.choose(torch.linalg.svdvals(dense.double().sum(0)))
+        merged = lambda_ * merge_matrices(rule, dense.double().unsqueeze(0), options, [name], [rank])[0]
+        target = RankTarget(rank=rank)
+    else:
+        # merge entrywise with the rule, then λ
+        outcome = apply_rule(rule, dense.reshape(1, len(present), m * n), options, [name])
+        merged = lambda_ * outcome.merged.reshape(m, n).double()
+        for j, (t, _) in enumerate(present):
+            conflicts[t] = float(outcome.conflicts()[0, j])
     # exact rank-k truncation (Eckart–Young) of the dense merge
     u, s, vh = torch.linalg.svd(merged, full_matrices=False)
     k = target.choose(s)
-    root = s[:k].sqrt()
-    conflicts: list[float | None] = [None] * len(tasks)
-    for j, (t, _) in enumerate(present):
-        conflicts[t] = float(outcome.conflicts()[0, j])
+    kept = s[:k].mean().expand(k) if isotropic else s[:k]
+    root = kept.sqrt()
     return MergedModule(
         lora_A=(root.unsqueeze(-1) * vh[:k]).to(dense.dtype),
         lora_B=(u[:, :k] * root).to(dense.dtype),

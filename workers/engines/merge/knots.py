@@ -104,7 +104,7 @@ def _global_bounds(job: MergeJob, names: list[str], rule: str, options: RuleOpti
 
     bounds = streamed_magnitudes(chunks, ranks_for)  # (T, 2) magnitudes at those ranks
     if kept[0] <= 0:  # nothing kept: an empty interval
-        return torch.tensor([[float("inf"), 0.0]]).expand(job.num_tasks, 2)
+        return torch.tensor([[float("inf"), 0.0]], device=bounds.device).expand(job.num_tasks, 2)
     upper = bounds[:, 0] if first > 0.0 else torch.full_like(bounds[:, 0], float("inf"))
     return torch.stack([bounds[:, 1], upper], dim=1)
 
@@ -122,7 +122,7 @@ def knots(job: MergeJob, params: KnotsParams) -> dict[str, MergedModule]:
         aligned = _align(name, job)
         k, n = aligned.coeffs.shape[1], aligned.lora_A.shape[1]
         merged = aligned.lora_A.new_empty(k, n)
-        against = nonzero = torch.zeros(job.num_tasks, dtype=torch.int64)
+        against = nonzero = torch.zeros(job.num_tasks, dtype=torch.int64, device=aligned.lora_A.device)
         # the rule is elementwise across tasks given the thresholds, so it runs piece by piece
         # (DARE draws each piece's mask from its own seeded generator)
         for i, (cols, values) in enumerate(aligned.pieces(job.num_tasks)):
@@ -135,7 +135,8 @@ def knots(job: MergeJob, params: KnotsParams) -> dict[str, MergedModule]:
             merged[:, cols] = outcome.merged.view(k, -1)
             opposed, present = sign_conflict_counts(outcome.pruned, outcome.sign)
             against, nonzero = against + opposed[0], nonzero + present[0]
-        [(left, right)] = truncate(merged.unsqueeze(0).double(), [job.targets[name]])  # exact: U orthonormal
+        # exact truncation (U is orthonormal), isotropic when asked
+        [(left, right)] = truncate(merged.unsqueeze(0).double(), [job.targets[name]], isotropic=params.isotropize)
         conflicts = against.double() / nonzero.clamp(min=1).double()
         out[name] = MergedModule(
             lora_A=right.to(aligned.u.dtype),

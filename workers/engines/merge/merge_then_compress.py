@@ -5,9 +5,14 @@ the core-space merge of Panariello, Marczak et al. (NeurIPS 2025). In core space
 K×K cores M_t, and the truncation is the SVD of the merged K×K core — the exact Eckart–Young truncation
 of the merged update, never an m×n SVD.
 
-`task_arithmetic`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` and `breadcrumbs` are this
-implementation with the rule fixed: each is one row of `VARIANTS` below (its params model and its paper),
-registered under its own name; what the rule does (sparsifier, sign election) is its row in `rules.RULES`.
+`task_arithmetic`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune`, `breadcrumbs`, `tsv`, `iso_c` and
+`iso_cts` are this implementation with the rule fixed: each is one row of `VARIANTS` below (its params model
+and its paper), registered under its own name; what the rule does (sparsifier, sign election, or a spectral
+function of whole matrices) is its row in `rules.RULES`.
+
+A spectral rule (`spectral.py`) sets its own output rank: the module's target (`RankTarget.choose`) on the
+spectrum of the plain sum Σ_tM_t; its result already has at most that rank, so the truncation keeps it
+whole. `isotropize` (every rule, both spaces) replaces the kept singular values by their mean.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ from app.schemas.merge import (
     BreadcrumbsParams,
     DareLinearParams,
     DareTiesParams,
+    IsoCParams,
+    IsoCtsParams,
     MagnitudePruneParams,
     MergeThenCompressParams,
     TaskArithmeticParams,
     TiesParams,
+    TsvParams,
 )
 from workers.engines.merge.core_space import (
     CoreBasis,
@@ -39,45 +47,56 @@ from workers.engines.merge.core_space import (
     truncate,
 )
 from workers.engines.merge.full_space import merge_full
-from workers.engines.merge.rules import RuleOptions, apply_rule, is_sum
+from workers.engines.merge.rules import RuleOptions, apply_rule, is_spectral, is_sum, merge_matrices
 from workers.engines.merge.sparsify import elect_sign, sign_conflicts
-from workers.engines.merge.types import MergedModule, MergeJob
+from workers.engines.merge.types import MergedModule, MergeJob, RankTarget
 from workers.engines.registry import register
 
 
 def merge_in_space(
-    job: MergeJob, rule: str, options: RuleOptions, lambda_: float, space: str
+    job: MergeJob, rule: str, options: RuleOptions, lambda_: float, space: str, isotropic: bool = False
 ) -> dict[str, MergedModule]:
-    """Merge every module of `job` with `rule` in `space` (`full` | `core`), scale by λ, truncate to rank."""
+    """Merge every module of `job` with `rule` in `space` (`full` | `core`), scale by λ, truncate to rank
+    (isotropically when `isotropic`)."""
     out: dict[str, MergedModule] = {}
     total = max(1, len(job.modules))
     if space == "full":
         for name in job.modules:
-            out[name] = merge_full(name, job.factors(name), rule, options, lambda_, job.targets[name])
+            out[name] = merge_full(
+                name, job.factors(name), rule, options, lambda_, job.targets[name], isotropic=isotropic
+            )
             job.progress(len(out) / total, "merging (full space)")
         return out
+    spectral = is_spectral(rule)
     for batch in batches(job.modules):
         stacks = [stack_factors(name, job.factors(name)) for name in batch]
-        # core bases and per-task cores M_t (lossless)
-        basis = core_bases(stacks, singular=rule != "task_arithmetic")
+        # core bases and per-task cores M_t (lossless); entrywise rules need the singular bases
+        basis = core_bases(stacks, singular=not (is_sum(rule) or spectral))
         g, d_B, d_A = basis.coords_B.shape[0], basis.coords_B.shape[1], basis.coords_A.shape[2]
+        targets = [job.targets[name] for name in batch]
+        conflicts: torch.Tensor | None = None
         # merge the cores with the rule, then λ
         if is_sum(rule):  # Σ_t M_t is the product of the stacked coordinates; signs only for the report
             summed = basis.coords_B @ basis.coords_A
             merged = lambda_ * summed
             conflicts = _sum_conflicts(basis, stacks[0].slices, summed)
+        elif spectral:  # whole-matrix rule on the cores, to the rank the target picks on the sum's spectrum
+            sums = torch.linalg.svdvals(basis.coords_B @ basis.coords_A)
+            ranks = [target.choose(sums[i]) for i, target in enumerate(targets)]
+            merged = lambda_ * merge_matrices(rule, cores(basis, stacks[0].ranks), options, batch, ranks)
+            targets = [RankTarget(rank=r) for r in ranks]
         else:
             m_t = cores(basis, stacks[0].ranks)
             outcome = apply_rule(rule, m_t.reshape(g, len(stacks[0].ranks), d_B * d_A), options, batch)
             merged = lambda_ * outcome.merged.reshape(g, d_B, d_A)
             conflicts = outcome.conflicts()
         # exact rank-r truncation on the K×K core
-        parts = truncate(merged, [job.targets[name] for name in batch])
+        parts = truncate(merged, targets, isotropic=isotropic)
         for i, (stack, (left, right)) in enumerate(zip(stacks, parts, strict=True)):
             lora_B, lora_A = lift(stack, basis, i, left, right)
             per_task: list[float | None] = [None] * job.num_tasks
             for j, task in enumerate(stack.tasks):
-                per_task[task] = float(conflicts[i, j])
+                per_task[task] = float(conflicts[i, j]) if conflicts is not None else None
             out[stack.name] = MergedModule(
                 lora_A=lora_A, lora_B=lora_B, sign_conflict=per_task, grams=lifted_grams(basis, i, left, right)
             )
@@ -97,11 +116,20 @@ def _sum_conflicts(basis: CoreBasis, spans: list[slice], summed: Tensor) -> Tens
 @register("merge", "merge_then_compress", MergeThenCompressParams)
 def merge_then_compress(job: MergeJob, params: MergeThenCompressParams) -> dict[str, MergedModule]:
     """Rule `params.rule` in `params.space`, then the exact truncation to each module's output rank."""
-    return merge_in_space(job, params.rule, RuleOptions.from_params(params), params.lambda_, params.space)
+    options = RuleOptions.from_params(params)
+    return merge_in_space(job, params.rule, options, params.lambda_, params.space, params.isotropize)
 
 
 VariantParams = (
-    TaskArithmeticParams | TiesParams | DareLinearParams | DareTiesParams | MagnitudePruneParams | BreadcrumbsParams
+    TaskArithmeticParams
+    | TiesParams
+    | DareLinearParams
+    | DareTiesParams
+    | MagnitudePruneParams
+    | BreadcrumbsParams
+    | TsvParams
+    | IsoCParams
+    | IsoCtsParams
 )
 
 
@@ -140,12 +168,28 @@ VARIANTS: dict[str, Variant] = {
         "Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): drop the largest `gamma` and the smallest "
         "entries per task, keeping `density`, then sum.",
     ),
+    "tsv": Variant(
+        TsvParams,
+        "Task Singular Vectors (Gargiulo et al., CVPR 2025): each task's top ⌊rank/T⌋ singular triplets, "
+        "U and V orthogonalised by their polar factors (see `spectral.py`).",
+    ),
+    "iso_c": Variant(
+        IsoCParams,
+        "Iso-C (Marczak et al., ICML 2025): the sum's top-rank singular directions, singular values replaced "
+        "by their mean (see `spectral.py`).",
+    ),
+    "iso_cts": Variant(
+        IsoCtsParams,
+        "Iso-CTS (Marczak et al., ICML 2025): common directions of the sum and each task's own directions, "
+        "orthogonalised together, isotropic (see `spectral.py`).",
+    ),
 }
 
 
 def _with_rule(rule: str, variant: Variant) -> Callable[[MergeJob, VariantParams], dict[str, MergedModule]]:
     def merge(job: MergeJob, params: VariantParams) -> dict[str, MergedModule]:
-        return merge_in_space(job, rule, RuleOptions.from_params(params), params.lambda_, params.space)
+        options = RuleOptions.from_params(params)
+        return merge_in_space(job, rule, options, params.lambda_, params.space, params.isotropize)
 
     merge.__name__ = merge.__qualname__ = rule
     merge.__doc__ = (

@@ -1,19 +1,23 @@
 """Merge rules: a rule name + params applied to T same-shaped tensors. The one place rules are dispatched.
 
-A rule is a configuration of the shared pieces in `sparsify.py`: an optional sparsifier, then either a sum
-(task arithmetic, DARE linear, magnitude prune, breadcrumbs) or TIES' sign election and disjoint mean
-(ties, dare_ties). Values arrive batched as (G, T, N); the result is (G, N).
+An entrywise rule is a configuration of the shared pieces in `sparsify.py`: an optional sparsifier, then
+either a sum (task arithmetic, DARE linear, magnitude prune, breadcrumbs) or TIES' sign election and
+disjoint mean (ties, dare_ties); values arrive batched as (G, T, N) and the result is (G, N). A spectral
+rule (`spectral.py`: tsv, iso_c, iso_cts) acts on whole matrices: `merge_matrices` takes (G, T, p, q) and
+dispatches either kind.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel
 from torch import Tensor
 
+from workers.engines.merge import spectral
 from workers.engines.merge.sparsify import (
     SignMethod,
     Sparsifier,
@@ -23,13 +27,17 @@ from workers.engines.merge.sparsify import (
     sparsify,
 )
 
+SpectralRule = Callable[[Tensor, int, "RuleOptions"], Tensor]
+
 
 @dataclass(frozen=True)
 class Rule:
-    """How a rule treats the task values: which sparsifier, and whether signs are elected (TIES)."""
+    """How a rule treats the task values: which sparsifier, and whether signs are elected (TIES); or, for a
+    spectral rule, the function merging one module's task matrices (T, p, q) to a given output rank."""
 
     sparsifier: Sparsifier | None
     elect: bool
+    spectral: SpectralRule | None = None
 
 
 RULES: dict[str, Rule] = {
@@ -39,17 +47,24 @@ RULES: dict[str, Rule] = {
     "dare_ties": Rule(sparsifier="random", elect=True),
     "magnitude_prune": Rule(sparsifier="magnitude", elect=False),
     "breadcrumbs": Rule(sparsifier="breadcrumbs", elect=False),
+    "tsv": Rule(None, False, spectral=lambda mats, rank, options: spectral.tsv(mats, rank)),
+    "iso_c": Rule(None, False, spectral=lambda mats, rank, options: spectral.iso_c(mats, rank)),
+    "iso_cts": Rule(
+        None, False, spectral=lambda mats, rank, options: spectral.iso_cts(mats, rank, options.common_fraction)
+    ),
 }
 
 
 @dataclass(frozen=True)
 class RuleOptions:
-    """Rule parameters: density in [0, 1], gamma in [0, 1 − density], sign election, DARE seed."""
+    """Rule parameters: density in [0, 1], gamma in [0, 1 − density], sign election, DARE seed, Iso-CTS'
+    common share in [0, 1]."""
 
     density: float = 1.0
     gamma: float = 0.0
     majority_sign: SignMethod = "total"
     seed: int = 0
+    common_fraction: float = 0.8
 
     @classmethod
     def from_params(cls, params: BaseModel) -> RuleOptions:
@@ -59,6 +74,7 @@ class RuleOptions:
             gamma=float(getattr(params, "gamma", 0.0)),
             majority_sign=getattr(params, "majority_sign", "total"),
             seed=int(getattr(params, "seed", 0)),
+            common_fraction=float(getattr(params, "common_fraction", 0.8)),
         )
 
 
@@ -85,7 +101,22 @@ def is_sum(name: str) -> bool:
     """True for rules that reduce to the plain sum of the task values (no pruning, no sign election), so a
     caller may form the merged value directly (e.g. as a product of stacked factors)."""
     rule = RULES[name]
-    return rule.sparsifier is None and not rule.elect
+    return rule.sparsifier is None and not rule.elect and rule.spectral is None
+
+
+def is_spectral(name: str) -> bool:
+    """True for rules that act on whole matrices through their SVDs (their output rank is set by the rule)."""
+    return RULES[name].spectral is not None
+
+
+def merge_matrices(name: str, mats: Tensor, options: RuleOptions, keys: list[str], ranks: list[int]) -> Tensor:
+    """Merge task matrices `mats` (G, T, p, q) with rule `name` into (G, p, q): entrywise rules on the
+    flattened entries, spectral rules per group to that group's output rank `ranks[g]` (float64)."""
+    rule = RULES[name]
+    g, t, p, q = mats.shape
+    if rule.spectral is None:
+        return apply_rule(name, mats.reshape(g, t, p * q), options, keys).merged.reshape(g, p, q)
+    return torch.stack([rule.spectral(mats[i].double(), ranks[i], options) for i in range(g)]).to(mats.dtype)
 
 
 def apply_rule(

@@ -139,7 +139,11 @@ def test_single_adapter_weight_one_is_itself(method: str) -> None:
     if "gamma" in MERGE_PARAMS[method].model_fields:
         kw["gamma"] = 0.0
     out = run(method, {"m": [task]}, MergeOutput(rank=4), **kw).modules["m"]
-    assert rel(dense(out), delta(task)) < 1e-5, method
+    expected = delta(task)
+    if method in ("iso_c", "iso_cts"):  # isotropic by definition: the adapter with its spectrum flattened
+        u, s, vh = torch.linalg.svd(expected, full_matrices=False)
+        expected = (u[:, :4] * s[:4].mean()) @ vh[:4]
+    assert rel(dense(out), expected) < 1e-5, method
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "merge_then_compress", "knots", "ctm", "dare_linear"])
