@@ -103,6 +103,10 @@ def _create_jobs(client: TestClient, ctx: SimpleNamespace) -> list[str]:
         response = client.post("/v1/jobs", json=unlearn)
         assert response.status_code == 202, response.text
         ids.append(response.json()["id"])
+    compress = {"type": "compress", "adapter": adapter_id, "method": "rank_reduce", "output": {"rank": 2}}
+    response = client.post("/v1/jobs", json=compress)
+    assert response.status_code == 202, response.text
+    ids.append(response.json()["id"])
     for job_id in ids:
         _finish_with_result(client, job_id)
     # and one job left queued, so routes that act on live jobs (cancel) meet one
@@ -293,6 +297,14 @@ def test_other_tenants_records_cannot_be_job_inputs(tenants):
     for change in ({}, {"adapter": None}):
         response = client.post("/v1/jobs", json=unlearn | change, headers=tenants.b)
         assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", response.text
+    for compress in ({"type": "compress", "adapter": adapter, "method": "cast"},
+                     {"type": "compress", "method": "extract", "base_model": model, "model": model[:-1] + "0"}):
+        response = client.post("/v1/jobs", json=compress, headers=tenants.b)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", response.text
+    # the compact form of A's adapter is A's too
+    response = client.get(f"/v1/adapters/{adapter}/files/adapter_model.safetensors?format=compact",
+                          headers=tenants.b)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     assert _snapshot(client) == before
 
 
