@@ -14,9 +14,11 @@ from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import logs
+from app import logs, metrics
 from app.api.routes import adapters, datasets, health, jobs, models
+from app.api.routes.observability import router as observability_router
 from app.errors import AmendError
+from app.jobs import hooks
 from app.limits import BodySizeLimit, KeyBeforeBody
 from app.queue import make_celery, reindex_and_requeue
 from app.records import Records
@@ -77,12 +79,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings = settings.model_copy(update={"api_keys": SecretStr(hashed)})
     app.state.records = Records.connect(settings)
     app.state.celery = make_celery(settings, "amend-api")
+    app.state.metrics = metrics.ApiMetrics(app.state.records.index)
+    hooks.install(app.state.records, settings)
 
     @app.exception_handler(AmendError)
     async def amend_error(request: Request, error: AmendError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
         if error.status == 503:
             headers = {"Retry-After": "5"}
+            backend = {"redis_unavailable": "redis", "storage_unavailable": "storage"}.get(error.code)
+            if backend:
+                app.state.metrics.backend_errors.labels(backend).inc()
         return _error(error.status, error.code, error.message, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -99,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(redis.RedisError)
     async def redis_down(request: Request, error: redis.RedisError) -> JSONResponse:
+        app.state.metrics.backend_errors.labels("redis").inc()
         return _error(503, "redis_unavailable", "the Redis index is unavailable; retry shortly", {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
@@ -111,8 +119,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.max_upload_bytes + settings.max_config_bytes + (1 << 20),
         path_limits={"/v1/models": settings.max_model_archive_bytes + (1 << 20)},  # a model tar has its own limit
     )
-    app.add_middleware(KeyBeforeBody, api_keys=app.state.api_keys)  # outermost: no key, no body read
+    app.add_middleware(KeyBeforeBody, api_keys=app.state.api_keys)  # no key, no body read
+    app.add_middleware(metrics.LatencyMiddleware, metrics=app.state.metrics)  # outermost: times everything
     app.include_router(health.router)
+    app.include_router(observability_router)
     for router in (adapters.router, jobs.router, models.router, datasets.router):
         app.include_router(router, responses=ERROR_RESPONSES)
     return app

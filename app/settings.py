@@ -92,6 +92,13 @@ class Settings(BaseSettings):
         "from by path; empty disables registration by path.",
     )
 
+    # observability: GET /metrics (no tenant key), webhooks
+    metrics_enabled: bool = Field(True, description="AMEND_METRICS_ENABLED: serve GET /metrics (false: 404).")
+    metrics_token: SecretStr = Field(
+        SecretStr(""), description="AMEND_METRICS_TOKEN: when set, /metrics needs `Authorization: Bearer <it>` "
+        "(a scraper's credential, separate from the tenants' API keys).",
+    )
+
     data_dir: str = ".amend-data"
     log_level: str = "INFO"
 

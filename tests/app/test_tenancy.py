@@ -25,7 +25,7 @@ from app.settings import Settings
 from app.storage import keys
 from tests.factories import tiny_model_tar
 
-PUBLIC_PATHS = {"/healthz", "/readyz"}
+PUBLIC_PATHS = {"/healthz", "/readyz", "/metrics"}  # /metrics: no tenant key (its own token, if any)
 DOCS_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 WEIGHTS = "adapter_model.safetensors"
 # path parameters that are not record ids: a value per route that A's records really have
@@ -275,8 +275,14 @@ def test_lists_never_show_other_tenants_records(tenants):
         mine = client.get(path, headers=tenants.a)
         theirs = client.get(path, headers=tenants.b)
         assert mine.status_code == 200 and theirs.status_code == 200, (path, theirs.text)
+        if path == "/v1/stats":  # counts, not records: B's show none of A's jobs
+            assert not theirs.json().get("jobs") and mine.json().get("jobs", True), (mine.text, theirs.text)
+            continue
         assert any(i in mine.text for i in all_ids), f"A's own list {path} shows none of A's records"
         assert theirs.json()["items"] == [], f"B sees {theirs.text} at {path}"
+    scraped = client.get("/metrics", headers={"Authorization": ""}).text  # no key: holds no tenant's ids
+    assert "amend_jobs_submitted_total" in scraped
+    assert not any(i in scraped for i in all_ids) and "tenant-a" not in scraped
 
 
 def test_other_tenants_records_cannot_be_job_inputs(tenants):

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
+from app.jobs import hooks
 from app.records import Records
 from app.schemas.jobs import JobRecord
 from app.settings import Settings, get_settings
@@ -40,7 +41,9 @@ class InputCorrupted(InputRejected):
 @lru_cache
 def services() -> tuple[Settings, Records]:
     settings = get_settings()
-    return settings, Records.connect(settings, socket_timeout=10.0)
+    records = Records.connect(settings, socket_timeout=10.0)
+    hooks.install(records, settings)  # metrics and webhooks on every state change this worker makes
+    return settings, records
 
 
 @dataclass
