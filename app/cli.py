@@ -84,6 +84,7 @@ def _dev(args: argparse.Namespace) -> int:
             env["AMEND_API_KEYS"] = f"{key}:dev:read+write+admin"
             print(f"development API key (also in {key_file}): {key}")
         supervisor.add(devstack.start_worker(env, log_path=data / "logs/worker.log"))
+        supervisor.add(devstack.start_beat(env, log_path=data / "logs/beat.log"))
         supervisor.add(devstack.start_api(env, args.port, log_path=data / "logs/api.log"))
         pids = ", ".join(f"{service.name} {service.pid}" for service in supervisor.services)
         print(f"Amend is up at http://127.0.0.1:{args.port}  (docs: /docs, logs: {data / 'logs'}; pids: {pids}); "

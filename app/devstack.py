@@ -294,18 +294,29 @@ def start_api(env: dict[str, str], port: int, log_path: Path | None = None) -> S
 
 
 def start_worker(
-    env: dict[str, str], log_path: Path | None = None, name: str = "worker", app: str = "workers.celery_app"
+    env: dict[str, str], log_path: Path | None = None, name: str = "worker", app: str = "workers.celery_app",
+    queues: list[str] | None = None,
 ) -> Service:
-    from app.queue import JOB_TYPES, queue_for
-
-    queues = ",".join(queue_for(t) for t in JOB_TYPES)
+    """A Celery worker. Without `queues` it subscribes to those its device class serves (workers/celery_app.py)."""
+    selected = ["-Q", ",".join(queues)] if queues else []
     return Service(
         name,
-        [sys.executable, "-m", "celery", "-A", app, "worker",
-         "-Q", queues, "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO",
+        [sys.executable, "-m", "celery", "-A", app, "worker", *selected,
+         "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO",
          "-n", f"{name}-{os.getpid()}-{free_port()}@%h", "--without-gossip", "--without-mingle"],
         env=env,
         log_path=log_path,
+    ).start()
+
+
+# The beat: celery-redbeat's scheduler, its state and lock in Redis (so a second beat cannot double-fire). No
+# schedule is registered yet, so it starts and idles; schedules arrive with the scheduling work.
+BEAT_ARGS = ["-A", "workers.celery_app", "beat", "--scheduler", "redbeat.RedBeatScheduler", "--loglevel", "INFO"]
+
+
+def start_beat(env: dict[str, str], log_path: Path | None = None) -> Service:
+    return Service(
+        "beat", [sys.executable, "-m", "celery", *BEAT_ARGS], env=env, log_path=log_path
     ).start()
 
 

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import logs, metrics
-from app.api.routes import adapters, datasets, health, jobs, models
+from app.api.routes import adapters, datasets, health, jobs, models, stats
 from app.api.routes.observability import router as observability_router
 from app.errors import AmendError
 from app.jobs import hooks
@@ -123,6 +123,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(metrics.LatencyMiddleware, metrics=app.state.metrics)  # outermost: times everything
     app.include_router(health.router)
     app.include_router(observability_router)
-    for router in (adapters.router, jobs.router, models.router, datasets.router):
+    for router in (adapters.router, jobs.router, models.router, datasets.router, stats.router):
         app.include_router(router, responses=ERROR_RESPONSES)
     return app

@@ -80,6 +80,25 @@ class Settings(BaseSettings):
     )
     page_limit_max: int = Field(200, ge=1)
 
+    # the worker's device (resolved once at worker start: workers/device.py)
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda|cuda:[0-9]{1,2})$",
+        description="AMEND_DEVICE: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N.",
+    )
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="AMEND_PRECISION: unlearning's autocast dtype; auto is bfloat16 on a GPU that "
+        "supports it, else float32. Merges and compressions always compute in float32.",
+    )
+    unlearn_on_cpu: bool = Field(
+        True, description="AMEND_UNLEARN_ON_CPU: CPU workers take unlearning jobs while no GPU worker is alive "
+        "(false: unlearning waits for a GPU worker).",
+    )
+    device_memory_bytes: int | None = Field(
+        None, ge=2**20, description="AMEND_DEVICE_MEMORY_BYTES: the memory a worker's jobs may use; unset means "
+        "the device's free memory at job start (GPU), or MemAvailable (CPU).",
+    )
+    worker_heartbeat_seconds: int = Field(10, ge=1, le=300, description="How often a worker reports itself.")
+
     # datasets and models (unlearning inputs)
     max_dataset_rows: int = Field(100_000, ge=1, description="Rows per uploaded dataset.")
     max_dataset_row_bytes: int = Field(64 * 1024, ge=64, description="Bytes per JSONL line.")

@@ -26,6 +26,9 @@ TRIM_THRESHOLD_BYTES = 256 * 2**20
 def configure() -> bool:
     """Apply the settings above to this process; returns whether malloc accepted them (False off glibc)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # torch.cuda.is_available() asks NVML instead of creating a CUDA context: a prefork parent that created
+    # one would leave its children unable to use the GPU
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     name = ctypes.util.find_library("c")
     if name is None:
         return False

@@ -346,7 +346,7 @@ def test_sigterm_stops_every_process_in_reverse_start_order(dev):
         stack.service.signal(signal.SIGTERM, group=False)
         assert stack.service.process.wait(60) == 0
         stopping = [line.split()[1] for line in stack.said().splitlines() if line.startswith("stopping ")]
-        assert stopping == ["api", "worker", "seaweedfs", "redis"]
+        assert stopping == ["api", "beat", "worker", "seaweedfs", "redis"]
         survivors, _ = survivors_after(procs, timeout=5)
         assert not survivors
     finally:

@@ -161,8 +161,10 @@ class _StackedReader:
     while it is in cache. Use as a context manager: the files stay open while the merge runs.
     """
 
-    def __init__(self, inputs: Sequence[tuple[dict, Path, float]], shapes: list[dict[str, tuple[int, int, int, str]]]):
+    def __init__(self, inputs: Sequence[tuple[dict, Path, float]], shapes: list[dict[str, tuple[int, int, int, str]]],
+                 device: torch.device | str = "cpu"):
         self._shapes = shapes
+        self._device = torch.device(device)
         self._names = list(dict.fromkeys(name for per_adapter in shapes for name in per_adapter))
         # every scaling before any tensor is read (a config whose r disagrees with the weights is refused here)
         self._scales: list[dict[str, float]] = []
@@ -174,7 +176,8 @@ class _StackedReader:
         self._pairs: list[dict[str, dict[str, str]]] = []
         # B_t (m×r) is a column block of B_s, so it is read into a reused buffer and scaled into place;
         # A_t (r×n) is a row block of A_s, contiguous, so a float32 A_t is read straight into it
-        self._scratch = torch.empty(max((m * r for per in shapes for m, _, r, _ in per.values()), default=0))
+        self._scratch = torch.empty(max((m * r for per in shapes for m, _, r, _ in per.values()), default=0),
+                                    device="cpu")  # file reads land in host memory
 
     def __enter__(self) -> _StackedReader:
         try:
@@ -210,7 +213,7 @@ class _StackedReader:
         present = [t for t, per_adapter in enumerate(self._shapes) if name in per_adapter]
         m, n, _, _ = self._shapes[present[0]][name]
         total = sum(self._shapes[t][name][2] for t in present)
-        stack_B, stack_A = torch.empty(m, total), torch.empty(total, n)
+        stack_B, stack_A = torch.empty(m, total, device="cpu"), torch.empty(total, n, device="cpu")
         row: list[TaskFactors | None] = [None] * len(self._shapes)
         start = 0
         for t in present:
@@ -228,7 +231,13 @@ class _StackedReader:
                 part_B.copy_(raw_B).mul_(self._scales[t][name])
             if not fp32_A:
                 part_A.copy_(raw_A)
-            row[t] = TaskFactors(lora_A=part_A, lora_B=part_B)
+            start += r
+        if self._device.type != "cpu":  # one copy per side to the worker's device, streamed batch by batch
+            stack_B, stack_A = stack_B.to(self._device), stack_A.to(self._device)
+        start = 0
+        for t in present:
+            r = self._shapes[t][name][2]
+            row[t] = TaskFactors(lora_A=stack_A[start : start + r], lora_B=stack_B[:, start : start + r])
             start += r
         return row
 
@@ -279,8 +288,10 @@ def merge_adapter_files(
     output: dict,
     out_dir: Path,
     progress: Callable[[float, str], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict:
     """Merge PEFT adapters file to file: inputs are (adapter_config, adapter_model.safetensors, weight).
+    The factors are read on the CPU and each batch is moved to `device`, where the merge computes.
 
     Writes `out_dir/adapter_model.safetensors`, `adapter_config.json` and `merge_report.json`; returns
     the report. Refuses (MergeInputError / AdapterFormatError) before any compute when the parameters,
@@ -312,13 +323,13 @@ def merge_adapter_files(
             seen.setdefault(name, (m, n, t))
     dtypes = {dtype for per_module in shapes for (_, _, _, dtype) in per_module.values()}
     # merge, reading each module's factors when the method asks for them; then write
-    with _StackedReader(inputs, shapes) as reader:
+    with _StackedReader(inputs, shapes, device) as reader:
         result = merge_modules(method, reader.shapes_only(), checked, spec, progress, loader=reader)
     out_dtype = DTYPES[dtypes.pop()] if len(dtypes) == 1 else torch.float32
     tensors: dict[str, torch.Tensor] = {}
     for name, merged in result.modules.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = merged.lora_A.to(out_dtype).contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = merged.lora_B.to(out_dtype).contiguous()
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = merged.lora_A.to("cpu", out_dtype).contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = merged.lora_B.to("cpu", out_dtype).contiguous()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_tensors(out_dir / "adapter_model.safetensors", tensors, metadata={"format": "pt"})

@@ -83,7 +83,7 @@ class TensorFile:
         start, end = entry["data_offsets"]
         dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
         if out is None:
-            out = torch.empty(shape, dtype=dtype)
+            out = torch.empty(shape, dtype=dtype, device="cpu")  # a file read lands in host memory
         elif out.dtype != dtype or out.numel() != math.prod(shape) or not out.is_contiguous():
             raise ValueError(f"buffer for {key!r} must be a contiguous {dtype} tensor of {math.prod(shape)} elements")
         self._file.seek(self._base + start)

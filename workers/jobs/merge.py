@@ -30,6 +30,7 @@ def existing_result(context: JobContext) -> JobResult | None:
 
 
 def run(context: JobContext) -> JobResult:
+    from workers.device import current
     from workers.formats.lora import merge_adapter_files  # torch loads only here
 
     job, records = context.job, context.records
@@ -50,7 +51,8 @@ def run(context: JobContext) -> JobResult:
 
         with torch_threads(context.settings.merge_threads):
             report = merge_adapter_files(
-                inputs, spec.method, spec.params, spec.output.model_dump(), out_dir, progress=engine_progress
+                inputs, spec.method, spec.params, spec.output.model_dump(), out_dir, progress=engine_progress,
+                device=current().torch_device,
             )
         context.progress(0.92, "storing the merged adapter")
         return publish_adapter(context, out_dir, spec.output.name, report)

@@ -24,6 +24,7 @@ from app.jobs import lifecycle
 from app.records import Records
 from app.schemas.jobs import FINAL_STATES, JobError, JobResult
 from app.settings import Settings
+from workers.device import InsufficientDeviceMemory, check_fits, current
 from workers.engines.compress.errors import CompressInputError, CompressNumericError
 from workers.engines.merge.errors import MergeInputError, MergeNumericError
 from workers.engines.unlearn.errors import UnlearnError
@@ -33,6 +34,7 @@ from workers.formats.lora import AdapterFormatError
 from workers.formats.tensor_files import TensorFileError
 from workers.jobs import compress, merge, unlearn
 from workers.jobs.context import InputRejected, JobCancelled, JobContext, LeaseLost, services
+from workers.jobs.memory import estimate
 from workers.upkeep.lease import Lease
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ def _own_code(error: BaseException) -> str:
 # the first matching row wins, so subclasses come before their bases
 ERROR_CODES: list[tuple[type[BaseException], Callable[[BaseException], str]]] = [
     (InputRejected, _own_code),  # invalid_input, input_corrupted
+    (InsufficientDeviceMemory, _own_code),  # insufficient_device_memory: refused before anything is loaded
     (UnlearnError, _own_code),  # unlearn_missing_input, unlearn_unsupported_family, unlearn_non_finite, ...
     (MergeInputError, lambda _: "invalid_input"),
     (MergeNumericError, lambda _: "merge_non_finite"),
@@ -111,7 +114,10 @@ def _run_leased(job_id: str, settings: Settings, records: Records, lease: Lease)
     log.info("job started", extra={"job_id": job_id, "attempt": job.attempts, "method": job.method})
     for attempt in range(STORAGE_RETRIES + 1):
         try:
-            result = handler.existing_result(context) or handler.run(context)
+            result = handler.existing_result(context)
+            if result is None:
+                check_fits(*estimate(context), current(), settings)  # before anything is loaded
+                result = handler.run(context)
             lifecycle.finish(records, job_id, "succeeded", result=result)
             log.info("job succeeded", extra={"job_id": job_id})
             return

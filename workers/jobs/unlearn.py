@@ -82,6 +82,7 @@ def run(context: JobContext) -> JobResult:
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    from workers.device import current
     from workers.engines.unlearn import UnlearnCancelled, unlearn
     from workers.formats.hf_models import load_data, load_model, max_tokens, model_output_files, stored_dtype
 
@@ -145,6 +146,7 @@ def run(context: JobContext) -> JobResult:
             outcome = unlearn(
                 model, family, spec.method, params, forget, splits["retain"], splits["eval"],
                 tokenizer=tokenizer, progress=engine_progress, should_cancel=context.should_cancel,
+                device=current().torch_device,
             )
         except UnlearnCancelled:
             context.check_cancelled()  # raises LeaseLost or JobCancelled, whichever stopped the engine

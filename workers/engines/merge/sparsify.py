@@ -132,18 +132,19 @@ def streamed_magnitudes(chunks: Callable[[], Iterable[Tensor]], ranks_for: Calla
     counts: Tensor | None = None
     for chunk in chunks():
         high = chunk.abs().contiguous().view(torch.int32) >> 16
-        offsets = torch.arange(chunk.shape[0]).unsqueeze(-1) * _HALF
+        offsets = torch.arange(chunk.shape[0], device=chunk.device).unsqueeze(-1) * _HALF
         found = torch.bincount((high + offsets).flatten(), minlength=chunk.shape[0] * _HALF).view(-1, _HALF)
         if counts is not None and counts.shape != found.shape:
             raise ValueError("every chunk must have the same tasks (rows)")
         counts = found if counts is None else counts + found
     if counts is None:
         raise ValueError("no entries to rank")
-    ranks = torch.tensor(ranks_for(int(counts[0].sum()))).expand(counts.shape[0], -1)
+    device = counts.device
+    ranks = torch.tensor(ranks_for(int(counts[0].sum())), device=device).expand(counts.shape[0], -1)
     bins, within = _select(counts, ranks)
     tasks, width = counts.shape[0], ranks.shape[1]
-    lows = torch.zeros(tasks * width * _HALF + 1, dtype=torch.int64)  # the last bin collects the rest
-    slots = (torch.arange(tasks).unsqueeze(-1) * width + torch.arange(width)) * _HALF  # (T, R)
+    lows = torch.zeros(tasks * width * _HALF + 1, dtype=torch.int64, device=device)  # the last bin: the rest
+    slots = (torch.arange(tasks, device=device).unsqueeze(-1) * width + torch.arange(width, device=device)) * _HALF
     for chunk in chunks():
         bits = chunk.abs().contiguous().view(torch.int32)
         high, low = bits >> 16, bits & (_HALF - 1)
@@ -151,7 +152,7 @@ def streamed_magnitudes(chunks: Callable[[], Iterable[Tensor]], ranks_for: Calla
             index = torch.where(high == bins[:, r : r + 1], low + slots[:, r : r + 1], tasks * width * _HALF)
             lows += torch.bincount(index.flatten(), minlength=lows.numel())
     lows = lows[:-1].view(tasks, width, _HALF)
-    values = torch.empty(ranks.shape, dtype=torch.int32)
+    values = torch.empty(ranks.shape, dtype=torch.int32, device=device)
     for r in range(ranks.shape[1]):
         low_bin, _ = _select(lows[:, r], within[:, r : r + 1])
         values[:, r] = ((bins[:, r] << 16) | low_bin[:, 0]).to(torch.int32)

@@ -77,6 +77,7 @@ def unlearn(
     tokenizer: Any = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    device: torch.device | str | None = None,
 ) -> UnlearnOutcome:
     """Unlearn `forget` from `model` with the registered `method`; see the module docstring."""
     entry = get("unlearn", method)
@@ -97,6 +98,8 @@ def unlearn(
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise UnlearnError("the model has no trainable parameter")
+    if device is not None:  # the worker's device (workers/device.py); None: where the model already is
+        model.to(device)
     device = next(model.parameters()).device
     seed = int(checked.seed)
     started = time.perf_counter()
