@@ -95,7 +95,9 @@ def finish(
     result: JobResult | None = None,
     error: JobError | None = None,
 ) -> JobRecord:
-    """End a job in `succeeded`, `failed` or `cancelled` (a job already in a final state stays as it is)."""
+    """End a job in `succeeded`, `failed` or `cancelled` (a job already in a final state stays as it is). A
+    succeeded job's `result.warnings` (e.g. an unlearning job that did not meet its goal) become events
+    `warning: …` just before its final event."""
     if state not in FINAL_STATES:
         raise ValueError(f"{state} is not a final state")
 
@@ -107,6 +109,8 @@ def finish(
         if state == "succeeded":
             record.progress = 1.0
         record.result, record.error = result, error
+        for warning in result.warnings if result is not None and state == "succeeded" else []:
+            add_event(record, f"warning: {warning}")
         add_event(record, state if error is None else f"{state}: {error.code}")
         return True
 

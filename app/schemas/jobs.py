@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 
 from app.schemas.compress import ADAPTER_METHODS, COMPRESS_PARAMS, SIZE_RULES, CompressMethod, CompressOutput
 from app.schemas.merge import MERGE_PARAMS, MergeMethod, MergeOutput
-from app.schemas.unlearn import UNLEARN_PARAMS, UnlearnMethod
+from app.schemas.unlearn import UNLEARN_PARAMS, UnlearnGoal, UnlearnMethod, UnlearnProbe
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE_STATES: frozenset[str] = frozenset({"queued", "running"})
@@ -90,7 +90,9 @@ class FreshLora(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     r: int = Field(8, ge=1, le=256, description="LoRA rank.")
-    alpha: int = Field(16, ge=1, le=4096, description="lora_alpha (scaling alpha/r).")
+    alpha: int = Field(
+        32, ge=1, le=4096, description="lora_alpha (scaling alpha/r; 32 at r=8: see the README's unlearning defaults)."
+    )
     target_modules: Literal["all-linear"] | list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,128}$")]] = Field(
         "all-linear",
         description="'all-linear', or module names (suffixes such as 'q_proj') the LoRA wraps.",
@@ -110,8 +112,15 @@ class UnlearnJobCreate(BaseModel):
 
     `params` is validated against the method's `<Method>Params` (app/schemas/unlearn.py). With `adapter`,
     that adapter is trained and the output is a new adapter; with output `adapter` and no adapter, a fresh
-    LoRA carries the change (`lora` sets its r, alpha and target modules; default r=8, alpha=16, all-linear);
+    LoRA carries the change (`lora` sets its r, alpha and target modules; default r=8, alpha=32, all-linear);
     output `weights` trains the whole model and registers a new model.
+
+    `goal` sets the goal's guards and the run's budget (app/schemas/unlearn.py `UnlearnGoal`); a job that
+    does not meet its goal succeeds with `goal_met: false` and a warning event, or fails with `goal_not_met`
+    when `require_goal` is true. `probes` re-measure the forgetting after weight quantization or relearning;
+    `reference: "retrain"` also retrains on the retain rows (`reference_params`: its `RetrainParams`) and
+    reports the gap to it; `seeds` repeats the run per seed and reports mean ± std (the first seed's output
+    is the one stored).
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -127,10 +136,26 @@ class UnlearnJobCreate(BaseModel):
     output: Literal["adapter", "weights"] = "adapter"
     lora: FreshLora | None = Field(None, description="The fresh LoRA (output 'adapter' without an adapter).")
     name: str | None = Field(None, min_length=1, max_length=128, description="Name of the output.")
+    goal: UnlearnGoal = Field(default_factory=UnlearnGoal, description="The goal's guards and the run's budget.")
+    require_goal: bool = Field(False, description="Fail with goal_not_met instead of succeeding with a warning.")
+    probes: list[UnlearnProbe] = Field(default_factory=list, max_length=2, description="Robustness probes to run.")
+    reference: Literal["retrain"] | None = Field(None, description="Retrain on the retain rows and report the gap.")
+    reference_params: dict[str, Any] | None = Field(None, description="The reference retrain's RetrainParams.")
+    seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
+        None, min_length=1, max_length=5, description="Run once per seed; the report gives mean ± std."
+    )
 
     @model_validator(mode="after")
     def _params_match_method(self) -> UnlearnJobCreate:
         self.params = validated_params(UNLEARN_PARAMS, self.method, self.params)
+        if self.reference_params is not None:
+            if self.reference != "retrain":
+                raise ValueError("'reference_params' configures the reference: set 'reference' to 'retrain'")
+            self.reference_params = validated_params(UNLEARN_PARAMS, "retrain", self.reference_params)
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must be distinct")
+        if len(set(self.probes)) != len(self.probes):
+            raise ValueError("each probe is listed once")
         if self.adapter is not None and self.output == "weights":
             raise ValueError("unlearning through an adapter yields a new adapter: use output 'adapter'")
         if self.lora is not None and (self.adapter is not None or self.output != "adapter"):
@@ -202,6 +227,7 @@ class JobResult(BaseModel):
     report_key: str | None = None
     model_id: str | None = Field(None, description="Unlearn with output 'weights': the new registered model.")
     audit_key: str | None = Field(None, description="Unlearn: the signed audit record (GET /v1/jobs/{id}/audit).")
+    warnings: list[str] = Field(default_factory=list, description="Added to the job's events when it succeeds.")
 
 
 class JobEvent(BaseModel):

@@ -33,9 +33,16 @@ class _UnlearnParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
-    lr: float = Field(1e-4, gt=0.0, le=1.0, description="Learning rate.")
-    steps: int = Field(50, ge=1, le=MAX_STEPS, description="Optimiser steps (iterations).")
-    batch_size: int = Field(8, ge=1, le=1024, description="Rows per forget batch and per retain batch.")
+    lr: float | None = Field(
+        None, gt=0.0, le=1.0, description="Learning rate; null: chosen by a short learning-rate range test."
+    )
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Optimiser steps, run in full; null: goal-driven (stop once the job's goal is met).",
+    )
+    batch_size: int = Field(32, ge=1, le=1024, description="Rows per forget batch and per retain batch.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds batch order, random labels and vectors.")
     max_grad_norm: float = Field(1.0, gt=0.0, le=1e4, description="Gradient-norm clipping per step.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with momentum 0.9.")
@@ -50,7 +57,12 @@ class _Gradient(BaseModel):
         False,
         description="Project the forget gradient off the span of per-sample retain gradients (GU); needs retain rows.",
     )
-    gu_retain_samples: int = Field(4, ge=1, le=16, description="Retain samples spanning the GU subspace.")
+    gu_retain_samples: int = Field(
+        8,
+        ge=1,
+        le=16,
+        description="Rows of each step's retain batch whose per-sample gradients span the GU subspace.",
+    )
 
 
 class _Weighted(BaseModel):
@@ -155,7 +167,7 @@ class RandomLabelParams(_UnlearnParams, _Gradient, _Weighted):
     """`random_label`: CE descent toward random wrong labels on D_f, plus CE on D_r."""
 
 
-class SalunParams(_UnlearnParams, _Gradient, _Weighted):
+class SalunParams(RandomLabelParams):
     """`salun`: random labelling restricted to the top-q weight saliency of the forget loss (SalUn)."""
 
     q: float = Field(0.5, gt=0.0, le=1.0, description="Fraction of coordinates the saliency mask keeps.")
@@ -175,13 +187,11 @@ class SsdParams(_UnlearnParams):
 class SfronParams(_UnlearnParams, _Gradient):
     """`sfron`: SFR-on fast–slow loop — a retain step every iteration, a masked AdaGA forget step every k.
 
-    `steps` is the number of iterations T.
+    `steps` is the number of iterations T (goal-driven: the step budget is T for the α and lr schedules).
     """
 
-    lr: float = Field(0.01, gt=0.0, le=1.0, description="Learning rate.")
     optimizer: Literal["adamw", "sgd"] = Field("sgd", description="AdamW, or SGD with momentum 0.9.")
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="Learning-rate schedule.")
-    steps: int = Field(300, ge=1, le=MAX_STEPS, description="Iterations T.")
     k: int = Field(5, ge=1, le=1000, description="A forget (slow) step every k iterations.")
     alpha0: float = Field(25.0, ge=0.0, le=1e4, description="Initial forget-loss weight, cosine-decayed.")
     gamma: float = Field(1.0, ge=0.0, le=1e12, description="Mask threshold on (F_f + ε)/(F_r + ε).")
@@ -266,6 +276,44 @@ UnlearnMethod = Literal[
     "sfron",
     "l1_sparse",
 ]
+
+
+# -- the job's goal, guards, probes and reference --------------------------------------------------------------
+
+UnlearnProbe = Literal["quantize", "relearn"]
+
+
+class UnlearnGoal(BaseModel):
+    """The goal and guards of an unlearning job, and the budget of a goal-driven run.
+
+    Goal (fixed): the forget rows look like rows the model never saw — classifiers: forget accuracy at or below
+    the accuracy on eval rows of the same classes; class-wise forgetting (no retain row carries a forget label):
+    the forgotten classes' accuracy, on the forget rows and on the eval rows of those classes, at or below
+    max(`class_accuracy`, chance). Language models: forget answer accuracy at or below the held-out (eval)
+    rows', and the Min-K% membership AUC of forget vs held-out rows indistinguishable from 0.5.
+    Guards: retain accuracy (classifiers) or retain NLL (language models) stays near its start.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    class_accuracy: float = Field(
+        10.0,
+        ge=0.0,
+        le=100.0,
+        description="Class-wise forgetting: forgotten classes' accuracy at or below max(this, chance), in %.",
+    )
+    retain_accuracy_drop: float = Field(
+        2.0, ge=0.0, le=100.0, description="Guard (classifiers): retain accuracy falls at most this many points."
+    )
+    retain_nll_rise: float = Field(
+        0.1, ge=0.0, le=100.0, description="Guard (language models): retain NLL rises at most this many nats."
+    )
+    eval_rows: int = Field(512, ge=8, le=10_000, description="Rows per split in the seeded subsets checked in a run.")
+    check_every: int = Field(10, ge=1, le=1000, description="Steps between two checks of the goal and guards.")
+    max_steps: int = Field(
+        1000, ge=1, le=MAX_STEPS, description="Step budget of a goal-driven run (learning-rate search included)."
+    )
+    max_seconds: float = Field(600.0, gt=0.0, le=86_400.0, description="Time budget of a goal-driven run.")
 
 
 def required_inputs(method: str, params: BaseModel | None = None) -> frozenset[str]:

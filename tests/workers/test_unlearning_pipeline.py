@@ -252,3 +252,55 @@ def test_causal_lm_full_weights_are_registered_as_a_new_model(api, tmp_path):
     changed = [n for n, p in loaded.named_parameters() if not torch.equal(p, original.state_dict()[n])]
     assert changed  # the weights were trained
     assert AutoTokenizer.from_pretrained(local)("person0 city ?")["input_ids"]
+
+
+def test_a_job_that_misses_its_goal_succeeds_with_a_warning_or_fails_when_it_must_meet_it(api, text_job):
+    """The text job forgets one row whose label retain rows share (random forgetting) and has no eval rows:
+    its goal cannot be measured, so it is not met — deterministically."""
+    from app.errors import NotFound
+    from app.jobs import lifecycle
+    from workers.engines.unlearn import GoalNotMet
+    from workers.jobs.outputs import output_adapter_id
+    from workers.jobs.run import error_for
+    from workers.jobs.unlearn import run as run_unlearn_job
+
+    job_id = start(api, text_job)
+    context = context_for(api, job_id)
+    result = run_unlearn_job(context)
+    assert result.report["goal_met"] is False and "cannot be measured" in result.report["goal_reason"]
+    assert result.warnings == [f"goal not met: {result.report['goal_reason']}"]
+    job = lifecycle.finish(context.records, job_id, "succeeded", result=result)
+    warnings = [event.stage for event in job.events if event.stage.startswith("warning: goal not met")]
+    assert warnings == [f"warning: {result.warnings[0]}"] and job.events[-1].stage == "succeeded"
+
+    required = start(api, {**text_job, "require_goal": True})
+    with pytest.raises(GoalNotMet, match="cannot be measured") as refused:
+        run_unlearn_job(context_for(api, required))
+    assert error_for(refused.value).code == "goal_not_met"
+    with pytest.raises(NotFound):  # nothing was published
+        context.records.get_adapter(context.job.tenant, output_adapter_id(required))
+
+
+def test_goal_probes_reference_and_seeds_are_validated_at_the_door(api, text_job):
+    bad = [
+        {"goal": {"retain_accuracy_drop": -1}},
+        {"goal": {"max_steps": 0}},
+        {"goal": {"bogus": 1}},
+        {"probes": ["quantize", "quantize"]},
+        {"probes": ["prune"]},
+        {"reference": "oracle"},
+        {"reference_params": {"steps": 10}},
+        {"reference": "retrain", "reference_params": {"steps": 0}},
+        {"seeds": []},
+        {"seeds": [1, 1]},
+        {"seeds": [-1]},
+    ]
+    for change in bad:
+        response = api.post("/v1/jobs", json={**text_job, **change})
+        assert response.status_code == 422, (change, response.text)
+    good = {"goal": {"max_steps": 200}, "require_goal": True, "probes": ["quantize", "relearn"],
+            "reference": "retrain", "reference_params": {"steps": 10}, "seeds": [0, 1]}
+    response = api.post("/v1/jobs", json={**text_job, **good})
+    assert response.status_code == 202, response.text
+    spec = response.json()["spec"]
+    assert spec["goal"]["max_steps"] == 200 and spec["reference_params"]["steps"] == 10

@@ -63,7 +63,8 @@ def _own_code(error: BaseException) -> str:
 ERROR_CODES: list[tuple[type[BaseException], Callable[[BaseException], str]]] = [
     (InputRejected, _own_code),  # invalid_input, input_corrupted
     (InsufficientDeviceMemory, _own_code),  # insufficient_device_memory: refused before anything is loaded
-    (UnlearnError, _own_code),  # unlearn_missing_input, unlearn_unsupported_family, unlearn_non_finite, ...
+    (UnlearnError, _own_code),  # unlearn_missing_input, unlearn_unsupported_family, unlearn_non_finite,
+    # goal_not_met (GoalNotMet: a job with require_goal that did not reach its goal), ...
     (MergeInputError, lambda _: "invalid_input"),
     (MergeNumericError, lambda _: "merge_non_finite"),
     (CompressInputError, lambda _: "invalid_input"),

@@ -4,11 +4,15 @@ output, the report and a signed audit record.
 - `adapter` given: that adapter is loaded trainable (`PeftModel.from_pretrained(..., is_trainable=True)`);
   the output is a new adapter.
 - output `adapter`, no adapter: a fresh LoRA carries the change (the spec's `lora`; default `all-linear`,
-  r=8, alpha=16), recorded in the audit record's inputs.
+  r=8, alpha=32), recorded in the audit record's inputs.
 - output `weights`: the whole model is trained and registered as a new model (safetensors).
 Output ids derive from the job id (`ad_<suffix>` / `md_<suffix>`), so a redelivered job whose output, report
 and audit already exist finishes without recomputing (`existing_result`). Storage order: report, audit,
 then the output's record last (publish by final PUT).
+
+The run is goal-driven unless the params fix `steps` (`workers/engines/unlearn/driver.py`). A run that did not
+meet its goal stores its output and succeeds with `goal_met: false`, the reason in the summary and a
+warning event — or, with `require_goal`, stores nothing and fails with `goal_not_met`.
 """
 
 from __future__ import annotations
@@ -58,14 +62,23 @@ def existing_result(context: JobContext) -> JobResult | None:
             return None
     except NotFound:
         return None
+    summary = report.get("summary") or {}
     return JobResult(
         adapter_id=adapter_id,
         adapter_ids=[adapter_id] if adapter_id else [],
         model_id=model.id if output == "weights" else None,
-        report=report.get("summary"),
+        report=summary,
         report_key=report_key(job),
         audit_key=audit_key(job),
+        warnings=goal_warnings(summary),
     )
+
+
+def goal_warnings(summary: dict[str, Any]) -> list[str]:
+    """The warning a succeeded job carries when its run did not meet the goal."""
+    if summary.get("goal_met") is False:
+        return [f"goal not met: {summary.get('goal_reason') or 'no reason recorded'}"]
+    return []
 
 
 def _versions() -> dict[str, str]:
@@ -83,7 +96,7 @@ def run(context: JobContext) -> JobResult:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from workers.device import current
-    from workers.engines.unlearn import UnlearnCancelled, unlearn
+    from workers.engines.unlearn import GoalNotMet, UnlearnCancelled, unlearn
     from workers.formats.hf_models import load_data, load_model, max_tokens, model_output_files, stored_dtype
 
     job, records, settings = context.job, context.records, context.settings
@@ -145,15 +158,18 @@ def run(context: JobContext) -> JobResult:
         try:
             outcome = unlearn(
                 model, family, spec.method, params, forget, splits["retain"], splits["eval"],
-                tokenizer=tokenizer, progress=engine_progress, should_cancel=context.should_cancel,
+                tokenizer=tokenizer, progress=engine_progress, should_cancel=context.should_cancel, goal=spec.goal,
                 device=current().torch_device,
             )
         except UnlearnCancelled:
             context.check_cancelled()  # raises LeaseLost or JobCancelled, whichever stopped the engine
             raise JobCancelled from None
 
-        context.progress(0.92, "storing the output")
         engine_report = outcome.report
+        goal = engine_report["goal"]
+        if spec.require_goal and not goal["met"]:
+            raise GoalNotMet(f"the unlearning goal was not met: {goal['reason']}")
+        context.progress(0.92, "storing the output")
         trained: Any = outcome.model
         out_dir = root / "output"
         out_dir.mkdir()
@@ -181,6 +197,11 @@ def run(context: JobContext) -> JobResult:
             "output": output,
             "steps": engine_report.get("steps"),
             "forget_rows": len(row_ids),
+            "goal_met": goal["met"],
+            "goal_reason": goal["reason"],
+            "goal_kind": goal["kind"],
+            "stopped_by": goal["stopped_by"],
+            "lr": goal["lr"],
             **metrics,
         }
         report = {"summary": summary, "job_id": job.id, **engine_report}
@@ -203,6 +224,7 @@ def run(context: JobContext) -> JobResult:
             "output": output,
             "versions": _versions(),
             "metrics": metrics,
+            "goal": {"met": goal["met"], "reason": goal["reason"], "kind": goal["kind"]},
             "report_key": report_key(job),
         }
         signed = audit.sign(audit_record, settings.audit_hmac_key.get_secret_value())
@@ -220,8 +242,9 @@ def run(context: JobContext) -> JobResult:
                 source="job", source_job_id=job.id,
             )
             return JobResult(
-                model_id=stored.id, report=summary, report_key=report_key(job), audit_key=audit_key(job)
+                model_id=stored.id, report=summary, report_key=report_key(job), audit_key=audit_key(job),
+                warnings=goal_warnings(summary),
             )
         records.storage.put_json(audit_key(job), signed)
         result = publish_adapter(context, out_dir, name, report)  # writes the report, then the record last
-        return result.model_copy(update={"audit_key": audit_key(job)})
+        return result.model_copy(update={"audit_key": audit_key(job), "warnings": goal_warnings(summary)})

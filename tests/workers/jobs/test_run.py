@@ -16,7 +16,7 @@ from app.storage import keys
 from tests.app.test_api import upload
 from tests.conftest import tenant_keys
 from workers.engines.merge.errors import MergeInputError, MergeNumericError
-from workers.engines.unlearn.errors import MissingInput, NonFinite
+from workers.engines.unlearn.errors import GoalNotMet, MissingInput, NonFinite
 from workers.formats.tensor_files import TensorFileError
 from workers.jobs import run
 from workers.jobs.context import InputCorrupted, InputRejected
@@ -105,6 +105,7 @@ def test_an_unexpected_error_is_internal_and_names_its_type_never_invalid_input(
         (TensorFileError("truncated"), "invalid_input"),
         (MissingInput("needs retain rows"), "unlearn_missing_input"),
         (NonFinite("loss is NaN"), "unlearn_non_finite"),
+        (GoalNotMet("the step budget ran out"), "goal_not_met"),
         (Unprocessable("too big", code="too_many_adapters"), "too_many_adapters"),
         (KeyError("x"), "internal_error"),
         (ValueError("bad"), "internal_error"),

@@ -20,6 +20,7 @@ from workers.engines.unlearn import (  # noqa: F401 - importing registers each m
 from workers.engines.unlearn.data import BatchStream, ClassifierData, LMData, PairedLMData
 from workers.engines.unlearn.engine import UnlearnOutcome, unlearn
 from workers.engines.unlearn.errors import (
+    GoalNotMet,
     MissingInput,
     NonFinite,
     UnlearnCancelled,
@@ -30,6 +31,7 @@ from workers.engines.unlearn.errors import (
 __all__ = [
     "BatchStream",
     "ClassifierData",
+    "GoalNotMet",
     "LMData",
     "MissingInput",
     "NonFinite",

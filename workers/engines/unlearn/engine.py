@@ -12,12 +12,17 @@
   `input_ids`(+`attention_mask`), and `labels`). `evaluation` is the test set
   (classifier: TA and MIA) or held-out rows (causal LM: Min-K% AUC); it is never trained on.
 - `params`: the method's `<Method>Params` (from `app.schemas.unlearn`) or a plain dict; validated again.
+- `goal`: the job's `UnlearnGoal` (or a dict; default goal and guards when None). With `steps` null in the
+  params the run is goal-driven, with `lr` null its learning rate comes from a range test (`driver.py`).
 - `progress(fraction, stage)` is called with stages "evaluating", "preparing", "unlearning", "done";
   `should_cancel()` is polled between steps and raises `UnlearnCancelled`.
 
 The report: {"method", "params", "family", "peft", "steps", "seconds", "before": {...}, "after": {...},
-"loop": {...}} (+ "gu_kept_fraction" when `gu` ran). `seconds` is the whole call; `method_seconds` the
-method alone (mask/Fisher/importance preparation, `prepare_seconds`, included; evaluations excluded), and
+"goal_met", "goal": {...}, "loop": {...}} (+ "gu_kept_fraction" when `gu` ran). `goal` holds `met`, `reason`
+(when not met: which budget or guard stopped the run, and the best state reached), the kind of forgetting,
+the targets, the final measurement on the full splits, the chosen `lr` and the range test. `seconds` is the
+whole call; `method_seconds` the method's run — mask/Fisher/importance preparation (`prepare_seconds`),
+the range test and the goal checks (`check_seconds`) included, the before/after reports excluded — and
 `method_cpu_seconds` its process CPU time.
 Methods are looked up only through the registry.
 """
@@ -34,11 +39,13 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from app.schemas.unlearn import UNLEARN_FAMILIES, missing_inputs
+from app.schemas.unlearn import UNLEARN_FAMILIES, UnlearnGoal, missing_inputs
 from workers.engines.registry import get
+from workers.engines.unlearn import driver
 from workers.engines.unlearn.data import ClassifierData, Data, LMData
 from workers.engines.unlearn.errors import MissingInput, NonFinite, UnlearnError, UnsupportedFamily
-from workers.engines.unlearn.loop import UnlearnContext, train
+from workers.engines.unlearn.goal import GoalCheck
+from workers.engines.unlearn.loop import UnlearnContext
 from workers.engines.unlearn.metrics import evaluate
 
 log = logging.getLogger(__name__)
@@ -77,6 +84,7 @@ def unlearn(
     tokenizer: Any = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    goal: UnlearnGoal | Mapping[str, Any] | None = None,
     device: torch.device | str | None = None,
 ) -> UnlearnOutcome:
     """Unlearn `forget` from `model` with the registered `method`; see the module docstring."""
@@ -84,8 +92,9 @@ def unlearn(
     raw = params.model_dump(by_alias=True) if isinstance(params, BaseModel) else dict(params)
     try:
         checked: Any = entry.params_model.model_validate(raw)
+        aim = goal if isinstance(goal, UnlearnGoal) else UnlearnGoal.model_validate(dict(goal or {}))
     except ValidationError as error:
-        raise UnlearnError(f"invalid {method} params: {error}") from None
+        raise UnlearnError(f"invalid {method} params or goal: {error}") from None
     if family not in UNLEARN_FAMILIES.get(method, frozenset()):
         raise UnsupportedFamily(f"{method} does not support {family} models")
     provided = {name for name, data in (("forget", forget), ("retain", retain)) if data is not None}
@@ -110,6 +119,8 @@ def unlearn(
 
     report_progress(0.0, "evaluating")
     before = evaluate(model, family, forget, retain, evaluation, device, seed)
+    check = GoalCheck.build(model, family, forget, retain, evaluation, aim, seed, device)
+    start = check.begin(model) if check.measurable else None
     torch.manual_seed(seed)
     ctx = UnlearnContext(
         model=model,
@@ -121,15 +132,18 @@ def unlearn(
         device=device,
         trainable=trainable,
         is_peft=is_peft,
+        horizon=int(checked.steps or min(aim.max_steps, driver.GOAL_HORIZON)),
     )
     report_progress(0.05, "preparing")
     method_started, method_cpu_started = time.perf_counter(), time.process_time()
     objective = entry.function(ctx, checked)
     prepare_seconds = time.perf_counter() - method_started
-    loop = train(
+    loop = driver.run(
         ctx,
         objective,
         checked,
+        check,
+        start,
         progress=lambda fraction, stage: report_progress(0.05 + 0.85 * fraction, stage),
         should_cancel=should_cancel,
     )
@@ -140,6 +154,7 @@ def unlearn(
             raise NonFinite(f"parameter {name} is not finite after unlearning")
     report_progress(0.9, "evaluating")
     after = evaluate(model, family, forget, retain, evaluation, device, seed)
+    verdict = goal_verdict(check, loop, model, is_peft)
     report: dict[str, Any] = {
         "method": method,
         "params": checked.model_dump(mode="json", by_alias=True),
@@ -153,10 +168,67 @@ def unlearn(
         "prepare_seconds": prepare_seconds,
         "before": before,
         "after": after,
-        "loop": {**objective.report, **loop},
+        "goal_met": verdict["met"],
+        "goal": verdict,
+        "loop": {**objective.report, **{k: v for k, v in loop.items() if k != "check"}},
     }
     if "gu_kept_fraction" in loop:
         report["gu_kept_fraction"] = loop["gu_kept_fraction"]
     report_progress(1.0, "done")
     log.info("unlearned", extra={"method": method, "steps": report["steps"]})
     return UnlearnOutcome(model=model, report=report)
+
+
+STOPS = {
+    "max_steps": "the step budget ({max_steps} steps, range test included) ran out",
+    "max_seconds": "the time budget ({max_seconds:g} s) ran out",
+    "guard": "a guard kept breaking after the learning rate was halved {halvings} times",
+    "no_progress": "{stall} checks in a row brought no state nearer the goal that kept the guards",
+    "steps": "after the fixed {steps} steps",
+    "goal": "the goal was met on the checked subsets ({eval_rows} rows per split) but not on the full splits",
+}
+
+
+def goal_verdict(check: GoalCheck, loop: dict[str, Any], model: nn.Module, is_peft: bool) -> dict[str, Any]:
+    """Whether the returned model meets the goal on the full splits (capped as the report is) and keeps the
+    guards; when not, a reason naming what stopped the run and the state reached."""
+    out: dict[str, Any] = {
+        "met": False,
+        "reason": None,
+        **check.describe(),
+        "mode": loop.get("mode"),
+        "stopped_by": loop.get("stopped_by"),
+        "lr": loop.get("lr"),
+        "lr_search": loop.get("lr_search"),
+        "steps": loop.get("steps"),
+        "best_step": loop.get("best_step"),
+    }
+    if not check.measurable:
+        out["reason"] = f"the goal cannot be measured: {check.why_not}"
+        return out
+    final = check.measure(model, full=True)
+    out["final"] = final.as_dict()
+    if final.goal_met and final.guards_ok:
+        out["met"] = True
+        return out
+    goal = check.goal
+    stopped = loop.get("stopped_by")
+    words = STOPS.get(str(stopped), "after {method}'s one-shot edit").format(
+        max_steps=goal.max_steps,
+        max_seconds=goal.max_seconds,
+        halvings=driver.MAX_HALVINGS,
+        stall=driver.STALL_CHECKS,
+        steps=loop.get("steps"),
+        eval_rows=goal.eval_rows,
+        method="the method",
+    )
+    state = "the best state that kept the guards" if loop.get("mode") == "goal" else "the final state"
+    step = f" (step {loop['best_step']})" if loop.get("best_step") is not None else ""
+    details = "; ".join(final.unmet + [f"guard broken: {item}" for item in final.broken]) or "no condition met"
+    reason = f"{words}; {state}{step}: {details}"
+    if is_peft and final.unmet:
+        reason += (
+            "; only LoRA factors were trained — a higher rank or more target modules may be needed to reach the goal"
+        )
+    out["reason"] = reason
+    return out

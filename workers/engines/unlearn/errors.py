@@ -27,6 +27,12 @@ class NonFinite(UnlearnError):
     code = "unlearn_non_finite"
 
 
+class GoalNotMet(UnlearnError):
+    """The job asked for `require_goal` and the run did not reach its goal (the message says why)."""
+
+    code = "goal_not_met"
+
+
 class UnlearnCancelled(Exception):
     """`should_cancel()` returned True between two steps; `steps_done` steps had been taken."""
 

@@ -15,7 +15,7 @@ def l1_sparse(ctx: UnlearnContext, params: L1SparseParams) -> Objective:
     weights = [p for _, p in ctx.trainable]
 
     def retain_loss(model, batch, step):
-        coefficient = params.l1 * (1.0 - step / params.steps)
+        coefficient = params.l1 * max(0.0, 1.0 - step / ctx.horizon)
         return ctx.task_loss(model, batch) + coefficient * l1_norm(weights)
 
     return Objective(retain_loss=retain_loss)

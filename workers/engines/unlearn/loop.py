@@ -1,16 +1,21 @@
-"""The shared unlearning loop: every method supplies an `Objective`; this module trains it.
+"""The shared unlearning loop: every method supplies an `Objective`; this module steps it (`driver.py` decides
+how many steps, at which learning rate).
 
 A method is `fn(ctx: UnlearnContext, params) -> Objective`. The objective names a forget loss and/or a
 retain loss (each `loss(model, batch, step) -> scalar`) and how they combine:
 
 - joint (default): one optimiser step per iteration on γ·L_f + α·L_r (the weights live inside the losses);
 - alternating (`forget_every=k`): a forget step every k iterations, then a retain step every iteration,
-  each with its own gradient mask and clipping (SalUn's passes, SFR-on's fast–slow loop).
+  each with its own gradient mask and clipping (SFR-on's fast–slow loop; `clip_retain=False` leaves the
+  retain step unclipped as its reference does);
+- passes (`passes=True`): one pass of forget batches, then one pass of retain batches, one step per batch
+  (SalUn's and random labelling's epochs in `Unlearn-Saliency:Classification/unlearn/RL.py`).
 
-With `gu`, the forget gradient is projected off the span of per-sample retain gradients before it is added.
 Masks multiply gradients; `restore_outside_mask` resets masked-out weights to θ0 after each step (SalUn).
+With `gu`, the (masked) forget gradient is projected off the span of the per-sample gradients of the step's
+retain batch: mask first, project last, so the update applied is orthogonal to the retain gradients.
 An objective with `edit` takes no optimiser step: `edit()` changes the weights and returns its report (SSD).
-Seeds, gradient clipping, LR schedule, cancellation (`UnlearnCancelled`) and progress live here only.
+Seeds, gradient clipping and the LR schedule live here; `snapshot`/`restore` copy the trained state.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +32,7 @@ from torch import Tensor, nn
 
 from workers.engines.unlearn import gu as gu_projection
 from workers.engines.unlearn.data import BatchStream, Data, to_device
-from workers.engines.unlearn.errors import MissingInput, NonFinite, UnlearnCancelled
+from workers.engines.unlearn.errors import MissingInput, NonFinite
 from workers.engines.unlearn.losses import (
     classifier_logits,
     compute_batch_nll,
@@ -39,7 +43,6 @@ from workers.engines.unlearn.losses import (
 log = logging.getLogger(__name__)
 
 Loss = Callable[[nn.Module, dict[str, Tensor], int], Tensor]
-Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -55,6 +58,7 @@ class UnlearnContext:
     device: torch.device
     trainable: list[tuple[str, nn.Parameter]]
     is_peft: bool
+    horizon: int = 1  # the iterations schedules run over: `steps`, or a goal-driven run's step budget
     _reference: nn.Module | None = None
 
     def reference(self) -> nn.Module:
@@ -87,10 +91,12 @@ class Objective:
     forget_loss: Loss | None = None
     retain_loss: Loss | None = None
     forget_every: int = 0  # 0: joint steps; k ≥ 1: alternating, a forget step every k iterations
+    passes: bool = False  # a pass of forget batches, then a pass of retain batches, each its own step
     forget_mask: dict[str, Tensor] | None = None
     retain_mask: dict[str, Tensor] | None = None
     restore_outside_mask: bool = False
     forget_clip: float | None = None
+    clip_retain: bool = True  # False: the retain step is not clipped (SFR-on clips only its forget step)
     trainable: list[tuple[str, nn.Parameter]] | None = None  # a subset of ctx.trainable (RMU)
     forget_data: Any = None  # replaces ctx.forget for the forget batches (paired template rows)
     edit: Callable[[], dict[str, Any]] | None = None
@@ -116,91 +122,124 @@ def _unflat(vector: Tensor, like: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _make_optimizer(params: Any, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
-    lr, decay = float(params.lr), float(params.weight_decay)
+def _make_optimizer(params: Any, parameters: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    decay = float(params.weight_decay)
     if params.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=decay)
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=decay)
 
 
-def _schedule(optimizer: torch.optim.Optimizer, params: Any) -> torch.optim.lr_scheduler.LRScheduler:
-    steps = int(params.steps)
-    if params.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+def _schedule(
+    optimizer: torch.optim.Optimizer, params: Any, horizon: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if params.lr_schedule == "cosine" and horizon > 0:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, horizon) / horizon))
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
 
 
+def _rows(batch: dict[str, Tensor], count: int) -> list[dict[str, Tensor]]:
+    """The first `count` rows of a batch, each as a batch of one."""
+    size = next(iter(batch.values())).shape[0]
+    return [{key: value[i : i + 1] for key, value in batch.items()} for i in range(min(count, size))]
+
+
+def _masked(names: list[str], grads: list[Tensor], mask: dict[str, Tensor] | None) -> list[Tensor]:
+    if mask is None:
+        return grads
+    return [g * mask[name] if name in mask else g for name, g in zip(names, grads, strict=True)]
+
+
 class _Trainer:
-    def __init__(self, ctx: UnlearnContext, objective: Objective, params: Any) -> None:
+    """One optimiser over the objective's parameters at a fixed base learning rate; `step(t)` is iteration t."""
+
+    def __init__(
+        self,
+        ctx: UnlearnContext,
+        objective: Objective,
+        params: Any,
+        lr: float,
+        horizon: int,
+        anchor: list[Tensor] | None = None,
+    ) -> None:
         self.ctx, self.objective, self.params = ctx, objective, params
         named = objective.trainable if objective.trainable is not None else ctx.trainable
         if not named:
             raise MissingInput("no trainable parameter")
         self.names = [name for name, _ in named]
         self.parameters = [p for _, p in named]
-        self.optimizer = _make_optimizer(params, self.parameters)
-        self.scheduler = _schedule(self.optimizer, params)
+        self.lr = lr
+        self.optimizer = _make_optimizer(params, self.parameters, lr)
+        self.scheduler = _schedule(self.optimizer, params, horizon)
         self.use_gu = bool(getattr(params, "gu", False)) and objective.forget_loss is not None
+        if self.use_gu and ctx.retain is None:
+            raise MissingInput("gu needs retain rows")
         generator = ctx.generator
         size = int(params.batch_size)
         forget = objective.forget_data if objective.forget_data is not None else ctx.forget
         self.forget = BatchStream(forget, size, generator) if objective.forget_loss and forget else None
         self.retain = BatchStream(ctx.retain, size, generator) if ctx.retain is not None else None
-        if self.use_gu:
-            if ctx.retain is None:
-                raise MissingInput("gu needs retain rows")
-            self.gu_stream = BatchStream(ctx.retain, 1, generator)
-        self.anchor = None
-        if objective.restore_outside_mask and objective.forget_mask is not None:
+        self.anchor = anchor
+        if objective.restore_outside_mask and objective.forget_mask is not None and anchor is None:
             self.anchor = [p.detach().clone() for p in self.parameters]
+        self.epoch = self._epoch_length() if objective.passes else 0
+        self.count = 0
         self.kept: list[float] = []
         self.last: dict[str, float] = {}
+
+    def _epoch_length(self) -> tuple[int, int]:
+        size = int(self.params.batch_size)
+        n_forget = -(-len(self.forget.data) // size) if self.forget is not None else 0
+        n_retain = -(-len(self.retain.data) // size) if self.retain is not None and self.objective.retain_loss else 0
+        return n_forget, n_retain  # type: ignore[return-value]
 
     def _batch(self, stream: BatchStream | None) -> dict[str, Tensor]:
         if stream is None:
             raise MissingInput("this method needs rows it was not given")
         return to_device(stream.next(), self.ctx.device)
 
-    def _retain_basis(self) -> Tensor:
-        """Orthonormal rows spanning per-sample gradients of the task loss (CE / answer NLL) on retain rows.
+    def _retain_basis(self, retain_batch: dict[str, Tensor], mask: dict[str, Tensor] | None) -> Tensor:
+        """Orthonormal rows spanning the per-sample task-loss gradients of the step's retain batch (GU).
 
-        The task loss, not the method's retain term: that term may vanish at θ0 (RMU's activation MSE) or be
-        weighted by α = 0, and its span would then be empty. Eval mode: no dropout, no batch-norm statistics.
+        As `geo-unlearning`'s `orthograd.py`: the retain batch itself, in train mode, one backward per row
+        (the first `gu_retain_samples` rows). The task loss (CE / answer NLL), not the method's retain term,
+        which may vanish at θ0 (RMU's activation MSE) or be weighted by α = 0. The gradients are masked like
+        the forget gradient, so the projected update stays inside the mask and is orthogonal to the full
+        retain gradients.
         """
-        loss_fn = self.ctx.task_loss
-        was_training = self.ctx.model.training
-        self.ctx.model.eval()
         vectors = []
-        for _ in range(int(self.params.gu_retain_samples)):
-            sample = to_device(self.gu_stream.next(), self.ctx.device)
-            vectors.append(_flat(_grads(loss_fn(self.ctx.model, sample), self.parameters)))
-        self.ctx.model.train(was_training)
+        for row in _rows(retain_batch, int(self.params.gu_retain_samples)):
+            grads = _grads(self.ctx.task_loss(self.ctx.model, row), self.parameters)
+            vectors.append(_flat(_masked(self.names, grads, mask)))
         return gu_projection.orthonormal_basis(vectors)
 
-    def _forget_grads(self, step: int) -> list[Tensor]:
+    def _forget_grads(self, step: int, mask: dict[str, Tensor] | None, retain_batch: Callable[[], Any]) -> list[Tensor]:
+        """The forget gradient, masked, then (with GU) projected off the retain basis: mask first, project last."""
         if self.objective.forget_loss is None:
             raise RuntimeError("no forget loss")
         loss = self.objective.forget_loss(self.ctx.model, self._batch(self.forget), step)
         self.last["forget_loss"] = float(loss.detach())
-        grads = _grads(loss, self.parameters)
+        grads = _masked(self.names, _grads(loss, self.parameters), mask)
         if self.use_gu:
             flat = _flat(grads)
-            projected = gu_projection.project_off(flat, self._retain_basis())
+            projected = gu_projection.project_off(flat, self._retain_basis(retain_batch(), mask))
             self.kept.append(gu_projection.kept_fraction(flat, projected))
             grads = _unflat(projected, grads)
         return grads
 
-    def _retain_grads(self, step: int) -> list[Tensor]:
+    def _retain_grads(self, step: int, batch: dict[str, Tensor]) -> list[Tensor]:
         if self.objective.retain_loss is None:
             raise RuntimeError("no retain loss")
-        loss = self.objective.retain_loss(self.ctx.model, self._batch(self.retain), step)
+        loss = self.objective.retain_loss(self.ctx.model, batch, step)
         self.last["retain_loss"] = float(loss.detach())
-        return _grads(loss, self.parameters)
+        return _masked(self.names, _grads(loss, self.parameters), self.objective.retain_mask)
 
-    def _apply(self, grads: list[Tensor], mask: dict[str, Tensor] | None, clip: float) -> None:
-        for name, p, g in zip(self.names, self.parameters, grads, strict=True):
-            p.grad = g * mask[name] if mask is not None and name in mask else g
-        torch.nn.utils.clip_grad_norm_(self.parameters, clip)
+    def _apply(self, grads: list[Tensor], clip: float | None) -> None:
+        for p, g in zip(self.parameters, grads, strict=True):
+            p.grad = g
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters, clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.anchor is not None and self.objective.forget_mask is not None:
@@ -210,51 +249,53 @@ class _Trainer:
                         p.copy_(torch.where(self.objective.forget_mask[name].bool(), p, p0))
 
     def step(self, step: int) -> None:
+        """Iteration `step` (the global iteration: losses with schedules read it)."""
         objective, clip = self.objective, float(self.params.max_grad_norm)
-        if objective.forget_every == 0:
+        retain_clip = clip if objective.clip_retain else None
+        drawn: list[dict[str, Tensor]] = []
+
+        def retain_batch() -> dict[str, Tensor]:  # one retain batch per iteration, shared by GU and the step
+            if not drawn:
+                drawn.append(self._batch(self.retain))
+            return drawn[0]
+
+        if objective.passes:
+            n_forget, n_retain = self.epoch  # type: ignore[misc]
+            if objective.forget_loss is not None and self.count % (n_forget + n_retain) < n_forget:
+                self._apply(self._forget_grads(step, objective.forget_mask, retain_batch), clip)
+            else:
+                self._apply(self._retain_grads(step, retain_batch()), retain_clip)
+        elif objective.forget_every == 0:
             grads: list[Tensor] | None = None
             if objective.forget_loss is not None:
-                grads = self._forget_grads(step)
+                grads = self._forget_grads(step, objective.forget_mask, retain_batch)
             if objective.retain_loss is not None:
-                retain = self._retain_grads(step)
+                retain = self._retain_grads(step, retain_batch())
                 grads = retain if grads is None else [a + b for a, b in zip(grads, retain, strict=True)]
             if grads is not None:
-                self._apply(grads, objective.forget_mask, clip)
+                self._apply(grads, clip)
         else:
             if objective.forget_loss is not None and step % objective.forget_every == 0:
-                self._apply(self._forget_grads(step), objective.forget_mask, objective.forget_clip or clip)
+                grads = self._forget_grads(step, objective.forget_mask, retain_batch)
+                self._apply(grads, objective.forget_clip or clip)
             if objective.retain_loss is not None:
-                self._apply(self._retain_grads(step), objective.retain_mask, clip)
+                self._apply(self._retain_grads(step, retain_batch()), retain_clip)
+        self.count += 1
         self.scheduler.step()
 
 
-def train(
-    ctx: UnlearnContext,
-    objective: Objective,
-    params: Any,
-    progress: Progress | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-) -> dict[str, Any]:
-    """Run the objective for `params.steps` iterations (`params`: a validated `<Method>Params`)."""
-    started = time.perf_counter()
-    if objective.edit is not None:
-        if should_cancel is not None and should_cancel():
-            raise UnlearnCancelled(0)
-        edited = objective.edit()
-        return {"steps": 0, "train_seconds": time.perf_counter() - started, **edited}
-    trainer = _Trainer(ctx, objective, params)
-    steps = int(params.steps)
-    every = max(1, steps // 100)
-    ctx.model.train()
-    for step in range(steps):
-        if should_cancel is not None and should_cancel():
-            raise UnlearnCancelled(step)
-        trainer.step(step)
-        if progress is not None and ((step + 1) % every == 0 or step + 1 == steps):
-            progress((step + 1) / steps, "unlearning")
-    ctx.model.eval()
-    report: dict[str, Any] = {"steps": steps, "train_seconds": time.perf_counter() - started, **trainer.last}
-    if trainer.kept:
-        report["gu_kept_fraction"] = sum(trainer.kept) / len(trainer.kept)
-    log.info("unlearning loop done", extra={"steps": steps, "gu": trainer.use_gu})
-    return report
+def snapshot(model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> dict[str, Tensor]:
+    """A copy of the trainable parameters and every buffer (batch-norm statistics change in train mode)."""
+    state = {f"p:{name}": p.detach().clone() for name, p in named}
+    state.update({f"b:{name}": b.detach().clone() for name, b in model.named_buffers()})
+    return state
+
+
+def restore(model: nn.Module, named: list[tuple[str, nn.Parameter]], state: dict[str, Tensor]) -> None:
+    """Put a `snapshot` back, in place (the parameter objects stay the ones optimisers hold)."""
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(state[f"p:{name}"])
+        for name, b in model.named_buffers():
+            if f"b:{name}" in state:
+                b.copy_(state[f"b:{name}"])

@@ -123,8 +123,9 @@ def random_other_labels(labels: Tensor, num_classes: int, generator: torch.Gener
 
 
 def adaptive_ga_weights(per_sample_loss: Tensor, ada_lambda: float) -> Tensor:
-    """SFR-on's AdaGA weights w_i ∝ ℓ_i^(−λ), detached, normalised to sum to the batch size."""
-    weights = per_sample_loss.detach().clamp_min(1e-8) ** (-ada_lambda)
+    """SFR-on's AdaGA weights w_i ∝ 1/(ℓ_i^λ + 1e-15), detached, normalised to sum to the batch size
+    (`AdaptiveLoss` in the reference's `Classification/unlearn/sfron.py`)."""
+    weights = 1.0 / (per_sample_loss.detach().clamp_min(0.0) ** ada_lambda + 1e-15)
     return weights * (weights.numel() / weights.sum())
 
 

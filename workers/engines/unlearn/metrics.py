@@ -104,9 +104,9 @@ def classifier_report(
 
 @torch.no_grad()
 def lm_outputs(model: nn.Module, data: LMData, device: torch.device) -> dict[str, Tensor]:
-    """Per-row mean answer NLL, exact match, extraction strength and Min-K% score."""
+    """Per-row mean answer NLL, exact match, token accuracy, extraction strength and Min-K% score."""
     model.eval()
-    mean_nll, exact, strength, min_k = [], [], [], []
+    mean_nll, exact, tokens, strength, min_k = [], [], [], [], []
     for batch in batches(data, EVAL_BATCH):
         batch = to_device(batch, device)
         logits = lm_logits(model, batch).float()
@@ -118,6 +118,7 @@ def lm_outputs(model: nn.Module, data: LMData, device: torch.device) -> dict[str
             mean_nll.append(float(row_nll.mean()))
             answer_hits = hits[row][row_mask]
             exact.append(float(answer_hits.all()))
+            tokens.append(float(answer_hits.float().mean()))
             misses = (~answer_hits).nonzero()
             k = int(misses[-1]) + 1 if len(misses) else 0
             strength.append(1.0 - k / len(answer_hits))
@@ -125,7 +126,13 @@ def lm_outputs(model: nn.Module, data: LMData, device: torch.device) -> dict[str
             min_k.append(float(lowest.mean()))
     return {
         name: torch.tensor(values)
-        for name, values in (("nll", mean_nll), ("exact", exact), ("es", strength), ("min_k", min_k))
+        for name, values in (
+            ("nll", mean_nll),
+            ("exact", exact),
+            ("token_accuracy", tokens),
+            ("es", strength),
+            ("min_k", min_k),
+        )
     }
 
 

@@ -1,8 +1,10 @@
 """`salun`: saliency unlearning (Fan et al., ICLR 2024, arXiv 2310.12508; `OPTML-Group/Unlearn-Saliency`).
 
-1. Mask: |Σ_batches ∇(−CE)| over D_f (eval mode); m = 1 on the global top-q fraction of coordinates.
-2. Random labelling (forget, γ) plus CE on D_r (α), gradients multiplied by m; weights outside the mask are
-   reset to θ0 after every step.
+1. Mask (`Classification/generate_mask.py`): |Σ_batches ∇(−CE)| over D_f in eval mode; m = 1 on the global
+   top-q fraction of coordinates (the SFR-on repository's `salun.py` ranks the same way).
+2. Random labelling restricted to the mask (`Classification/unlearn/RL.py`): each epoch a pass over D_f with
+   random labels, then a pass over D_r, both passes' gradients multiplied by m, and the weights outside the
+   mask reset to θ0 after every step — `random_label`'s objective with the mask.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from app.schemas.unlearn import SalunParams
 from workers.engines.registry import register
 from workers.engines.unlearn.data import batches
 from workers.engines.unlearn.loop import Objective, UnlearnContext
-from workers.engines.unlearn.random_label import random_label_loss
+from workers.engines.unlearn.random_label import random_label_objective
 from workers.engines.unlearn.saliency import gradient_sum, top_fraction_mask
 
 
@@ -29,10 +31,6 @@ def salun(ctx: UnlearnContext, params: SalunParams) -> Objective:
     )
     mask = top_fraction_mask({name: g.abs() for name, g in saliency.items()}, params.q)
     kept = sum(float(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
-    return Objective(
-        forget_loss=random_label_loss(ctx, params.gamma),
-        retain_loss=lambda model, batch, step: params.alpha * ctx.task_loss(model, batch),
-        forget_mask=mask,
-        restore_outside_mask=True,
-        report={"mask_fraction": kept},
-    )
+    objective = random_label_objective(ctx, params, mask)
+    objective.report["mask_fraction"] = kept
+    return objective

@@ -2,9 +2,11 @@
 
 `K1nght/Unified-Unlearning-w-Remain-Geometry:Classification/unlearn/sfron.py`:
 - mask m = [(F_f + 1e-15)/(F_r + 1e-15) ≥ γ], F the diagonal Fisher (mean squared per-batch gradients);
-- every k iterations a slow, masked AdaGA step on a forget batch: −α_t·mean(w_i ℓ_i), w_i ∝ ℓ_i^(−λ)
-  normalised to sum to the batch size, α_t = α0·½(1 + cos(πt/T)), clipped at `forget_clip`;
-- every iteration a fast, unmasked CE step on a retain batch (the implicit remain-Hessian approximation).
+- every k iterations a slow, masked AdaGA step on a forget batch: −α_t·mean(w_i ℓ_i), w_i ∝ 1/(ℓ_i^λ + 1e-15)
+  normalised to sum to the batch size, α_t = α0·½(1 + cos(πt/T)), its gradient clipped at `forget_clip`;
+- every iteration a fast, unmasked, unclipped CE step on a retain batch (the implicit remain-Hessian
+  approximation): the reference clips only the forget step.
+T is `steps`, or the step budget of a goal-driven run.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def sfron(ctx: UnlearnContext, params: SfronParams) -> Objective:
     kept = sum(float(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
 
     def forget_loss(model, batch, step):
-        alpha_t = params.alpha0 * 0.5 * (1.0 + math.cos(math.pi * step / params.steps))
+        alpha_t = params.alpha0 * 0.5 * (1.0 + math.cos(math.pi * min(step, ctx.horizon) / ctx.horizon))
         losses = per_sample_ce(classifier_logits(model, batch), batch["labels"])
         return -alpha_t * (adaptive_ga_weights(losses, params.ada_lambda) * losses).mean()
 
@@ -48,5 +50,6 @@ def sfron(ctx: UnlearnContext, params: SfronParams) -> Objective:
         forget_every=params.k,
         forget_mask=mask,
         forget_clip=params.forget_clip,
+        clip_retain=False,
         report={"mask_fraction": kept},
     )

@@ -10,14 +10,15 @@ from workers.engines.unlearn import unlearn
 METHODS = {
     "finetune": {"lr": 1e-2, "steps": 60, "batch_size": 64},
     "grad_ascent": {"lr": 3e-3, "steps": 15, "batch_size": 32},
-    "random_label": {"lr": 1e-3, "steps": 30, "batch_size": 32},
-    "salun": {"lr": 1e-3, "steps": 30, "batch_size": 32, "q": 0.5},
+    # one epoch of the reference's passes: 3 forget batches of random labels, then 21 retain batches
+    "random_label": {"lr": 3e-3, "steps": 24, "batch_size": 32},
+    "salun": {"lr": 3e-3, "steps": 24, "batch_size": 32, "q": 0.5},
     "sfron": {"lr": 0.01, "steps": 60, "batch_size": 32, "k": 3, "alpha0": 5.0},
     "l1_sparse": {"lr": 1e-2, "steps": 60, "batch_size": 64, "l1": 1e-4},
     "ssd": {"alpha": 5.0, "lambda": 1.0, "batch_size": 8},
     "retrain": {"lr": 1e-2, "steps": 150, "batch_size": 128},
     "grad_ascent_gu": {"lr": 3e-3, "steps": 15, "batch_size": 32, "gu": True},
-    "random_label_gu": {"lr": 1e-3, "steps": 30, "batch_size": 32, "gu": True},
+    "random_label_gu": {"lr": 3e-3, "steps": 24, "batch_size": 32, "gu": True},
 }
 
 

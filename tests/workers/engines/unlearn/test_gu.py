@@ -48,8 +48,8 @@ def test_gu_runs_in_the_loop_and_reports_the_kept_fraction(lm, lm_data, tokenize
 
 
 def test_the_loop_steps_orthogonally_to_every_retain_sample(lm, lm_data, tokenizer):
-    """Inside the loop: with 4 retain rows and gu_retain_samples=4, the forget gradient the optimiser gets is
-    orthogonal to each row's task-loss gradient."""
+    """Inside the loop: the forget gradient the optimiser gets is orthogonal to the task-loss gradient of each
+    row of the step's retain batch (4 rows, gu_retain_samples=4), taken in train mode as the reference does."""
     from app.schemas.unlearn import NpoParams
     from workers.engines.registry import get
     from workers.engines.unlearn.loop import UnlearnContext, _flat, _grads, _Trainer
@@ -68,9 +68,10 @@ def test_the_loop_steps_orthogonally_to_every_retain_sample(lm, lm_data, tokeniz
         trainable,
         False,
     )
-    trainer = _Trainer(ctx, get("unlearn", "npo").function(ctx, params), params)
-    lm.eval()
-    projected = _flat(trainer._forget_grads(0))
+    trainer = _Trainer(ctx, get("unlearn", "npo").function(ctx, params), params, lr=1e-3, horizon=1)
+    lm.train()
+    batch = retain.collate(range(4))
+    projected = _flat(trainer._forget_grads(0, None, lambda: batch))
     assert 0.0 < trainer.kept[0] < 1.0
     for row in range(4):
         g = _flat(_grads(ctx.task_loss(lm, retain.collate([row])), trainer.parameters))
