@@ -187,9 +187,9 @@ def child_merge(paths: list[str], method: str, params: dict, out: str, threads: 
         "write_s": start + seconds - merge_end,
         "peak_rss_mb": _peak_rss_mb(),
         "base_rss_mb": base,
-        "energy_mean": summary["energy_kept_mean"],
-        "energy_worst": summary["energy_kept_worst_task"],
-        "rel_error": summary["rel_error_overall"],
+        "energy_mean": summary["energy_kept_fraction_mean"],
+        "energy_worst": summary["energy_kept_fraction_worst_task"],
+        "rel_error": summary["deviation_from_sum_total"],
         "hooi_sweeps_max": max(sweeps) if sweeps else None,
         "hooi_sweeps_mean": sum(sweeps) / len(sweeps) if sweeps else None,
         "output_mb": (Path(out) / "adapter_model.safetensors").stat().st_size / 2**20,
@@ -440,7 +440,7 @@ def report(rows: list[dict[str, Any]], layers: int, svd_modules: list[str] | Non
             )
             out(
                 f"  T={row['T']:<3} {label:<20} E kept {r['energy_mean']:.3f} / {r['energy_worst']:.3f}, "
-                f"rel.err {r['rel_error']:.3f}, output {r['output_mb']:.0f}MB{sweeps}"
+                f"deviation from sum {r['rel_error']:.3f}, output {r['output_mb']:.0f}MB{sweeps}"
             )
     out("")
     out("4. Peak RSS of each run (its own process, including ~0.3-0.4 GB of imports) vs the inputs on disk")

@@ -515,9 +515,9 @@ def report(cfg: Config, results: list[SeedResult], out: Callable[[str], None]) -
         summary = None
         if summaries[0] is not None:
             summary = {
-                "mean": _mean([s["energy_kept_mean"] for s in summaries]),
-                "worst": _mean([s["energy_kept_worst_task"] for s in summaries]),
-                "err": _mean([s["rel_error_overall"] for s in summaries]),
+                "mean": _mean([s["energy_kept_fraction_mean"] for s in summaries]),
+                "worst": _mean([s["energy_kept_fraction_worst_task"] for s in summaries]),
+                "err": _mean([s["deviation_from_sum_total"] for s in summaries]),
             }
         chosen = " | ".join(_fmt_params(r.methods[label]["params"]) for r in results)
         rows.append((label, per_seed, per_task, summary, chosen))
@@ -617,9 +617,9 @@ def reading(cfg: Config, results: list[SeedResult], ok: bool) -> str:
     parts.append("Per task, the best rank-r method is " + ", ".join(per_task_wins) + ".")
     summ = {
         x: (
-            statistics.fmean(r.methods[x]["summary"]["energy_kept_mean"] for r in results),
-            statistics.fmean(r.methods[x]["summary"]["energy_kept_worst_task"] for r in results),
-            statistics.fmean(r.methods[x]["summary"]["rel_error_overall"] for r in results),
+            statistics.fmean(r.methods[x]["summary"]["energy_kept_fraction_mean"] for r in results),
+            statistics.fmean(r.methods[x]["summary"]["energy_kept_fraction_worst_task"] for r in results),
+            statistics.fmean(r.methods[x]["summary"]["deviation_from_sum_total"] for r in results),
         )
         for x in low
     }

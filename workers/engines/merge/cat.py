@@ -23,7 +23,9 @@ def cat(job: MergeJob, params: CatParams) -> dict[str, MergedModule]:
         # stack the factors: exact, rank Σr
         gram_B = gram(stack.lora_B, False, torch.float32).double()
         gram_A = gram(stack.lora_A, True, torch.float32).double()
+        out_sq = lam * lam * float((gram_B * gram_A).sum())
         out[name] = MergedModule(
+            compression=(out_sq, 0.0),  # exact: the output is the uncompressed sum
             lora_A=stack.lora_A,
             lora_B=stack.lora_B if lam == 1.0 else stack.lora_B * lam,
             grams=ModuleGrams(

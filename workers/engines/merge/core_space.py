@@ -249,6 +249,20 @@ def truncate(core: Tensor, targets: Sequence[RankTarget], isotropic: bool = Fals
     return out
 
 
+def compression(left: Tensor, right: Tensor, reference: Tensor) -> tuple[float, float]:
+    """(‖R‖², ‖left·right − R‖²) for an output and the uncompressed merge R in the same orthonormal core
+    coordinates (so the norms are those of the weight-space updates)."""
+    return float(reference.square().sum()), float((left @ right - reference).square().sum())
+
+
+def isotropic(core: Tensor) -> Tensor:
+    """Each matrix (…, p, q) with its non-zero singular values replaced by their mean (Iso-C's flattening)."""
+    x, s, yh = torch.linalg.svd(core, full_matrices=False)
+    keep = s > s[..., :1] * RANK_TOL
+    mean = (s * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp(min=1)
+    return x @ ((mean * keep).unsqueeze(-1) * yh)
+
+
 def lift(stack: StackedFactors, basis: CoreBasis, i: int, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
     """Weight-space factors of U_ref·left·right·V_refᵀ: lora_B = B_s·(lift_B·left), lora_A = (right·lift_A)·A_s.
 

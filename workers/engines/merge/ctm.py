@@ -22,9 +22,20 @@ import torch
 from torch import Tensor
 
 from app.schemas.merge import CtmParams
-from workers.engines.merge.core_space import batches, core_bases, lift, lifted_grams, spans, stack_factors
-from workers.engines.merge.rules import RuleOptions, apply_rule, is_spectral, merge_matrices
-from workers.engines.merge.types import RANK_TOL, MergedModule, MergeJob, RankTarget
+from workers.engines.merge.core_space import (
+    CoreBasis,
+    batches,
+    compression,
+    core_bases,
+    cores,
+    isotropic,
+    lift,
+    lifted_grams,
+    spans,
+    stack_factors,
+)
+from workers.engines.merge.rules import RuleOptions, is_spectral, is_sum, merge_matrices
+from workers.engines.merge.types import MergedModule, MergeJob, RankTarget
 from workers.engines.registry import register
 
 HOOI_TOL = 1e-6
@@ -188,12 +199,17 @@ def tucker_rank(target: RankTarget, balanced: Factored, i: int, rank_B: int, ran
     return max(1, min(r, rank_B)), max(1, min(r, rank_A))
 
 
-def isotropize(core: Tensor) -> Tensor:
-    """Replace the non-zero singular values of each merged core (G, r_B, r_A) by their mean (Iso-C)."""
-    x, s, yh = torch.linalg.svd(core, full_matrices=False)
-    keep = s > s[:, :1] * RANK_TOL
-    mean = (s * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp(min=1)
-    return x @ ((mean * keep).unsqueeze(-1) * yh)
+def _uncompressed(
+    basis: CoreBasis, ranks: list[int], params: CtmParams, options: RuleOptions, keys: list[str]
+) -> Tensor:
+    """The same rule's uncompressed merge λ·R of each module's full cores M_t (G, d_B, d_A), in the batch's
+    core coordinates: the Core Space merge (spectral rules at the full core rank), isotropic when asked."""
+    if is_sum(params.rule):
+        merged = basis.coords_B @ basis.coords_A
+    else:
+        d = max(basis.coords_B.shape[1], basis.coords_A.shape[2])
+        merged = merge_matrices(params.rule, cores(basis, ranks), options, keys, [d] * len(keys))
+    return params.lambda_ * (isotropic(merged) if params.isotropize else merged)
 
 
 @register("merge", "ctm", CtmParams)
@@ -205,8 +221,11 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
     total = max(1, len(job.modules))
     for batch in batches(job.modules):
         stacks = [stack_factors(name, job.factors(name)) for name in batch]
-        # 1. core bases and exact cores
-        basis = core_bases(stacks, singular=False)
+        # 1. core bases and exact cores (singular bases for an entrywise rule: its uncompressed reference is
+        # the Core Space merge, which is defined in them; the CtM result itself does not depend on the basis)
+        entrywise = not (is_sum(params.rule) or is_spectral(params.rule))
+        basis = core_bases(stacks, singular=entrywise)
+        uncompressed = _uncompressed(basis, list(stacks[0].ranks), params, options, batch)
         factors = factored_cores(basis.coords_B, basis.coords_A, list(stacks[0].ranks))
         # 2. norm balancing (subspace choice only)
         balanced = balance(factors, params.beta)
@@ -226,15 +245,9 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
             g, t = c_t.shape[:2]
             # 5. merge the coordinates with the rule (entrywise, or spectral to rank r), optionally isotropize
             keys = [batch[i] for i in idx]
-            conflicts: Tensor | None = None
-            if is_spectral(params.rule):
-                merged = merge_matrices(params.rule, c_t, options, keys, [min(r)] * g)
-            else:
-                outcome = apply_rule(params.rule, c_t.reshape(g, t, r_B * r_A), options, keys)
-                merged = outcome.merged.reshape(g, r_B, r_A)
-                conflicts = outcome.conflicts()
+            merged = merge_matrices(params.rule, c_t, options, keys, [min(r)] * g)
             if params.isotropize:
-                merged = isotropize(merged)
+                merged = isotropic(merged)
             # 6. output factors in weight space
             svd = torch.linalg.svd(merged, full_matrices=False) if params.balanced else None
             for j, i in enumerate(idx):
@@ -248,13 +261,10 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
                     left, right = lam * (p[j] @ merged[j]), q[j].mT
                 stack = stacks[i]
                 lora_B, lora_A = lift(stack, basis, i, left, right)
-                per_task: list[float | None] = [None] * job.num_tasks
-                for jj, task in enumerate(stack.tasks):
-                    per_task[task] = float(conflicts[j, jj]) if conflicts is not None else None
                 out[stack.name] = MergedModule(
                     lora_A=lora_A,
                     lora_B=lora_B,
-                    sign_conflict=per_task,
+                    compression=compression(left, right, uncompressed[i]),
                     grams=lifted_grams(basis, i, left, right),
                     report={
                         "hooi_sweeps": sweeps[j],

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from workers.engines.merge.core_space import compression
+from workers.engines.merge.core_space import isotropic as isotropic_core
 from workers.engines.merge.rules import RuleOptions, apply_rule, is_spectral, merge_matrices
 from workers.engines.merge.types import MergedModule, RankTarget, TaskFactors
 
@@ -30,25 +32,28 @@ def merge_full(
     # dense task updates ΔW_t = B_t A_t
     dense = torch.stack([f.lora_B @ f.lora_A for _, f in present])
     m, n = dense.shape[1:]
-    conflicts: list[float | None] = [None] * len(tasks)
     if is_spectral(rule):
         # a spectral rule on the dense matrices (per-task SVDs, as the reference code does)
-        rank = target.choose(torch.linalg.svdvals(dense.double().sum(0)))
-        merged = lambda_ * merge_matrices(rule, dense.double().unsqueeze(0), options, [name], [rank])[0]
+        stack = dense.double().unsqueeze(0)
+        rank = target.choose(torch.linalg.svdvals(stack[0].sum(0)))
+        merged = lambda_ * merge_matrices(rule, stack, options, [name], [rank])[0]
+        uncompressed = lambda_ * merge_matrices(rule, stack, options, [name], [min(m, n)])[0]
         target = RankTarget(rank=rank)
     else:
         # merge entrywise with the rule, then λ
         outcome = apply_rule(rule, dense.reshape(1, len(present), m * n), options, [name])
         merged = lambda_ * outcome.merged.reshape(m, n).double()
-        for j, (t, _) in enumerate(present):
-            conflicts[t] = float(outcome.conflicts()[0, j])
+        uncompressed = merged
     # exact rank-k truncation (Eckart–Young) of the dense merge
     u, s, vh = torch.linalg.svd(merged, full_matrices=False)
     k = target.choose(s)
     kept = s[:k].mean().expand(k) if isotropic else s[:k]
     root = kept.sqrt()
+    lora_B, lora_A = u[:, :k] * root, root.unsqueeze(-1) * vh[:k]
+    if isotropic:
+        uncompressed = isotropic_core(uncompressed)
     return MergedModule(
-        lora_A=(root.unsqueeze(-1) * vh[:k]).to(dense.dtype),
-        lora_B=(u[:, :k] * root).to(dense.dtype),
-        sign_conflict=conflicts,
+        lora_A=lora_A.to(dense.dtype),
+        lora_B=lora_B.to(dense.dtype),
+        compression=compression(lora_B, lora_A, uncompressed),
     )

@@ -26,9 +26,10 @@ import torch
 from torch import Tensor
 
 from app.schemas.merge import KnotsParams
-from workers.engines.merge.core_space import batches, core_bases, cores, stack_factors, truncate
+from workers.engines.merge.core_space import batches, compression, core_bases, cores, stack_factors, truncate
+from workers.engines.merge.core_space import isotropic as isotropic_core
 from workers.engines.merge.rules import RULES, RuleOptions, apply_rule
-from workers.engines.merge.sparsify import sign_conflict_counts, streamed_magnitudes
+from workers.engines.merge.sparsify import streamed_magnitudes
 from workers.engines.merge.types import RANK_TOL, MergedModule, MergeJob
 from workers.engines.registry import register
 
@@ -122,7 +123,6 @@ def knots(job: MergeJob, params: KnotsParams) -> dict[str, MergedModule]:
         aligned = _align(name, job)
         k, n = aligned.coeffs.shape[1], aligned.lora_A.shape[1]
         merged = aligned.lora_A.new_empty(k, n)
-        against = nonzero = torch.zeros(job.num_tasks, dtype=torch.int64, device=aligned.lora_A.device)
         # the rule is elementwise across tasks given the thresholds, so it runs piece by piece
         # (DARE draws each piece's mask from its own seeded generator)
         for i, (cols, values) in enumerate(aligned.pieces(job.num_tasks)):
@@ -133,15 +133,16 @@ def knots(job: MergeJob, params: KnotsParams) -> dict[str, MergedModule]:
                 keep = (size >= bounds[:, :1]) & (size <= bounds[:, 1:])
             outcome = apply_rule(params.rule, part, options, [f"{name}#{i}"], keep=keep)
             merged[:, cols] = outcome.merged.view(k, -1)
-            opposed, present = sign_conflict_counts(outcome.pruned, outcome.sign)
-            against, nonzero = against + opposed[0], nonzero + present[0]
         # exact truncation (U is orthonormal), isotropic when asked
-        [(left, right)] = truncate(merged.unsqueeze(0).double(), [job.targets[name]], isotropic=params.isotropize)
-        conflicts = against.double() / nonzero.clamp(min=1).double()
+        core = merged.unsqueeze(0).double()
+        [(left, right)] = truncate(core, [job.targets[name]], isotropic=params.isotropize)
+        uncompressed = isotropic_core(core[0]) if params.isotropize else core[0]
+        unc_sq, err_sq = compression(left, right, uncompressed)
+        lam_sq = params.lambda_**2
         out[name] = MergedModule(
             lora_A=right.to(aligned.u.dtype),
             lora_B=params.lambda_ * (aligned.u @ left.to(aligned.u.dtype)),
-            sign_conflict=[float(conflicts[t]) if t in aligned.tasks else None for t in range(job.num_tasks)],
+            compression=(lam_sq * unc_sq, lam_sq * err_sq),
         )
         job.progress(0.5 + 0.5 * len(out) / max(1, len(names)), "merging (KnOTS)")
     return out

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from app.schemas.merge import (
     BreadcrumbsParams,
@@ -36,19 +35,18 @@ from app.schemas.merge import (
     TsvParams,
 )
 from workers.engines.merge.core_space import (
-    CoreBasis,
     batches,
+    compression,
     core_bases,
     cores,
     lift,
     lifted_grams,
     stack_factors,
-    task_cores,
     truncate,
 )
+from workers.engines.merge.core_space import isotropic as isotropic_core
 from workers.engines.merge.full_space import merge_full
 from workers.engines.merge.rules import RuleOptions, apply_rule, is_spectral, is_sum, merge_matrices
-from workers.engines.merge.sparsify import elect_sign, sign_conflicts
 from workers.engines.merge.types import MergedModule, MergeJob, RankTarget
 from workers.engines.registry import register
 
@@ -74,43 +72,38 @@ def merge_in_space(
         basis = core_bases(stacks, singular=not (is_sum(rule) or spectral))
         g, d_B, d_A = basis.coords_B.shape[0], basis.coords_B.shape[1], basis.coords_A.shape[2]
         targets = [job.targets[name] for name in batch]
-        conflicts: torch.Tensor | None = None
         # merge the cores with the rule, then λ
-        if is_sum(rule):  # Σ_t M_t is the product of the stacked coordinates; signs only for the report
-            summed = basis.coords_B @ basis.coords_A
-            merged = lambda_ * summed
-            conflicts = _sum_conflicts(basis, stacks[0].slices, summed)
+        if is_sum(rule):  # Σ_t M_t is the product of the stacked coordinates
+            merged = lambda_ * (basis.coords_B @ basis.coords_A)
+            uncompressed = merged
         elif spectral:  # whole-matrix rule on the cores, to the rank the target picks on the sum's spectrum
             sums = torch.linalg.svdvals(basis.coords_B @ basis.coords_A)
             ranks = [target.choose(sums[i]) for i, target in enumerate(targets)]
-            merged = lambda_ * merge_matrices(rule, cores(basis, stacks[0].ranks), options, batch, ranks)
+            m_t = cores(basis, stacks[0].ranks)
+            merged = lambda_ * merge_matrices(rule, m_t, options, batch, ranks)
             targets = [RankTarget(rank=r) for r in ranks]
+            # uncompressed: the rule at the full core rank (the core-space code's result)
+            uncompressed = lambda_ * merge_matrices(rule, m_t, options, batch, [max(d_B, d_A)] * g)
         else:
             m_t = cores(basis, stacks[0].ranks)
             outcome = apply_rule(rule, m_t.reshape(g, len(stacks[0].ranks), d_B * d_A), options, batch)
             merged = lambda_ * outcome.merged.reshape(g, d_B, d_A)
-            conflicts = outcome.conflicts()
+            uncompressed = merged
+        if isotropic:
+            uncompressed = isotropic_core(uncompressed)
         # exact rank-r truncation on the K×K core
         parts = truncate(merged, targets, isotropic=isotropic)
         for i, (stack, (left, right)) in enumerate(zip(stacks, parts, strict=True)):
             lora_B, lora_A = lift(stack, basis, i, left, right)
-            per_task: list[float | None] = [None] * job.num_tasks
-            for j, task in enumerate(stack.tasks):
-                per_task[task] = float(conflicts[i, j]) if conflicts is not None else None
             out[stack.name] = MergedModule(
-                lora_A=lora_A, lora_B=lora_B, sign_conflict=per_task, grams=lifted_grams(basis, i, left, right)
+                lora_A=lora_A,
+                lora_B=lora_B,
+                compression=compression(left, right, uncompressed[i]),
+                grams=lifted_grams(basis, i, left, right),
             )
         job.progress(len(out) / total, "merging (core space)")
         del stacks, basis  # before the next batch is loaded, so its buffers reuse this batch's memory
     return out
-
-
-def _sum_conflicts(basis: CoreBasis, spans: list[slice], summed: Tensor) -> Tensor:
-    """Sign-conflict rate per (module, task) of a plain sum, whose elected sign is the sign of the summed
-    cores: one task's cores at a time, so the (G, T, K, K) stack of all cores is never formed."""
-    g = summed.shape[0]
-    sign = elect_sign(summed.reshape(g, 1, -1))
-    return torch.cat([sign_conflicts(task_cores(basis, span).reshape(g, 1, -1), sign) for span in spans], dim=1)
 
 
 @register("merge", "merge_then_compress", MergeThenCompressParams)

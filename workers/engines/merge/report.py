@@ -1,11 +1,20 @@
 """Data-free quality report of a merge, computed from the factors without forming any m×n matrix.
 
-Per module and task t (ΔW_t = B_tA_t, weights and scalings folded in):
-- energy kept ‖UᵀΔW_tV‖²/‖ΔW_t‖² in [0, 1], U, V orthonormal bases of the output's column / row spaces;
-- the task's sign-conflict rate on the representation the method merges in (from the method);
+Per module and task t (ΔW_t = B_tA_t, weights and scalings folded in), ΔW the output:
+- `energy_kept_fraction` ‖UᵀΔW_tV‖²/‖ΔW_t‖² in [0, 1], U, V orthonormal bases of the output's column / row
+  spaces (the fraction of the task's update inside the output's subspaces);
+- `sign_conflict` in [0, 1]: the share of the task's energy on its own singular directions along which the
+  output points the other way — with ΔW_t = Σ_i σ_i u_i v_iᵀ, Σ_i σ_i²·[u_iᵀΔW v_i < 0] / Σ_i σ_i². It depends
+  only on the linear maps ΔW_t and ΔW, not on any basis (core basis, factorisation, or entries), so it is
+  the same for every rule and space; an entrywise count (the TIES paper's) changes with the basis the
+  entries are taken in (in core space it moved from 0.11–0.31 to 0.31–0.35 between bases);
 - pairwise cosine similarity ⟨ΔW_s, ΔW_t⟩/(‖ΔW_s‖‖ΔW_t‖) in [−1, 1];
-and per module the relative Frobenius error ‖ΔW_out − λΣ_tΔW_t‖/‖λΣ_tΔW_t‖ against the full-space task
-arithmetic merge. Everything uses trace identities on small Gram matrices, e.g.
+and per module:
+- `deviation_from_sum` ‖ΔW − λΣ_tΔW_t‖/‖λΣ_tΔW_t‖ (how far the rule moves from plain task arithmetic);
+- `compression_error` ‖ΔW − R‖/‖R‖, R the same rule's uncompressed merge (stated by the method: the merged
+  core before truncation for merge-then-compress and KnOTS, the core-space merge of the full cores for CtM);
+- `effective_rank` of ΔW: exp of the entropy of its normalised singular values (Roy & Vetterli, 2007).
+Totals weight modules by their norms. Everything uses trace identities on small Gram matrices, e.g.
 ‖B_sA_s‖² = Σ (B_sᵀB_s)∘(A_sA_sᵀ) and ⟨B_oA_o, B_sA_s⟩ = Σ (B_oᵀB_s)∘(A_oA_sᵀ).
 """
 
@@ -45,6 +54,43 @@ def _orth_coeffs(gram: Tensor, cross: Tensor) -> Tensor:
     return (inv.unsqueeze(-1) * z.mT) @ cross
 
 
+def _frame(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """For a factor X with Gram G = XᵀX = ZΛZᵀ: (R = Λ^½Zᵀ, W = ZΛ^-½), so X = Q·R with Q = X·W orthonormal
+    (null directions dropped)."""
+    lam, z = torch.linalg.eigh(gram)
+    keep = lam > lam[-1:].clamp(min=torch.finfo(torch.float64).tiny) * RANK_TOL**2
+    lam, z = lam[keep], z[:, keep]
+    root = lam.sqrt()
+    return root.unsqueeze(-1) * z.mT, z / root
+
+
+def _sign_conflict(grams: ModuleGrams, span: slice) -> float | None:
+    """Σ_i σ_i²·[u_iᵀΔW v_i < 0] / Σ_i σ_i² over task t's singular triplets (u_i, σ_i, v_i), from Grams."""
+    r_B, w_B = _frame(grams.gram_B[span, span])  # B_t = Q_B R_B
+    r_A, w_A = _frame(grams.gram_A[span, span])  # A_tᵀ = Q_A R_A
+    if r_B.shape[0] == 0 or r_A.shape[0] == 0:
+        return None
+    x, s, yh = torch.linalg.svd(r_B @ r_A.mT, full_matrices=False)  # ΔW_t = (Q_B X) Σ (Q_A Y)ᵀ
+    # Q_BᵀΔW Q_A = W_BᵀB_tᵀ(B_oA_o)A_tᵀW_A, with B_tᵀB_o = cross_Bᵀ and A_oA_tᵀ = cross_A (task columns)
+    along = (w_B.mT @ grams.cross_B[:, span].mT) @ (grams.cross_A[:, span] @ w_A)
+    d = ((x.mT @ along) * yh).sum(-1)  # u_iᵀ ΔW v_i
+    energy = s.square()
+    total = float(energy.sum())
+    return float(energy[d < 0].sum()) / total if total > 0 else None
+
+
+def _effective_rank(grams: ModuleGrams) -> float:
+    """exp(−Σ p_i log p_i), p_i = σ_i/Σσ over the output's singular values (from its two k×k Grams)."""
+    r_B, _ = _frame(grams.out_B)
+    sq = torch.linalg.eigvalsh(r_B @ grams.out_A @ r_B.mT).clamp(min=0)
+    sigma = sq.sqrt()
+    sigma = sigma[sigma > sigma.max().clamp(min=torch.finfo(torch.float64).tiny) * RANK_TOL]
+    if sigma.numel() == 0:
+        return 0.0
+    p = sigma / sigma.sum()
+    return math.exp(float(-(p * p.log()).sum()))
+
+
 def module_report(
     grams: ModuleGrams,
     ranks: Sequence[int],
@@ -53,7 +99,8 @@ def module_report(
     lambda_: float,
     merged: MergedModule,
 ) -> dict[str, Any]:
-    """Report of one module: per-task energy kept, sign conflict and norm, cosine matrix, rel. error, rank."""
+    """Report of one module: per task energy kept, sign conflict and norm; cosine matrix; deviation from the
+    sum, compression error, effective rank and rank."""
     g_b, g_a = grams.gram_B, grams.gram_A
     sl = spans(ranks)
     # task inner products ⟨ΔW_s, ΔW_t⟩ = Σ (B_sᵀB_t)∘(A_sA_tᵀ): block sums of the elementwise product
@@ -62,12 +109,17 @@ def module_report(
         blocks[i, s] = 1.0
     inner = (blocks @ (g_b * g_a) @ blocks.mT).cpu()
     norms_sq = inner.diagonal().clamp(min=0)
-    # relative error against λ·Σ_t ΔW_t
+    # deviation from λ·Σ_t ΔW_t
     ref_sq = lambda_**2 * float(inner.sum())
     out_sq = float((grams.out_B * grams.out_A).sum())
     dot = lambda_ * float((grams.cross_B * grams.cross_A).sum())
     err_sq = max(out_sq - 2.0 * dot + ref_sq, 0.0)
-    rel_error = math.sqrt(err_sq / ref_sq) if ref_sq > 0 else (0.0 if out_sq == 0 else None)
+    deviation = math.sqrt(err_sq / ref_sq) if ref_sq > 0 else (0.0 if out_sq == 0 else None)
+    # compression error against the same rule's uncompressed merge (stated by the method)
+    compression = None
+    unc_sq, comp_sq = merged.compression if merged.compression is not None else (None, None)
+    if unc_sq is not None and comp_sq is not None:
+        compression = math.sqrt(comp_sq / unc_sq) if unc_sq > 0 else (0.0 if comp_sq == 0 else None)
     # energy kept per task: ‖(UᵀB_t)(A_tV)‖² / ‖ΔW_t‖²
     coef_B = _orth_coeffs(grams.out_B, grams.cross_B)
     coef_A = _orth_coeffs(grams.out_A, grams.cross_A)
@@ -80,8 +132,8 @@ def module_report(
             "task": t,
             "present": True,
             "norm": math.sqrt(norm_sq),
-            "energy_kept": min(kept / norm_sq, 1.0) if norm_sq > 0 else None,
-            "sign_conflict": merged.sign_conflict[t] if merged.sign_conflict is not None else None,
+            "energy_kept_fraction": min(kept / norm_sq, 1.0) if norm_sq > 0 else None,
+            "sign_conflict": _sign_conflict(grams, sl[i]) if out_sq > 0 else None,
         }
         for j, other in enumerate(tasks):
             denom = math.sqrt(float(norms_sq[i]) * float(norms_sq[j]))
@@ -89,43 +141,65 @@ def module_report(
     return {
         "rank": merged.rank,
         "input_ranks": {str(t): r for t, r in zip(tasks, ranks, strict=True)},
-        "rel_error": rel_error,
-        "reference_norm": math.sqrt(ref_sq),
-        "error_norm": math.sqrt(err_sq),
+        "deviation_from_sum": deviation,
+        "sum_norm": math.sqrt(ref_sq),
+        "deviation_norm": math.sqrt(err_sq),
+        "compression_error": compression,
+        "uncompressed_norm": math.sqrt(unc_sq) if unc_sq is not None else None,
+        "compression_error_norm": math.sqrt(comp_sq) if comp_sq is not None else None,
+        "effective_rank": _effective_rank(grams) if out_sq > 0 else 0.0,
         "tasks": per_task,
         "cosine": cosine,
         **merged.report,
     }
 
 
+def _total(modules: dict[str, dict[str, Any]], error: str, reference: str) -> float | None:
+    """sqrt(Σ error²/Σ reference²) over the modules that state both."""
+    rows = [r for r in modules.values() if r[error] is not None and r[reference] is not None]
+    ref = sum(r[reference] ** 2 for r in rows)
+    return math.sqrt(sum(r[error] ** 2 for r in rows) / ref) if ref > 0 else None
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 def summarize(modules: dict[str, dict[str, Any]], num_tasks: int) -> dict[str, Any]:
-    """Totals: per-task energy kept over all modules (energy-weighted), its mean and worst task, the mean
-    and overall relative error, and the output rank per module."""
-    kept = [0.0] * num_tasks
-    total = [0.0] * num_tasks
+    """Totals: per task the energy kept fraction and sign conflict over all modules (weighted by the task's
+    energy per module), their mean and worst task; deviation from the sum and compression error, mean over
+    modules and total (norm-weighted); mean effective rank; the output rank per module."""
+    kept, conflict, total, weighed = [0.0] * num_tasks, [0.0] * num_tasks, [0.0] * num_tasks, [0.0] * num_tasks
     worst_module: dict[str, Any] | None = None
     for name, rep in modules.items():
         for task in rep["tasks"]:
-            if not task["present"] or task["energy_kept"] is None:
+            if not task["present"]:
                 continue
             t, norm_sq = task["task"], task["norm"] ** 2
-            kept[t] += task["energy_kept"] * norm_sq
+            if task["sign_conflict"] is not None:
+                conflict[t] += task["sign_conflict"] * norm_sq
+                weighed[t] += norm_sq
+            if task["energy_kept_fraction"] is None:
+                continue
+            kept[t] += task["energy_kept_fraction"] * norm_sq
             total[t] += norm_sq
-            if worst_module is None or task["energy_kept"] < worst_module["energy_kept"]:
-                worst_module = {"module": name, "task": t, "energy_kept": task["energy_kept"]}
+            if worst_module is None or task["energy_kept_fraction"] < worst_module["energy_kept_fraction"]:
+                worst_module = {"module": name, "task": t, "energy_kept_fraction": task["energy_kept_fraction"]}
     per_task = [kept[t] / total[t] if total[t] > 0 else None for t in range(num_tasks)]
     known = [e for e in per_task if e is not None]
-    errors = [rep["rel_error"] for rep in modules.values() if rep["rel_error"] is not None]
-    ref = sum(rep["reference_norm"] ** 2 for rep in modules.values())
-    err = sum(rep["error_norm"] ** 2 for rep in modules.values())
     return {
         "num_modules": len(modules),
         "num_tasks": num_tasks,
-        "energy_kept_per_task": per_task,
-        "energy_kept_mean": sum(known) / len(known) if known else None,
-        "energy_kept_worst_task": min(known) if known else None,
-        "energy_kept_worst_module": worst_module,
-        "rel_error_mean": sum(errors) / len(errors) if errors else None,
-        "rel_error_overall": math.sqrt(err / ref) if ref > 0 else None,
+        "energy_kept_fraction_per_task": per_task,
+        "energy_kept_fraction_mean": sum(known) / len(known) if known else None,
+        "energy_kept_fraction_worst_task": min(known) if known else None,
+        "energy_kept_fraction_worst_module": worst_module,
+        "sign_conflict_per_task": [conflict[t] / weighed[t] if weighed[t] > 0 else None for t in range(num_tasks)],
+        "deviation_from_sum_mean": _mean([rep["deviation_from_sum"] for rep in modules.values()]),
+        "deviation_from_sum_total": _total(modules, "deviation_norm", "sum_norm"),
+        "compression_error_mean": _mean([rep["compression_error"] for rep in modules.values()]),
+        "compression_error_total": _total(modules, "compression_error_norm", "uncompressed_norm"),
+        "effective_rank_mean": _mean([rep["effective_rank"] for rep in modules.values()]),
         "output_rank": {name: rep["rank"] for name, rep in modules.items()},
     }

@@ -62,7 +62,7 @@ def _orthogonal_merge(
 ) -> Tensor:
     """U⊥·Σ·V⊥ᵀ from stacked triplet blocks (σ replaced by their mean when `iso`)."""
     if not us or sum(int(s.numel()) for s in ss) == 0:
-        return torch.zeros(shape, dtype=torch.float64)
+        return us[0].new_zeros(shape) if us else torch.zeros(shape, dtype=torch.float64)
     u, s, v = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=1)
     if iso:
         s = torch.full_like(s, float(s.mean()))

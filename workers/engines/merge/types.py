@@ -51,15 +51,16 @@ class ModuleGrams:
 class MergedModule:
     """The merged update of one module as factors (ΔW = lora_B @ lora_A, scaling 1) and its quality report.
 
-    `sign_conflict` holds, per merged task, the fraction of its non-zero entries whose sign disagrees with
-    the elected sign, on the representation the method merges in (None where nothing is merged entrywise).
-    `grams` lets the report be computed from small matrices; the engine drops it after the report.
+    `compression` is (‖R‖², ‖ΔW − R‖²) with R the same rule's uncompressed merge (no truncation, no shared
+    rank-r subspace; λ included), from which the report's compression error comes; None where the method
+    does not state it. `grams` lets the report be computed from small matrices; the engine drops it after
+    the report.
     """
 
     lora_A: Tensor  # (k, n)
     lora_B: Tensor  # (m, k)
     report: dict[str, Any] = field(default_factory=dict)
-    sign_conflict: list[float | None] | None = None
+    compression: tuple[float, float] | None = None
     grams: ModuleGrams | None = field(default=None, repr=False)
 
     @property
