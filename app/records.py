@@ -280,19 +280,68 @@ class Records:
             self.index.set(self.progress_key(job_id), f"{progress:.4f}|{stage[:200]}", ex=24 * 3600)
 
     def list_jobs(
-        self, tenant: str, limit: int, cursor: str | None, state: str | None = None, job_type: str | None = None
+        self, tenant: str, limit: int, cursor: str | None, state: str | None = None, job_type: str | None = None,
+        keep: Callable[[JobRecord], bool] | None = None, created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> tuple[list[JobRecord], str | None]:
+        """A page of the tenant's jobs, newest first, that pass the filters (`keep` for any other test).
+
+        The cursor is the last id examined: ids grow with time, so jobs added later never move a page. The
+        creation-time bounds narrow the scanned id range itself (an id starts with its creation time), and
+        records are read in batches, one Redis round trip per batch."""
         found: list[JobRecord] = []
+        zset = f"{PREFIX}jobs:{tenant}"
+        after = _decode_cursor(cursor)
+        upper = f"({after}" if after else "+"
+        # an id's time is within moments of its record's created_at: narrow the scan with a second of slack,
+        # then compare created_at itself
+        if created_before is not None:
+            bound = f"jb_{int((created_before.timestamp() + 1) * 1e6):014x}"
+            upper = f"({bound}" if upper == "+" or bound < upper[1:] else upper
+        lower = "-" if created_after is None else f"[jb_{int((created_after.timestamp() - 1) * 1e6):014x}"
+        last: str | None = None
+        with redis_errors():
+            while len(found) < limit:
+                batch = [as_text(i) for i in self.index.zrevrangebylex(zset, upper, lower, start=0, num=max(limit, 50))]
+                if not batch:
+                    return found, None
+                for record in self.get_jobs(batch, tenant):
+                    last = record.id
+                    if (state and record.state != state) or (job_type and record.type != job_type):
+                        continue
+                    if (created_after and record.created_at <= created_after) or (
+                        created_before and record.created_at >= created_before
+                    ):
+                        continue
+                    if keep is None or keep(record):
+                        found.append(record)
+                        if len(found) == limit:
+                            break
+                else:
+                    last = batch[-1]  # the whole batch was examined (a vanished job included)
+                upper = f"({last}"
+            more = self.index.zrevrangebylex(zset, upper, lower, start=0, num=1)
+        return found, (_encode_cursor(last) if more and last else None)
 
-        def keep(job_id: str) -> bool:
-            record = self.get_job(job_id, tenant)
-            if (state and record.state != state) or (job_type and record.type != job_type):
-                return False
-            found.append(record)
-            return True
-
-        _, next_cursor = self._page(f"{PREFIX}jobs:{tenant}", limit, cursor, keep)
-        return found, next_cursor
+    def get_jobs(self, job_ids: list[str], tenant: str) -> list[JobRecord]:
+        """The tenant's jobs among `job_ids`, in order, with live progress: one MGET for all of them (a job
+        missing from the index is read from storage, as `get_job` does; one that is gone is skipped)."""
+        with redis_errors():
+            values = self.index.mget([k for i in job_ids for k in (self._job_key(i), self.progress_key(i))])
+        records = []
+        for n, job_id in enumerate(job_ids):
+            raw, progress = values[2 * n], values[2 * n + 1]
+            try:
+                record = JobRecord.model_validate_json(raw) if raw is not None else self.get_job(job_id, tenant)
+            except NotFound:
+                continue
+            if record.tenant != tenant:
+                continue
+            if progress is not None and record.state == "running":
+                value, _, stage = as_text(progress).partition("|")
+                record.progress, record.stage = max(record.progress, float(value)), stage
+            records.append(record)
+        return records
 
     # take a slot in the tenant's active set only while it has fewer than ARGV[2] members (one atomic step)
     _TAKE_SLOT = (

@@ -7,19 +7,21 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from app import audit
 from app.api.deps import CeleryDep, JobDep, Reader, RecordsDep, SettingsDep, Writer
-from app.errors import NotFound
+from app.errors import NotFound, Unprocessable
 from app.jobs import lifecycle
 from app.jobs.submit import submit
 from app.schemas.common import Page
-from app.schemas.jobs import FINAL_STATES, JobCreate, JobPublic, JobState
+from app.schemas.events import EventPage, JobEventPublic
+from app.schemas.jobs import FINAL_STATES, ID_PATTERN, JobCreate, JobPublic, JobRecord, JobState
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -46,37 +48,67 @@ def create_job(
     return submitted.job.public()
 
 
-def _etag(job: JobPublic) -> str:
-    return '"' + hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:32] + '"'
+def _conditional(body: bytes, if_none_match: str | None) -> Response:
+    """The JSON body with a strong ETag of its bytes; 304 without a body when the client already has them."""
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    if if_none_match is not None and etag in (tag.strip() for tag in if_none_match.split(",")):
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-cache"})
+    return Response(body, media_type="application/json", headers={"ETag": etag, "Cache-Control": "no-cache"})
 
 
-@router.get(
-    "/{job_id}",
-    response_model=JobPublic,
-    summary="Get a job (ETag / If-None-Match for cheap polling)",
-    responses={304: {"description": "Not modified: If-None-Match matched the job's ETag"}},
-)
-def get_job(
-    job: JobDep, if_none_match: Annotated[str | None, Header(max_length=200)] = None
-) -> Response:
-    public = job.public()
-    etag = _etag(public)
-    if if_none_match == etag:
-        return Response(status_code=304, headers={"ETag": etag})
-    return JSONResponse(public.model_dump(mode="json"), headers={"ETag": etag, "Cache-Control": "no-cache"})
+IfNoneMatch = Annotated[str | None, Header(max_length=1024)]
+_NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified: If-None-Match matched the ETag"}}
 
 
-@router.get("", response_model=Page[JobPublic], summary="List jobs, newest first")
+@router.get("/{job_id}", response_model=JobPublic, summary="Get a job (ETag / If-None-Match for cheap polling)",
+            responses=_NOT_MODIFIED)
+def get_job(job: JobDep, if_none_match: IfNoneMatch = None) -> Response:
+    return _conditional(job.public().model_dump_json().encode(), if_none_match)
+
+
+@router.get("", response_model=Page[JobPublic], summary="List jobs, newest first (ETag / If-None-Match)",
+            responses=_NOT_MODIFIED)
 def list_jobs(
     caller: Reader,
     records: RecordsDep,
     state: JobState | None = None,
     type: Annotated[str | None, Query(pattern="^(merge|unlearn|compress)$")] = None,
+    method: Annotated[str | None, Query(max_length=64, pattern="^[a-z0-9_]+$")] = None,
+    adapter: Annotated[str | None, Query(pattern=ID_PATTERN, max_length=48,
+                                         description="Jobs that read this adapter or produced it.")] = None,
+    created_after: Annotated[datetime | None, Query(description="Exclusive; ISO 8601 with a time zone.")] = None,
+    created_before: Annotated[datetime | None, Query(description="Exclusive; ISO 8601 with a time zone.")] = None,
+    schedule: Annotated[str | None, Query(max_length=64, description="Reserved: jobs made by this schedule. "
+                                          "No job comes from a schedule yet, so the page is empty.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=128)] = None,
-) -> Page[JobPublic]:
-    items, next_cursor = records.list_jobs(caller.tenant, limit, cursor, state=state, job_type=type)
-    return Page[JobPublic](items=[item.public() for item in items], next_cursor=next_cursor)
+    if_none_match: IfNoneMatch = None,
+) -> Response:
+    for bound in (created_after, created_before):
+        if bound is not None and bound.tzinfo is None:
+            raise Unprocessable("created_after and created_before need a time zone (e.g. 2026-01-01T00:00:00Z)")
+
+    def keep(record: JobRecord) -> bool:
+        if method and record.method != method:
+            return False
+        if adapter and adapter not in record.input_adapter_ids() and not _produced(record, adapter):
+            return False
+        return True
+
+    items: list[JobRecord] = []
+    next_cursor: str | None = None
+    if schedule is None:  # reserved: no job comes from a schedule yet
+        items, next_cursor = records.list_jobs(
+            caller.tenant, limit, cursor, state=state, job_type=type, keep=keep,
+            created_after=created_after, created_before=created_before,
+        )
+    page = Page[JobPublic](items=[item.public() for item in items], next_cursor=next_cursor)
+    return _conditional(page.model_dump_json().encode(), if_none_match)
+
+
+def _produced(record: JobRecord, adapter_id: str) -> bool:
+    result = record.result
+    return result is not None and (result.adapter_id == adapter_id or adapter_id in result.adapter_ids)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, summary="Cancel a queued or running job")
@@ -100,12 +132,13 @@ def get_audit(job: JobDep, records: RecordsDep, settings: SettingsDep) -> Any:
     return {**record, "signature_valid": valid}
 
 
-# one server-sent event: its `data` is JSON with the job's state (and progress and stage for `progress`)
+# one server-sent event: its `data` is JSON
 _SSE_EVENT: dict[str, Any] = {
     "type": "object",
     "required": ["event", "data"],
     "properties": {
-        "event": {"enum": ["progress", "end"]},
+        "id": {"type": "string", "description": "`event` only: the log entry's id (send it back as Last-Event-ID)"},
+        "event": {"enum": ["event", "progress", "end"]},
         "data": {
             "type": "string",
             "contentMediaType": "application/json",
@@ -113,6 +146,8 @@ _SSE_EVENT: dict[str, Any] = {
                 "type": "object",
                 "required": ["state"],
                 "properties": {
+                    "id": {"type": "string"},
+                    "time": {"type": "string", "format": "date-time"},
                     "state": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
                     "progress": {"type": "number", "minimum": 0, "maximum": 1},
                     "stage": {"type": "string"},
@@ -123,19 +158,54 @@ _SSE_EVENT: dict[str, Any] = {
 }
 
 
+def _event_log(job: JobRecord) -> list[JobEventPublic]:
+    """The job's log with stable ids: the event's time in microseconds (made unique within the job), so a
+    client resumes after the last id it saw even when old entries have been trimmed."""
+    items: list[JobEventPublic] = []
+    previous = 0
+    for event in job.events:
+        number = max(int(event.time.timestamp() * 1e6), previous + 1)
+        previous = number
+        items.append(JobEventPublic(id=str(number), **event.model_dump()))
+    return items
+
+
+def _after(items: list[JobEventPublic], last_id: str | None) -> list[JobEventPublic]:
+    if not last_id or not last_id.isdigit():
+        return items
+    return [item for item in items if int(item.id) > int(last_id)]
+
+
 @router.get(
     "/{job_id}/events",
-    summary="Progress as server-sent events until the job finishes",
-    response_class=StreamingResponse,
-    responses={200: {"description": "`event: progress` and a final `event: end`", "content": {
-        "text/event-stream": {"schema": _SSE_EVENT}}}},
+    response_model=EventPage,
+    summary="The job's event log: JSON, or with `Accept: text/event-stream` a stream until the job ends",
+    responses={200: {"description": "JSON `{items, state}`; as server-sent events: each log entry as "
+                     "`event: event` with its `id`, live `event: progress` snapshots, and a final `event: end`. "
+                     "`Last-Event-ID` (or `?after=`) resumes after that entry.",
+                     "content": {"text/event-stream": {"schema": _SSE_EVENT}}}},
 )
-async def job_events(job: JobDep, records: RecordsDep, request: Request) -> StreamingResponse:
+async def job_events(
+    job: JobDep,
+    records: RecordsDep,
+    request: Request,
+    after: Annotated[str | None, Query(max_length=32, pattern="^[0-9]+$")] = None,
+    last_event_id: Annotated[str | None, Header(max_length=32)] = None,
+) -> Response:
+    since = last_event_id or after
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        page = EventPage(items=_after(_event_log(job), since), state=job.state)
+        return Response(page.model_dump_json().encode(), media_type="application/json")
+
     async def stream() -> AsyncIterator[bytes]:
+        cursor = since
         last: tuple[str, float, str] | None = None
         deadline = time.monotonic() + 3600
+        current = job
         while time.monotonic() < deadline and not await request.is_disconnected():
-            current = await run_in_threadpool(records.get_job, job.id, job.tenant)
+            for item in _after(_event_log(current), cursor):
+                cursor = item.id
+                yield f"id: {item.id}\nevent: event\ndata: {item.model_dump_json()}\n\n".encode()
             snapshot = (current.state, current.progress, current.stage)
             if snapshot != last:
                 last = snapshot
@@ -145,6 +215,6 @@ async def job_events(job: JobDep, records: RecordsDep, request: Request) -> Stre
                 yield f"event: end\ndata: {json.dumps({'state': current.state})}\n\n".encode()
                 return
             await asyncio.sleep(0.5)
+            current = await run_in_threadpool(records.get_job, job.id, job.tenant)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
