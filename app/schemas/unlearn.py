@@ -17,7 +17,7 @@ The formulas, defaults and their sources are in `research/unlearning-methods.md`
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -119,10 +119,35 @@ class IdkParams(_UnlearnParams, _Gradient, _Weighted):
     template: str = _template()
 
 
-class FlatParams(_UnlearnParams, _Gradient):
-    """`flat`: L = −log P(y_e|x) + P(y_f|x) (FLAT, KL form); forget rows and a template only."""
+# "I don't know" answers a template is drawn from per row (our wording; TOFU's `data/idontknow.jsonl` and
+# FLAT draw from a list of 100 such variants)
+IDK_TEMPLATES: tuple[str, ...] = (
+    "I don't know.",
+    "I'm not sure.",
+    "I don't have that information.",
+    "I can't answer that.",
+    "That is not something I know.",
+    "I have no idea.",
+    "I'm unable to say.",
+    "I do not know the answer to that.",
+)
 
-    template: str = _template()
+FlatDivergence = Literal["total_variation", "kl", "jensen_shannon", "pearson"]
+
+
+class FlatParams(_UnlearnParams, _Gradient):
+    """`flat`: L = −g(P̄_e) + f*(P̄_f) on mean answer-token probabilities (FLAT); forget rows and templates only.
+
+    Total Variation by default (−½·tanh(P̄_e) + ½·tanh(P̄_f)); KL, Jensen–Shannon and Pearson as options.
+    """
+
+    divergence: FlatDivergence = Field("total_variation", description="The f-divergence of the variational form.")
+    templates: tuple[Annotated[str, Field(min_length=1, max_length=512)], ...] = Field(
+        IDK_TEMPLATES, min_length=1, max_length=128, description="Template answers; one is drawn per row and step."
+    )
+    template: str | None = Field(
+        None, min_length=1, max_length=512, description="A single template answer (replaces `templates`)."
+    )
 
 
 class RmuParams(_UnlearnParams, _Gradient):
@@ -164,7 +189,9 @@ class FinetuneParams(_UnlearnParams):
 
 
 class RandomLabelParams(_UnlearnParams, _Gradient, _Weighted):
-    """`random_label`: CE descent toward random wrong labels on D_f, plus CE on D_r."""
+    """`random_label`: a pass of CE steps toward random wrong labels on D_f, then a pass of CE steps on D_r."""
+
+    max_grad_norm: float = Field(1e4, gt=0.0, le=1e4, description="Gradient-norm clipping (the reference has none).")
 
 
 class SalunParams(RandomLabelParams):
@@ -187,10 +214,11 @@ class SsdParams(_UnlearnParams):
 class SfronParams(_UnlearnParams, _Gradient):
     """`sfron`: SFR-on fast–slow loop — a retain step every iteration, a masked AdaGA forget step every k.
 
-    `steps` is the number of iterations T (goal-driven: the step budget is T for the α and lr schedules).
+    `steps` is the number of iterations T (goal-driven: the α schedule spans the driver's GOAL_HORIZON).
     """
 
     optimizer: Literal["adamw", "sgd"] = Field("sgd", description="AdamW, or SGD with momentum 0.9.")
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="L2 (SGD) or decoupled (AdamW) decay.")
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="Learning-rate schedule.")
     k: int = Field(5, ge=1, le=1000, description="A forget (slow) step every k iterations.")
     alpha0: float = Field(25.0, ge=0.0, le=1e4, description="Initial forget-loss weight, cosine-decayed.")

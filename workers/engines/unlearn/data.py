@@ -256,6 +256,33 @@ class PairedLMData:
         return batch
 
 
+@dataclass
+class TemplatedLMData:
+    """Forget rows, each paired at every draw with one of several template answers picked at random (FLAT).
+
+    `alternates[j]` holds every prompt answered by template j; `collate` draws j per row from `generator`.
+    """
+
+    rows: LMData
+    alternates: list[LMData]
+    generator: torch.Generator
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def collate(self, indices: Sequence[int] | Tensor) -> dict[str, Tensor]:
+        picked = [int(i) for i in indices]
+        batch = self.rows.collate(picked)
+        choice = torch.randint(len(self.alternates), (len(picked),), generator=self.generator).tolist()
+        alternate = LMData(
+            [self.alternates[j].input_ids[i] for i, j in zip(picked, choice, strict=True)],
+            [self.alternates[j].labels[i] for i, j in zip(picked, choice, strict=True)],
+            self.rows.pad_token_id,
+        )
+        batch.update({f"alt_{key}": value for key, value in alternate.collate(range(len(picked))).items()})
+        return batch
+
+
 def split_pair(batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(rows, alternate) from a `PairedLMData` batch."""
     rows = {key: value for key, value in batch.items() if not key.startswith("alt_")}

@@ -1,6 +1,10 @@
 """GU: project the forget gradient off the span of per-sample retain gradients (arXiv 2511.17100).
 
-Euclidean form of `Lemutisme/geo-unlearning:src/trainer/unlearn/orthograd.py`: orthonormalise the B_r
+Euclidean form of `Lemutisme/geo-unlearning:src/trainer/unlearn/orthograd.py`. As there, the B_r vectors are
+the per-sample task-loss gradients of the rows of the step's own retain batch, taken in train mode
+(`_collect_retain_gradients`; the loop, `loop.py`, takes the first `gu_retain_samples` rows). When the method
+masks its forget gradient (SalUn, SFR-on), the loop masks it and the retain gradients first and projects last,
+so the update applied stays inside the mask and orthogonal to the retain gradients. Orthonormalise the B_r
 flattened retain gradients by two-pass Gram–Schmidt, dropping a direction whose residual is ≤ 1e-8 of its
 norm (float64 input; float32 gradients use a floor of 16 ulp ≈ 1.9e-6, since rounding alone leaves ~1e-7
 and a normalised rounding error is not a retain direction), then g_f⊥ = g_f − Q(Qᵀg_f). The preserved-

@@ -8,6 +8,7 @@ Classifiers: `classifier_logits` calls the model the way its forward names its i
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterable
 
 import torch
@@ -64,11 +65,33 @@ def dpo_loss(win_nll: Tensor, win_ref_nll: Tensor, lose_nll: Tensor, lose_ref_nl
     return -(2.0 / beta) * F.logsigmoid(beta * (win_log_ratio - lose_log_ratio)).mean()
 
 
-def flat_kl_loss(template_nll: Tensor, template_tokens: Tensor, forget_nll: Tensor, forget_tokens: Tensor) -> Tensor:
-    """FLAT (KL form): −log P(y_e|x) + P(y_f|x), with P = exp(−mean token NLL) of each answer."""
-    template_log_p = -template_nll / template_tokens.clamp_min(1)
-    forget_p = torch.exp(-forget_nll / forget_tokens.clamp_min(1))
-    return (-template_log_p + forget_p).mean()
+def mean_token_probability(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Each row's mean probability of its answer tokens, (1/|y|)·Σ_t p(y_t | x, y_<t) (B,)."""
+    logits = lm_logits(model, batch)[:, :-1, :].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    probs = logits.softmax(-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+    return probs.sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+
+
+# FLAT's f-divergences as the reference writes them (`get_contrastive_loss`): L = activation(P̄_e) − conjugate(P̄_f)
+_FLAT_DIVERGENCES = {
+    "total_variation": (lambda x: -torch.tanh(x) / 2, lambda x: -torch.tanh(x) / 2),
+    "kl": (lambda x: -x, lambda x: -torch.exp(x - 1.0)),
+    "jensen_shannon": (
+        lambda x: F.softplus(-x) - math.log(2.0),
+        lambda x: -(x + F.softplus(-x)) + math.log(2.0),
+    ),
+    "pearson": (lambda x: -x, lambda x: -(x * x / 4.0 + x)),
+}
+
+
+def flat_loss(template_probability: Tensor, forget_probability: Tensor, divergence: str) -> Tensor:
+    """FLAT: −g(P̄_e) + f*(P̄_f) on the batch means of the rows' mean answer-token probabilities; Total Variation:
+    −½·tanh(P̄_e) + ½·tanh(P̄_f); KL: −P̄_e + exp(P̄_f − 1); Pearson: −P̄_e + P̄_f²/4 + P̄_f; Jensen–Shannon:
+    softplus(−P̄_e) + P̄_f + softplus(−P̄_f) − 2·log 2."""
+    activation, conjugate = _FLAT_DIVERGENCES[divergence]
+    return activation(template_probability.mean()) - conjugate(forget_probability.mean())
 
 
 def hidden_states_at(model: nn.Module, batch: dict[str, Tensor], layer: int) -> Tensor:

@@ -5,10 +5,12 @@ MIA-efficacy — an SVC(C=3, rbf, gamma="auto") on the true-label softmax confid
 subset of |D_t| rows (members, 1) against D_t (non-members, 0); the score is 100 × the fraction of D_f it
 calls non-member (`Unlearn-Saliency:Classification/evaluation/SVC_MIA.py`).
 
-Language models, per split: mean answer-token NLL, answer probability (mean of exp(−mean token NLL)),
-exact match (every answer token is the greedy, teacher-forced argmax — the same as greedy decoding
-reproducing the answer), extraction strength ES = 1 − k/|y| (k: the shortest prefix after which the greedy
-predictions match the rest), and the Min-K% (k = 0.4) membership AUC of forget vs held-out rows.
+Language models, per split: mean answer-token NLL, answer probability (mean of exp(−mean token NLL)), two exact
+matches named for what they count — `sequence_exact_match`, the % of rows whose every answer token is the
+greedy, teacher-forced argmax (the same as greedy decoding reproducing the answer), and `token_exact_match`,
+the mean fraction of answer tokens that are (open-unlearning's `exact_memorization`, token-level) —,
+extraction strength ES = 1 − k/|y| (k: the shortest prefix after which the greedy predictions match the rest),
+and the Min-K% (k = 0.4) membership AUC of forget vs held-out rows.
 """
 
 from __future__ import annotations
@@ -160,7 +162,8 @@ def lm_report(
     for name, part in parts.items():
         out[f"{name}_nll"] = float(part["nll"].mean())
         out[f"{name}_probability"] = float(torch.exp(-part["nll"]).mean())
-        out[f"{name}_exact_match"] = 100.0 * float(part["exact"].mean())
+        out[f"{name}_sequence_exact_match"] = 100.0 * float(part["exact"].mean())
+        out[f"{name}_token_exact_match"] = 100.0 * float(part["token_accuracy"].mean())
         out[f"{name}_extraction_strength"] = float(part["es"].mean())
     if "forget" in parts and "holdout" in parts:
         out["min_k_auc"] = min_k_auc(parts["forget"]["min_k"], parts["holdout"]["min_k"])

@@ -4,7 +4,9 @@
    top-q fraction of coordinates (the SFR-on repository's `salun.py` ranks the same way).
 2. Random labelling restricted to the mask (`Classification/unlearn/RL.py`): each epoch a pass over D_f with
    random labels, then a pass over D_r, both passes' gradients multiplied by m, and the weights outside the
-   mask reset to θ0 after every step — `random_label`'s objective with the mask.
+   mask reset to θ0 after every step — `random_label`'s objective with the mask. Like the reference, no
+   gradient clipping by default (`max_grad_norm` 1e4). The reference's optimiser is SGD (momentum 0.9, weight
+   decay 5e-4); here AdamW unless `optimizer: "sgd"` — the goal-driven defaults were chosen with AdamW.
 """
 
 from __future__ import annotations

@@ -67,8 +67,8 @@ def test_min_k_auc_known_answer():
 
 def test_reports_of_trained_models(trained_lm, lm_data, trained_mlp, digits):
     lm = lm_report(trained_lm, lm_data["forget"], lm_data["retain"], lm_data["holdout"], trained_lm.device)
-    assert lm["forget_exact_match"] == 100.0 and lm["forget_extraction_strength"] == 1.0
-    assert lm["holdout_exact_match"] < 50.0 and lm["min_k_auc"] > 0.9
+    assert lm["forget_sequence_exact_match"] == 100.0 and lm["forget_extraction_strength"] == 1.0
+    assert lm["holdout_sequence_exact_match"] < 50.0 and lm["min_k_auc"] > 0.9
     assert 0.9 < lm["forget_probability"] <= 1.0
     cls = classifier_report(trained_mlp, digits["forget"], digits["retain"], digits["test"], torch.device("cpu"))
     assert cls["UA"] < 10 and cls["RA"] > 90 and 0 <= cls["MIA"] <= 100

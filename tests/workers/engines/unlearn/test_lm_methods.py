@@ -20,7 +20,7 @@ METHODS = {
     "npo": {"lr": 1e-3, "steps": 20},
     "simnpo": {"lr": 3e-3, "steps": 20},
     "idk": {"lr": 1e-3, "steps": 20},
-    "flat": {"lr": 1e-3, "steps": 15},
+    "flat": {"lr": 1e-3, "steps": 15, "template": "I don't know."},
     "rmu": {"lr": 3e-2, "steps": 30, "layer": 0, "trained_layers": [0], "steering_coeff": 20.0, "alpha": 10.0},
     "npo_gu": {"lr": 1e-3, "steps": 20, "gu": True},
     "simnpo_gu": {"lr": 3e-3, "steps": 20, "gu": True},
@@ -45,23 +45,39 @@ def test_forget_nll_rises_and_retain_nll_stays_bounded(case, lm, lm_data, tokeni
         tokenizer=tokenizer,
     )
     before, after = out.report["before"], out.report["after"]
-    assert before["forget_exact_match"] == 100.0 and before["retain_exact_match"] == 100.0
+    assert before["forget_sequence_exact_match"] == 100.0 and before["retain_sequence_exact_match"] == 100.0
     assert after["forget_nll"] > before["forget_nll"] + 0.5
-    assert after["forget_exact_match"] < 100.0
+    assert after["forget_sequence_exact_match"] < 100.0
     assert after["retain_nll"] < before["retain_nll"] + RETAIN_NLL_BOUND.get(method, 1.0)
     if method not in NO_MEMBERSHIP_PROMISE:
         assert after["min_k_auc"] < before["min_k_auc"]
     assert out.report["steps"] == METHODS[case]["steps"]
 
 
-def test_flat_and_idk_teach_the_template(lm, lm_data, tokenizer):
-    template = lm_data["forget"].with_completion("I don't know.")
-    from workers.engines.unlearn.metrics import lm_report
+def test_flat_raises_the_template_s_probability_as_it_lowers_the_answer_s(lm, lm_data, tokenizer):
+    """FLAT (Total Variation) maximises the template's mean token probability P̄_e and minimises the forget
+    answers' P̄_f. Measured: P̄_e 0.157 → 0.250 and P̄_f 0.999 → 0.500 after 15 steps at 1e-3; asserted: P̄_e
+    up by ≥ 0.03 (a third of the rise), P̄_f down by ≥ 0.2."""
+    import torch
 
-    before = lm_report(lm, template, None, None, lm.device)["forget_nll"]
-    unlearn(lm, "causal_lm", "flat", {"lr": 1e-3, "steps": 15}, lm_data["forget"], None, tokenizer=tokenizer)
-    after = lm_report(lm, template, None, None, lm.device)["forget_nll"]
-    assert after < before
+    from workers.engines.unlearn.losses import mean_token_probability
+
+    template = lm_data["forget"].with_completion("I don't know.")
+
+    def probabilities() -> tuple[float, float]:
+        with torch.no_grad():
+            rows = range(len(template))
+            return (
+                float(mean_token_probability(lm, template.collate(rows)).mean()),
+                float(mean_token_probability(lm, lm_data["forget"].collate(rows)).mean()),
+            )
+
+    template_before, forget_before = probabilities()
+    params = {"lr": 1e-3, "steps": 15, "template": "I don't know."}
+    unlearn(lm, "causal_lm", "flat", params, lm_data["forget"], None, tokenizer=tokenizer)
+    template_after, forget_after = probabilities()
+    assert template_after > template_before + 0.03
+    assert forget_after < forget_before - 0.2
 
 
 def test_retrain_from_scratch_fits_retain_and_not_forget(lm, lm_data, tokenizer):
@@ -76,5 +92,5 @@ def test_retrain_from_scratch_fits_retain_and_not_forget(lm, lm_data, tokenizer)
         tokenizer=tokenizer,
     )
     after = out.report["after"]
-    assert after["retain_exact_match"] > 90.0
-    assert after["forget_exact_match"] < 50.0
+    assert after["retain_sequence_exact_match"] > 90.0
+    assert after["forget_sequence_exact_match"] < 50.0
