@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import logs, metrics
+from app import logs, metrics, webhooks
 from app.api.routes import adapters, datasets, health, jobs, models, stats
+from app.api.routes import webhooks as webhook_routes
 from app.api.routes.observability import router as observability_router
 from app.errors import AmendError
 from app.jobs import hooks
@@ -62,7 +63,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.info("rebuilt the Redis index from storage", extra=counts)
         except Exception as error:  # noqa: BLE001 - start anyway; /readyz reports what is down
             log.warning("start-up checks failed", extra={"error": str(error)})
-        yield
+        sender = webhooks.Sender(app.state.records, app.state.settings)
+        sender.start()
+        try:
+            yield
+        finally:
+            sender.stop()
 
     app = FastAPI(
         title="Amend",
@@ -123,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(metrics.LatencyMiddleware, metrics=app.state.metrics)  # outermost: times everything
     app.include_router(health.router)
     app.include_router(observability_router)
+    app.include_router(webhook_routes.router, responses=ERROR_RESPONSES)
     for router in (adapters.router, jobs.router, models.router, datasets.router, stats.router):
         app.include_router(router, responses=ERROR_RESPONSES)
     return app

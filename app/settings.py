@@ -117,9 +117,39 @@ class Settings(BaseSettings):
         SecretStr(""), description="AMEND_METRICS_TOKEN: when set, /metrics needs `Authorization: Bearer <it>` "
         "(a scraper's credential, separate from the tenants' API keys).",
     )
+    webhook_secret: SecretStr = Field(
+        SecretStr(""), description="AMEND_WEBHOOK_SECRET: each tenant's signing key is derived from it (empty: "
+        "from AMEND_AUDIT_HMAC_KEY, which production already requires).",
+    )
+    webhook_allow_http_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="AMEND_WEBHOOK_ALLOW_HTTP_HOSTS: hosts (comma-separated) webhooks may "
+        "reach over plain http, private addresses included (e.g. 127.0.0.1 for tests).",
+    )
+    webhook_allow_private: bool = Field(
+        False, description="AMEND_WEBHOOK_ALLOW_PRIVATE: allow webhook hosts on private addresses.")
+    webhook_default_urls: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="AMEND_WEBHOOK_DEFAULT_URLS: 'tenant=url,tenant=url', the URL a "
+        "tenant's jobs notify when they name none.",
+    )
+    webhook_max_attempts: int = Field(6, ge=1, le=20)
+    webhook_retry_base_seconds: float = Field(2.0, gt=0, le=3600, description="Backoff: base × 2^(attempt-1).")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=120)
 
     data_dir: str = ".amend-data"
     log_level: str = "INFO"
+
+    @field_validator("webhook_allow_http_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @field_validator("webhook_default_urls", mode="before")
+    @classmethod
+    def _split_default_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [part.strip().partition("=") for part in value.split(",") if part.strip()]
+            return {tenant.strip(): url.strip() for tenant, _, url in pairs}
+        return value
 
     @field_validator("model_roots", mode="before")
     @classmethod

@@ -12,8 +12,8 @@ import logging
 from collections.abc import Callable
 
 from app.errors import Conflict
-from app.records import Records, add_event, now
-from app.schemas.jobs import FINAL_STATES, JobError, JobRecord, JobResult, JobState
+from app.records import MAX_EVENTS, Records, add_event, now
+from app.schemas.jobs import FINAL_STATES, JobError, JobEvent, JobRecord, JobResult, JobState
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,18 @@ def finish(
         return True
 
     return _transition(records, job_id, change)
+
+
+def note(records: Records, job_id: str, text: str) -> JobRecord:
+    """Add an entry to a job's event log without changing its state, progress or stage (e.g. a webhook
+    attempt after the job ended). Listeners are not called: nothing changed state."""
+
+    def change(record: JobRecord) -> bool:
+        record.events.append(JobEvent(time=now(), state=record.state, progress=record.progress, stage=text))
+        del record.events[:-MAX_EVENTS]
+        return True
+
+    return records.mutate_job(job_id, change)
 
 
 def cancel(records: Records, job_id: str) -> JobRecord:

@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Celery
 
+from app import webhooks
 from app.errors import Conflict, NotFound
 from app.jobs import compress as compress_admission
 from app.jobs import lifecycle
@@ -91,6 +92,7 @@ def submit(
                 raise Conflict("this Idempotency-Key was used with a different request", code="idempotency_conflict")
             return Submitted(existing, created=False)
     try:
+        webhooks.check_url(spec.webhook_url, settings)
         ADMISSION_CHECKS[spec.type](records, settings, tenant, spec)
         records.reserve_job_slot(tenant, job_id, settings.max_jobs_per_tenant)
         record = JobRecord(

@@ -35,6 +35,13 @@ def validated_params(
     return params_models[method].model_validate(params).model_dump(mode="json", by_alias=True)
 
 
+WEBHOOK_URL: Any = Field(
+    None, max_length=2048, pattern=r"^https?://[^\s]+$",
+    description="POSTed a signed notice when the job ends (see README, Webhooks); https, or http to hosts the "
+    "operator allows.",
+)
+
+
 class MergeJobCreate(BaseModel):
     """`{"type": "merge", "adapters": [...], "method": ..., "params": {...}, "output": {...}}`.
 
@@ -45,6 +52,7 @@ class MergeJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["merge"]
+    webhook_url: str | None = WEBHOOK_URL
     adapters: list[MergeInput] = Field(min_length=1, max_length=64)
     method: MergeMethod
     params: dict[str, Any] = Field(default_factory=dict)
@@ -126,6 +134,7 @@ class UnlearnJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     type: Literal["unlearn"]
+    webhook_url: str | None = WEBHOOK_URL
     model: str = Field(pattern=ID_PATTERN, description="A registered model id of this tenant.")
     adapter: str | None = Field(None, pattern=ID_PATTERN, description="An adapter of that model to unlearn.")
     forget: UnlearnForget
@@ -180,6 +189,7 @@ class CompressJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["compress"]
+    webhook_url: str | None = WEBHOOK_URL
     method: CompressMethod
     adapter: str | None = Field(None, pattern=ID_PATTERN, description="The adapter to compress (not extract).")
     base_model: str | None = Field(None, pattern=ID_PATTERN, description="extract: the base model id.")
