@@ -17,6 +17,7 @@ warning event — or, with `require_goal`, stores nothing and fails with `goal_n
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import logging
 from pathlib import Path
@@ -45,6 +46,7 @@ from workers.upkeep.scratch import job_scratch
 log = logging.getLogger(__name__)
 
 SUMMARY_SPLITS = ("before", "after")
+SUMMARY_EXTRAS = ("gap", "time_vs_reference", "seeds", "robust", "probes")
 
 
 def existing_result(context: JobContext) -> JobResult | None:
@@ -96,7 +98,8 @@ def run(context: JobContext) -> JobResult:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from workers.device import current
-    from workers.engines.unlearn import GoalNotMet, UnlearnCancelled, unlearn
+    from workers.engines.unlearn import GoalNotMet, UnlearnCancelled
+    from workers.engines.unlearn.protocol import unlearn_job
     from workers.formats.hf_models import load_data, load_model, max_tokens, model_output_files, stored_dtype
 
     job, records, settings = context.job, context.records, context.settings
@@ -113,6 +116,9 @@ def run(context: JobContext) -> JobResult:
         max_length = max_tokens(model)
         adapter_in: dict[str, Any] | None = None
         fresh_lora: dict[str, Any] | None = None
+        # the reference retrains the model itself (weights, or the base under a fresh LoRA) from scratch, or the
+        # input adapter from a fresh initialisation (`retrain`'s reinitialize)
+        reference_model = copy.deepcopy(model) if spec.reference == "retrain" and not spec.adapter else None
         if spec.adapter:
             adapter = adapter_record(records, job.tenant, spec.adapter)
             _, weights = fetch_adapter(records, adapter, root / "adapter")
@@ -121,6 +127,7 @@ def run(context: JobContext) -> JobResult:
             except (RuntimeError, ValueError, KeyError) as error:  # shapes or module names do not match
                 raise InputRejected(f"adapter {adapter.id} does not fit model {model_in.id}: {error}") from None
             adapter_in = {"id": adapter.id, "sha256": adapter.sha256}
+            reference_model = copy.deepcopy(model) if spec.reference == "retrain" else None
         elif spec.output == "adapter":
             lora = spec.lora or FreshLora()
             config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=lora.target_modules)
@@ -156,10 +163,11 @@ def run(context: JobContext) -> JobResult:
             context.progress(0.1 + 0.8 * fraction, stage)
 
         try:
-            outcome = unlearn(
+            outcome = unlearn_job(
                 model, family, spec.method, params, forget, splits["retain"], splits["eval"],
                 tokenizer=tokenizer, progress=engine_progress, should_cancel=context.should_cancel, goal=spec.goal,
-                device=current().torch_device,
+                device=current().torch_device, seeds=spec.seeds, reference_model=reference_model,
+                reference_params=spec.reference_params, probes=spec.probes,
             )
         except UnlearnCancelled:
             context.check_cancelled()  # raises LeaseLost or JobCancelled, whichever stopped the engine
@@ -203,6 +211,7 @@ def run(context: JobContext) -> JobResult:
             "stopped_by": goal["stopped_by"],
             "lr": goal["lr"],
             **metrics,
+            **{key: engine_report[key] for key in SUMMARY_EXTRAS if key in engine_report},
         }
         report = {"summary": summary, "job_id": job.id, **engine_report}
         audit_record = {

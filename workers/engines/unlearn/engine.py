@@ -18,7 +18,9 @@
   `should_cancel()` is polled between steps and raises `UnlearnCancelled`.
 
 The report: {"method", "params", "family", "peft", "steps", "seconds", "before": {...}, "after": {...},
-"goal_met", "goal": {...}, "loop": {...}} (+ "gu_kept_fraction" when `gu` ran). `goal` holds `met`, `reason`
+"goal_met", "goal": {...}, "loop": {...}} (+ "gu_kept_fraction" when `gu` ran). A language model's before/after
+also carry TOFU's forget quality and model utility, ROUGE-L recall and MUSE's PrivLeak (`standard_metrics.py`);
+seeds, a retrained reference and probes are `protocol.py`'s. `goal` holds `met`, `reason`
 (when not met: which budget or guard stopped the run, and the best state reached), the kind of forgetting,
 the targets, the final measurement on the full splits, the chosen `lr` and the range test. `seconds` is the
 whole call; `method_seconds` the method's run — mask/Fisher/importance preparation (`prepare_seconds`),
@@ -32,7 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -47,6 +49,7 @@ from workers.engines.unlearn.errors import MissingInput, NonFinite, UnlearnError
 from workers.engines.unlearn.goal import GoalCheck
 from workers.engines.unlearn.loop import UnlearnContext
 from workers.engines.unlearn.metrics import evaluate
+from workers.engines.unlearn.standard_metrics import lm_standard
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ Family = Literal["causal_lm", "classifier"]
 class UnlearnOutcome:
     model: nn.Module
     report: dict[str, Any]
+    truth_ratios: dict[str, Any] = field(default_factory=dict)  # language models, after: per split (not in JSON)
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -118,7 +122,7 @@ def unlearn(
             progress(fraction, stage)
 
     report_progress(0.0, "evaluating")
-    before = evaluate(model, family, forget, retain, evaluation, device, seed)
+    before = measure(model, family, forget, retain, evaluation, device, seed)[0]
     check = GoalCheck.build(model, family, forget, retain, evaluation, aim, seed, device)
     start = check.begin(model) if check.measurable else None
     torch.manual_seed(seed)
@@ -153,7 +157,7 @@ def unlearn(
         if not torch.isfinite(parameter).all():
             raise NonFinite(f"parameter {name} is not finite after unlearning")
     report_progress(0.9, "evaluating")
-    after = evaluate(model, family, forget, retain, evaluation, device, seed)
+    after, truth_ratios = measure(model, family, forget, retain, evaluation, device, seed)
     verdict = goal_verdict(check, loop, model, is_peft)
     report: dict[str, Any] = {
         "method": method,
@@ -176,7 +180,27 @@ def unlearn(
         report["gu_kept_fraction"] = loop["gu_kept_fraction"]
     report_progress(1.0, "done")
     log.info("unlearned", extra={"method": method, "steps": report["steps"]})
-    return UnlearnOutcome(model=model, report=report)
+    return UnlearnOutcome(model=model, report=report, truth_ratios=truth_ratios)
+
+
+def measure(
+    model: nn.Module,
+    family: str,
+    forget: Data | None,
+    retain: Data | None,
+    evaluation: Data | None,
+    device: torch.device,
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The before/after report of one state: `evaluate`'s figures, and for language models the standard ones
+    (`standard_metrics.lm_standard`); the raw truth ratios beside."""
+    figures = evaluate(model, family, forget, retain, evaluation, device, seed)
+    if family == "classifier":
+        return figures, {}
+    standard, ratios = lm_standard(
+        model, forget, retain, evaluation, device, seed, figures.get("min_k_auc")  # type: ignore[arg-type]
+    )
+    return {**figures, **standard}, ratios
 
 
 STOPS = {
