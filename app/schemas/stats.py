@@ -25,5 +25,7 @@ class WorkerPublic(BaseModel):
 
 
 class StatsPublic(BaseModel):
+    jobs: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="The caller's tenant's jobs by state, then by type (zeros left out).")
     workers: list[WorkerPublic]
     queues: dict[str, int] = Field(description="Messages waiting in each job queue.")

@@ -117,3 +117,12 @@ def test_the_grafana_dashboard_uses_only_metrics_that_exist(api, merge_job):
             for name in re.findall(r"amend_[a-z_]+", target["expr"])}
     bases = {re.sub(r"_(total|bucket|count|sum)$", "", name) for name in used}
     assert bases and bases <= exported, bases - exported
+
+
+def test_stats_count_the_callers_jobs_by_state_and_type(api, merge_job):
+    job_id, _ = merge_job
+    assert api.get("/v1/stats").json()["jobs"] == {"queued": {"merge": 1}}
+    run_in_process(api, job_id)
+    stats = api.get("/v1/stats").json()
+    assert stats["jobs"] == {"succeeded": {"merge": 1}}
+    assert "amend.merge" in stats["queues"] and isinstance(stats["workers"], list)
