@@ -1,10 +1,13 @@
-"""Admission checks of a merge job: the adapters exist for this tenant, are not too many, and share a base."""
+"""Admission checks of a merge job: the adapters exist for this tenant, are not too many, and share a base;
+with `tune`, the model and validation datasets exist and fit each other."""
 
 from __future__ import annotations
 
 from app.errors import Unprocessable
+from app.jobs.unlearn import FAMILY_DATASETS
 from app.records import Records
 from app.schemas.jobs import MergeJobCreate
+from app.schemas.merge import MergeTune
 from app.settings import Settings
 
 
@@ -21,3 +24,23 @@ def check(records: Records, settings: Settings, tenant: str, spec: MergeJobCreat
                 "set params.allow_base_mismatch to merge them anyway",
                 code="incompatible_adapters",
             )
+    if spec.tune is not None:
+        _check_tune(records, tenant, spec.tune)
+
+
+def _check_tune(records: Records, tenant: str, tune: MergeTune) -> None:
+    """The tuning model and every validation dataset exist for this tenant and fit each other."""
+    model = records.get_resource("models", tenant, tune.model)
+    if model.family == "causal_lm" and not model.has_tokenizer:
+        raise Unprocessable(f"model {model.id} has no tokenizer for its text rows", code="incompatible_inputs")
+    for item in tune.validation:
+        dataset = records.get_resource("datasets", tenant, item.dataset)
+        if dataset.kind not in FAMILY_DATASETS[model.family]:
+            raise Unprocessable(
+                f"validation dataset {dataset.id} holds {dataset.kind} rows, which a {model.family} model cannot "
+                "be evaluated on",
+                code="incompatible_inputs",
+            )
+        if dataset.kind == "text_classification" and not model.has_tokenizer:
+            raise Unprocessable(f"model {model.id} has no tokenizer for text rows", code="incompatible_inputs")
+

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from app.schemas.compress import ADAPTER_METHODS, COMPRESS_PARAMS, SIZE_RULES, CompressMethod, CompressOutput
-from app.schemas.merge import MERGE_PARAMS, MergeMethod, MergeOutput
+from app.schemas.merge import MERGE_PARAMS, MergeMethod, MergeOutput, MergeTune
 from app.schemas.unlearn import UNLEARN_PARAMS, UnlearnGoal, UnlearnMethod, UnlearnProbe
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -57,10 +57,13 @@ class MergeJobCreate(BaseModel):
     method: MergeMethod
     params: dict[str, Any] = Field(default_factory=dict)
     output: MergeOutput = Field(default_factory=MergeOutput)
+    tune: MergeTune | None = Field(None, description="Tune lambda/density/beta on validation data first.")
 
     @model_validator(mode="after")
     def _params_match_method(self) -> MergeJobCreate:
         self.params = validated_params(MERGE_PARAMS, self.method, self.params)
+        if self.tune is not None:
+            self.tune.check_against(MERGE_PARAMS[self.method], self.params, len(self.adapters))
         return self
 
     def input_adapter_ids(self) -> list[str]:
@@ -152,6 +155,10 @@ class UnlearnJobCreate(BaseModel):
     reference_params: dict[str, Any] | None = Field(None, description="The reference retrain's RetrainParams.")
     seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
         None, min_length=1, max_length=5, description="Run once per seed; the report gives mean ± std."
+    )
+    requests: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(
+        default_factory=list, max_length=10_000,
+        description="Deletion requests this job honours (set by a schedule); its audit record lists each.",
     )
 
     @model_validator(mode="after")

@@ -208,3 +208,87 @@ class MergeOutput(BaseModel):
                 raise ValueError(f"rank_pattern[{key!r}] must be in 1..{MAX_RANK}")
         PeftPattern.compile(self.rank_pattern, "rank_pattern")  # a key that is not a regex: PatternError
         return self
+
+
+MAX_TUNE_POINTS = 64
+_ID = r"^[a-z]{2,4}_[0-9a-f]{16,40}$"
+
+
+class TuneValidation(BaseModel):
+    """One task's validation rows: the adapter (its 0-based position in `adapters`) and a dataset id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    adapter: int = Field(ge=0, le=63, description="Position of the task's adapter in the job's `adapters`.")
+    dataset: str = Field(pattern=_ID, description="A dataset id of this tenant: the task's validation rows.")
+
+
+class TuneSearch(BaseModel):
+    """The grid: values per axis (each bounded as the method's own parameter); at most 64 points in all."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    lambda_: list[float] | None = Field(None, alias="lambda", min_length=1, max_length=64)
+    density: list[float] | None = Field(None, min_length=1, max_length=64)
+    beta: list[float] | None = Field(None, min_length=1, max_length=64)
+
+    def axes(self) -> dict[str, list[float]]:
+        """The given axes by their params names (`lambda`, `density`, `beta`)."""
+        given = {"lambda": self.lambda_, "density": self.density, "beta": self.beta}
+        return {key: values for key, values in given.items() if values}
+
+    @model_validator(mode="after")
+    def _bounded(self) -> TuneSearch:
+        axes = self.axes()
+        if not axes:
+            raise ValueError("search needs at least one of lambda, density, beta")
+        points = 1
+        for key, values in axes.items():
+            if len(set(values)) != len(values):
+                raise ValueError(f"search.{key} repeats a value")
+            points *= len(values)
+        if points > MAX_TUNE_POINTS:
+            raise ValueError(f"the grid has {points} points; at most {MAX_TUNE_POINTS}")
+        return self
+
+
+class MergeTune(BaseModel):
+    """Tune the merge on validation data: merge at every grid point, evaluate on each task's rows with the
+    registered base model (classifiers: accuracy; causal LMs: mean answer NLL), normalise by the task's own
+    adapter, keep the best point by the mean (or worst-task) normalised score."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(pattern=_ID, description="A model id of this tenant: the adapters' base model.")
+    validation: list[TuneValidation] = Field(min_length=1, max_length=64)
+    search: TuneSearch
+    objective: Literal["mean", "worst"] = "mean"
+
+    @model_validator(mode="after")
+    def _one_dataset_per_task(self) -> MergeTune:
+        tasks = [item.adapter for item in self.validation]
+        if len(set(tasks)) != len(tasks):
+            raise ValueError("validation names an adapter twice")
+        return self
+
+    def points(self) -> list[dict[str, float]]:
+        """Every grid point as a params update, in the order lambda, density, beta."""
+        axes = self.search.axes()
+        points: list[dict[str, float]] = [{}]
+        for key, values in axes.items():
+            points = [{**point, key: value} for point in points for value in values]
+        return points
+
+    def check_against(self, params_model: type[BaseModel], params: dict, adapters: int) -> None:
+        """Refuse (ValueError) an axis the method does not have, a point its params model rejects, or a
+        validation adapter outside the job's adapters."""
+        for item in self.validation:
+            if item.adapter >= adapters:
+                raise ValueError(f"validation adapter {item.adapter} is not one of the {adapters} adapters")
+        fields = set(params_model.model_fields) | {"lambda"}
+        for key in self.search.axes():
+            if key not in fields:
+                raise ValueError(f"search.{key}: the method has no parameter {key!r}")
+        for point in self.points():
+            params_model.model_validate({**params, **point})
+

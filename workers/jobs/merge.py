@@ -1,7 +1,9 @@
-"""The merge job: fetch the adapters (SHA-256-checked), merge them file to file, publish the result."""
+"""The merge job: fetch the adapters (SHA-256-checked), optionally tune λ / density / β on validation data
+(`merge_tune.py`), merge them file to file, publish the result."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,15 +47,25 @@ def run(context: JobContext) -> JobResult:
             context.progress(0.3 * (position + 1) / len(spec.adapters), f"fetched adapter {position + 1}")
         out_dir = root / "output"
         out_dir.mkdir()
+        params, tuned, start = spec.params, None, 0.3
+        if spec.tune is not None:  # grid search on the validation rows first (0.3 → 0.8)
+            from workers.jobs.merge_tune import tune_params
+
+            with torch_threads(context.settings.merge_threads):
+                params, tuned = tune_params(context, spec, spec.tune, inputs, root)
+            start = 0.8
 
         def engine_progress(fraction: float, stage: str) -> None:
-            context.progress(0.3 + 0.6 * fraction, stage)
+            context.progress(start + (0.9 - start) * fraction, stage)
 
         with torch_threads(context.settings.merge_threads):
             report = merge_adapter_files(
-                inputs, spec.method, spec.params, spec.output.model_dump(), out_dir, progress=engine_progress,
+                inputs, spec.method, params, spec.output.model_dump(), out_dir, progress=engine_progress,
                 device=current().torch_device,
             )
+        if tuned is not None:
+            report["tune"] = tuned
+            (out_dir / "merge_report.json").write_text(json.dumps(report))
         context.progress(0.92, "storing the merged adapter")
         return publish_adapter(context, out_dir, spec.output.name, report)
 
