@@ -126,7 +126,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         path_limits={"/v1/models": settings.max_model_archive_bytes + (1 << 20)},  # a model tar has its own limit
     )
     app.add_middleware(KeyBeforeBody, api_keys=app.state.api_keys)  # no key, no body read
-    app.add_middleware(metrics.LatencyMiddleware, metrics=app.state.metrics)  # outermost: times everything
+    app.add_middleware(metrics.LatencyMiddleware, metrics=app.state.metrics)  # times everything below
+    app.add_middleware(logs.RequestContext)  # outermost: a request id on every line and response
     app.include_router(health.router)
     app.include_router(observability_router)
     app.include_router(webhook_routes.router, responses=ERROR_RESPONSES)

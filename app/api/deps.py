@@ -11,6 +11,7 @@ from celery import Celery
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app import logs
 from app.errors import Forbidden, Unauthorized
 from app.records import Records
 from app.schemas.adapters import AdapterRecord
@@ -62,7 +63,9 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: 
 async def get_caller(
     request: Request, _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Caller:
-    return authenticate(request.headers.get("authorization", ""), request.app.state.api_keys)
+    caller = authenticate(request.headers.get("authorization", ""), request.app.state.api_keys)
+    logs.bind(tenant=caller.tenant)
+    return caller
 
 
 def _scoped(scope: str):  # type: ignore[no-untyped-def]
@@ -87,6 +90,7 @@ def get_adapter(adapter_id: AdapterId, caller: Reader, records: RecordsDep) -> A
 
 
 def get_job(job_id: JobId, caller: Reader, records: RecordsDep) -> JobRecord:
+    logs.bind(job_id=job_id)
     return records.get_job(job_id, caller.tenant)
 
 

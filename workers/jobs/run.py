@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from app import logs
 from app.errors import AmendError, NotFound, ServiceUnavailable
 from app.jobs import lifecycle
 from app.records import Records
@@ -94,6 +95,7 @@ def run_job(job_id: str) -> None:
     except NotFound:
         log.warning("job record not found; dropping the message", extra={"job_id": job_id})
         return
+    logs.bind(tenant=job.tenant)
     if job.state in FINAL_STATES:
         return
     lease = Lease(records.index, job_id, settings.job_lease_seconds)

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from app import audit
+from app import audit, logs
 from app.api.deps import CeleryDep, JobDep, Reader, RecordsDep, SettingsDep, Writer
 from app.errors import NotFound, Unprocessable
 from app.jobs import lifecycle
@@ -43,6 +43,7 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
     submitted = submit(records, settings, celery, caller.tenant, spec, idempotency_key)
+    logs.bind(job_id=submitted.job.id)
     if not submitted.created:
         response.status_code = 200
     return submitted.job.public()
