@@ -31,12 +31,15 @@ from safetensors import safe_open
 from app.checks.peft_patterns import PatternError, PeftPattern
 from app.schemas.merge import MergeOutput
 from workers.engines import registry
+from workers.engines.merge.core_space import batches
 from workers.engines.merge.engine import merge_modules
 from workers.engines.merge.errors import MergeInputError
 from workers.engines.merge.types import TaskFactors, finite
+from workers.formats.prefetch import Prefetching
 from workers.formats.tensor_files import DTYPES, TensorFile, write_tensors
 
 PREFIX = "base_model.model."
+READ_AHEAD = 32  # modules read ahead of the merge (one engine batch)
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
 
 
@@ -289,9 +292,11 @@ def merge_adapter_files(
     out_dir: Path,
     progress: Callable[[float, str], None] | None = None,
     device: torch.device | str = "cpu",
+    read_ahead: int = READ_AHEAD,
 ) -> dict:
     """Merge PEFT adapters file to file: inputs are (adapter_config, adapter_model.safetensors, weight).
-    The factors are read on the CPU and each batch is moved to `device`, where the merge computes.
+    The factors are read on the CPU and each batch is moved to `device`, where the merge computes; up to
+    `read_ahead` modules are read on a second thread ahead of the merge (0: read when asked).
 
     Writes `out_dir/adapter_model.safetensors`, `adapter_config.json` and `merge_report.json`; returns
     the report. Refuses (MergeInputError / AdapterFormatError) before any compute when the parameters,
@@ -323,8 +328,15 @@ def merge_adapter_files(
             seen.setdefault(name, (m, n, t))
     dtypes = {dtype for per_module in shapes for (_, _, _, dtype) in per_module.values()}
     # merge, reading each module's factors when the method asks for them; then write
+    # (a second thread reads the next modules while the current batch merges: workers/formats/prefetch.py)
     with _StackedReader(inputs, shapes, device) as reader:
-        result = merge_modules(method, reader.shapes_only(), checked, spec, progress, loader=reader)
+        planned = reader.shapes_only()
+        order = [name for batch in batches(planned) for name in batch]
+        if read_ahead <= 0:
+            result = merge_modules(method, planned, checked, spec, progress, loader=reader)
+        else:
+            with Prefetching(reader, order, ahead=read_ahead) as loader:
+                result = merge_modules(method, planned, checked, spec, progress, loader=loader)
     out_dtype = DTYPES[dtypes.pop()] if len(dtypes) == 1 else torch.float32
     tensors: dict[str, torch.Tensor] = {}
     for name, merged in result.modules.items():

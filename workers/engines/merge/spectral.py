@@ -18,7 +18,8 @@ an SVD completes a null space — then core and full space would differ.
   dimension. For LoRA in core space that is D = K = Σr (the core-space code: k = r, output rank Σr); in
   full space it is min(m, n), which keeps null directions (see above). Here D = the output rank R, so the
   T blocks fill the requested rank and nothing is truncated afterwards (the issue's spec); with R = Σr this
-  is exactly the core-space code's result.
+  is exactly the core-space code's result. With R < T (k = 1) the T triplets exceed R, and the merge keeps
+  the R largest (the exact truncation), so the output rank never exceeds the request.
 - `iso_c` — Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
   Task-Specific Subspaces", ICML 2025). Code: `danielm1405/iso-merging` (`src/utils/iso.py`, `iso_c`, as
   copied in FusionBench's `isotropic_merging/iso_utils.py`) and core-space-merging's `isotropize_matrix`:
