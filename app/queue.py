@@ -114,9 +114,13 @@ def enqueue(celery: Celery, job_id: str, job_type: str) -> None:
 
 
 def reindex_and_requeue(records: Records, celery: Celery) -> dict[str, Any]:
-    """Rebuild the index from storage and re-enqueue the active jobs whose messages were lost with it."""
+    """Rebuild the index from storage and re-enqueue the active jobs whose messages were lost with it; rebuild
+    the deletion requests' and schedules' index entries and re-register the schedules with redbeat."""
     result = records.reindex()
     for job_id, job_type in result.pop("lost_jobs"):
         enqueue(celery, job_id, job_type)
         result["requeued"] = result.get("requeued", 0) + 1
+    from app.deletion import reindex as deletion_reindex  # requests, schedules (+ their redbeat entries)
+
+    result.update(deletion_reindex(records, celery))
     return result

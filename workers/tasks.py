@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from app import logs
+from app.deletion.schedules import FIRE_TASK
 from app.queue import RUN_JOB
 from workers.celery_app import celery_app
 from workers.jobs.run import run_job as run_pipeline
@@ -13,3 +14,15 @@ def run_job(job_id: str) -> None:
     # every line this job logs carries its id, its tenant (bound once the record is read) and the message's id
     with logs.context(job_id=job_id, request_id=getattr(run_job.request, "id", None)):
         run_pipeline(job_id)
+
+
+@celery_app.task(name=FIRE_TASK, acks_late=True)
+def fire_schedule(tenant: str, schedule_id: str, slot: str) -> None:
+    """Sent by beat (celery-redbeat) at a schedule's slot: submit its job through the API's admission."""
+    from datetime import datetime
+
+    from app.deletion.schedules import fire
+    from workers.jobs.context import services
+
+    settings, records = services()
+    fire(records, settings, celery_app, tenant, schedule_id, datetime.fromisoformat(slot))

@@ -1,5 +1,5 @@
 """The listeners every process that changes job states registers with `lifecycle.on_change`: metrics and
-webhooks. `install` is called once by the API (`create_app`) and once by each worker process
+webhooks, deletion requests. `install` is called once by the API (`create_app`) and once by each worker process
 (`workers.jobs.context.services`); calling it again points the listeners at the newest Redis client and
 settings instead of adding a second copy."""
 
@@ -25,8 +25,16 @@ def _notify(record: JobRecord, previous: JobState | None) -> None:
         webhooks.enqueue(records.index, settings, record, previous)
 
 
+def _requests(record: JobRecord, previous: JobState | None) -> None:
+    if "now" in _current:
+        from app.deletion import requests  # deletion requests move on with their unlearning job
+
+        requests.on_job_change(_current["now"][0], record, previous)
+
+
 def install(records: Records, settings: Settings) -> None:
     if not _current:
         lifecycle.on_change(_count)
         lifecycle.on_change(_notify)
+        lifecycle.on_change(_requests)
     _current["now"] = (records, settings)

@@ -25,6 +25,7 @@ from typing import Any
 
 from app import audit
 from app.checks.model import file_sha256, manifest_sha256, store_model
+from app.deletion.requests import honoured
 from app.errors import NotFound
 from app.records import now
 from app.schemas.jobs import FreshLora, JobResult, UnlearnJobCreate
@@ -230,6 +231,8 @@ def run(context: JobContext) -> JobResult:
                 "row_ids": row_ids,
                 "row_sha256": [manifest["row_sha256"][i] for i in row_ids],
             },
+            **({"requests": honoured(records, job.tenant, spec.requests, manifest["row_sha256"])}
+               if spec.requests else {}),
             "output": output,
             "versions": _versions(),
             "metrics": metrics,
