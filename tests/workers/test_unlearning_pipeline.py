@@ -304,3 +304,21 @@ def test_goal_probes_reference_and_seeds_are_validated_at_the_door(api, text_job
     assert response.status_code == 202, response.text
     spec = response.json()["spec"]
     assert spec["goal"]["max_steps"] == 200 and spec["reference_params"]["steps"] == 10
+
+
+def test_reference_seeds_and_probes_reach_the_summary_and_the_report(api, text_job):
+    from workers.jobs.unlearn import run as run_unlearn_job
+
+    evaluation = upload_rows(api, [{"text": "good book", "label": 1}, {"text": "awful movie", "label": 0},
+                                   {"text": "very bad movie", "label": 0}, {"text": "fine movie", "label": 1}])
+    body = {**text_job, "forget": {"dataset": text_job["forget"]["dataset"], "rows": [0, 1]}, "eval": evaluation,
+            "reference": "retrain", "reference_params": {"steps": 5, "lr": 0.01, "batch_size": 2},
+            "seeds": [0, 1], "probes": ["quantize", "relearn"]}
+    context = context_for(api, start(api, body))
+    result = run_unlearn_job(context)
+    summary = result.report
+    assert {"UA", "RA", "TA", "MIA", "avg_gap"} <= set(summary["gap"]) and summary["time_vs_reference"] > 0
+    assert summary["seeds"]["seeds"] == [0, 1] and set(summary["seeds"]["after"]["UA"]) == {"mean", "std", "values"}
+    assert set(summary["probes"]) == {"quantize", "relearn"} and "robust" in summary
+    report = context.records.storage.get_json(result.report_key)
+    assert report["reference"]["method"] == "retrain" and report["probes"]["quantize"]["int8"]["after"]

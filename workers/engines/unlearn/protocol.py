@@ -89,6 +89,25 @@ def unlearn_job(
     report = first.report
     if len(seeds) > 1:
         report["seeds"] = summarise(seeds, outcomes)
+    if probes:
+        from workers.engines.unlearn.probes import run_probes
+
+        aim = goal if isinstance(goal, UnlearnGoal) else UnlearnGoal.model_validate(dict(goal or {}))
+        part(0.0, "probing")
+        report["probes"] = run_probes(
+            first.model,
+            family,
+            probes,
+            forget,
+            retain,
+            evaluation,
+            report,
+            aim,
+            reference=references[0].model if references else None,
+            should_cancel=should_cancel,
+        )
+        verdicts = [result.get("robust") for result in report["probes"].values()]
+        report["robust"] = None if all(v is None for v in verdicts) else all(v is not False for v in verdicts)
     return first
 
 
