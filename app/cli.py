@@ -1,4 +1,5 @@
-"""`amend dev` (the embedded stack behind `make run`) and `amend reindex` (rebuild the Redis index)."""
+"""`amend dev` (the embedded stack behind `make run`) and `amend reindex` (rebuild the Redis index); every other
+command is the API client's, in app/commands.py."""
 
 from __future__ import annotations
 
@@ -117,6 +118,11 @@ def _reindex(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("dev", "reindex"):  # the API's commands: app/commands.py (Typer)
+        from app.commands import run
+
+        return run(argv)
     parser = argparse.ArgumentParser(prog="amend")
     commands = parser.add_subparsers(dest="command", required=True)
     dev = commands.add_parser("dev", help="run API + worker + Redis + S3 on the embedded defaults")
