@@ -260,6 +260,10 @@ def variants(cfg: Config) -> list[Variant]:
         Variant("knots (ties → r)", "knots", {"rule": "ties"}, {"density": d}),
         Variant("ctm (task_arithmetic)", "ctm", {"rule": "task_arithmetic"}, {"beta": b}),
         Variant("ctm (ties)", "ctm", {"rule": "ties"}, {"beta": b, "density": d}),
+        Variant("tsv (core → r)", "tsv", {"space": "core"}, {}),
+        Variant("iso_c (core → r)", "iso_c", {"space": "core"}, {}),
+        Variant("iso_cts (core → r)", "iso_cts", {"space": "core"}, {"common_fraction": (0.0, 0.5, 0.8)}),
+        Variant("ctm (tsv)", "ctm", {"rule": "tsv"}, {"beta": b}),
     ]
 
 
