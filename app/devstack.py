@@ -309,8 +309,9 @@ def start_worker(
     ).start()
 
 
-# The beat: celery-redbeat's scheduler, its state and lock in Redis (so a second beat cannot double-fire). No
-# schedule is registered yet, so it starts and idles; schedules arrive with the scheduling work.
+# The beat: celery-redbeat's scheduler, its entries and lock in Redis (so a second beat cannot double-fire). The
+# entries are the schedules of POST /v1/schedules (app/deletion/schedules.py registers them); each fires
+# workers.fire_schedule on a worker.
 BEAT_ARGS = ["-A", "workers.celery_app", "beat", "--scheduler", "redbeat.RedBeatScheduler", "--loglevel", "INFO"]
 
 

@@ -86,6 +86,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": settings.job_time_limit + 600,
         },
         "worker_hijack_root_logger": False,
+        # beat (celery-redbeat) looks for due entries at least this often, so a schedule created or retimed
+        # through the API is seen within seconds (its lock then expires 5x this after a beat dies)
+        "beat_max_loop_interval": 5,
         "task_serializer": "json",
         "accept_content": ["json"],
     }
