@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from workers.jobs.context import JobContext
 from workers.jobs.inputs import adapter_record, fetch_adapter
 from workers.jobs.outputs import adapter_result, publish_adapter
 from workers.upkeep.scratch import job_scratch
+
+FETCH_THREADS = 4  # parallel adapter downloads (I/O-bound: they do not compete with the merge's threads)
 
 
 @contextmanager
@@ -39,12 +42,13 @@ def run(context: JobContext) -> JobResult:
     spec = MergeJobCreate.model_validate(job.spec)
     with job_scratch(job.id) as scratch:
         root = Path(scratch)
-        inputs = []
-        for position, item in enumerate(spec.adapters):
-            adapter = adapter_record(records, job.tenant, item.id)
-            config, weights = fetch_adapter(records, adapter, root / "inputs")
-            inputs.append((config, weights, item.weight))
-            context.progress(0.3 * (position + 1) / len(spec.adapters), f"fetched adapter {position + 1}")
+        # the adapters are fetched in parallel (each SHA-256-checked); the merge starts when all are local
+        adapters = [adapter_record(records, job.tenant, item.id) for item in spec.adapters]
+        with ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="amend-fetch") as pool:
+            futures = [pool.submit(fetch_adapter, records, adapter, root / "inputs") for adapter in adapters]
+            for done, _ in enumerate(as_completed(futures), start=1):
+                context.progress(0.3 * done / len(futures), f"fetched {done} of {len(futures)} adapters")
+        inputs = [(*future.result(), item.weight) for future, item in zip(futures, spec.adapters, strict=True)]
         out_dir = root / "output"
         out_dir.mkdir()
         params, tuned, start = spec.params, None, 0.3
