@@ -18,6 +18,7 @@ from app import logs, metrics, webhooks
 from app.api.routes import adapters, datasets, health, jobs, models, schedules, stats, unlearning_requests
 from app.api.routes import webhooks as webhook_routes
 from app.api.routes.observability import router as observability_router
+from app.api.routes.ui import router as ui_router
 from app.errors import AmendError
 from app.jobs import hooks
 from app.limits import BodySizeLimit, KeyBeforeBody
@@ -130,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(logs.RequestContext)  # outermost: a request id on every line and response
     app.include_router(health.router)
     app.include_router(observability_router)
+    app.include_router(ui_router)
     app.include_router(webhook_routes.router, responses=ERROR_RESPONSES)
     for router in (adapters.router, jobs.router, models.router, datasets.router, stats.router,
                    unlearning_requests.router, schedules.router):

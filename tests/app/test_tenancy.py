@@ -25,7 +25,8 @@ from app.settings import Settings
 from app.storage import keys
 from tests.factories import tiny_model_tar
 
-PUBLIC_PATHS = {"/healthz", "/readyz", "/metrics"}  # /metrics: no tenant key (its own token, if any)
+# /metrics: no tenant key (its own token, if any); the status page and its assets hold no data
+PUBLIC_PATHS = {"/healthz", "/readyz", "/metrics", "/", "/ui/app.js", "/ui/style.css"}
 DOCS_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 WEIGHTS = "adapter_model.safetensors"
 # path parameters that are not record ids: a value per route that A's records really have
