@@ -89,6 +89,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # beat (celery-redbeat) looks for due entries at least this often, so a schedule created or retimed
         # through the API is seen within seconds (its lock then expires 5x this after a beat dies)
         "beat_max_loop_interval": 5,
+        "redbeat_redis_url": settings.redis_url,
         "task_serializer": "json",
         "accept_content": ["json"],
     }

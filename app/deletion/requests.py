@@ -231,7 +231,30 @@ def honoured(records: Records, tenant: str, request_ids: list[str], row_sha256: 
 
 def on_job_change(records: Records, job: JobRecord, previous: JobState | None) -> None:
     if job.type == "unlearn" and job.state in ("succeeded", "failed", "cancelled"):
-        job_ended(records, job)
+        done = job_ended(records, job)
+        if job.state == "succeeded" and done and done[0].schedule_id:
+            _new_version(records, job, done)
+
+
+def _new_version(records: Records, job: JobRecord, done: list[UnlearningRequestRecord]) -> None:
+    """A scheduled run's output becomes the target's next version (promoted as its schedule says); each
+    request names it."""
+    from app.deletion import schedules, versions
+    from app.schemas.deletion import Promote, UnlearnPendingJob
+
+    promote = Promote(mode="never")
+    try:
+        schedule = schedules.get(records, job.tenant, done[0].schedule_id or "")
+        promote = UnlearnPendingJob.model_validate(schedule.job).promote
+    except (NotFound, ValueError):
+        pass  # the schedule is gone: the version is kept for review
+    number = versions.add_from_job(records, job, done[0].target, promote, [r.id for r in done])
+    for record in done:
+        def change(request: UnlearningRequestRecord) -> bool:
+            request.version = number
+            return True
+
+        documents.mutate(records, KIND, UnlearningRequestRecord, job.tenant, record.id, change)
 
 
 def public(record: UnlearningRequestRecord, next_runs: dict[str, datetime]) -> UnlearningRequestPublic:

@@ -28,6 +28,7 @@ from croniter import croniter
 
 from app import documents
 from app.deletion import requests as deletion_requests
+from app.deletion import versions
 from app.errors import Unprocessable
 from app.records import PREFIX, Records, new_id, now, redis_errors
 from app.schemas.deletion import (
@@ -35,6 +36,7 @@ from app.schemas.deletion import (
     ScheduleRecord,
     ScheduleRun,
     ScheduleUpdate,
+    Target,
     Timing,
     UnlearnPendingJob,
 )
@@ -281,7 +283,9 @@ def _run_job(
         run.skipped = "nothing pending"
         return
     rows = sorted({row for request in claimed for row in request.rows})
-    spec = pending_job.unlearn_job(claimed[0].dataset, rows, [request.id for request in claimed])
+    current = versions.current(records, schedule.tenant, pending_job.target)
+    source = Target(model=current.model_id, adapter=current.adapter_id)
+    spec = pending_job.unlearn_job(claimed[0].dataset, rows, [request.id for request in claimed], source)
     ids = [request.id for request in claimed]
     try:
         submitted = submit(records, settings, celery, schedule.tenant, spec, idempotency_key=key)

@@ -35,6 +35,35 @@ class Target(BaseModel):
         return f"{self.model}/{self.adapter or '-'}"
 
 
+class TargetVersion(BaseModel):
+    version: int
+    model_id: str | None = Field(None, description="The model (an adapter's is known once a schedule names it).")
+    adapter_id: str | None = None
+    parent_version: int | None = Field(None, description="The version this one was unlearned from.")
+    job_id: str | None = Field(None, description="The unlearning job that made it (none for version 1).")
+    audit_key: str | None = None
+    requests: list[str] = Field(default_factory=list, description="The deletion requests it honours.")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime
+    promoted_at: datetime | None = None
+    promotion: str | None = Field(None, description="Why it was or was not promoted.")
+
+
+class TargetVersionsPublic(BaseModel):
+    id: str = Field(description="The target's id (the adapter's, or the model's).")
+    kind: Literal["adapter", "model"]
+    target: Target
+    current: int
+    versions: list[TargetVersion]
+
+
+class TargetVersions(TargetVersionsPublic):
+    tenant: str
+
+    def public(self) -> TargetVersionsPublic:
+        return TargetVersionsPublic.model_validate(self.model_dump(include=set(TargetVersionsPublic.model_fields)))
+
+
 class UnlearningRequestCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -123,11 +152,17 @@ class UnlearnPendingJob(BaseModel):
         self.params = self.unlearn_job(PLACEHOLDER_DATASET, [0], []).params
         return self
 
-    def unlearn_job(self, dataset: str, rows: list[int], requests: list[str]) -> UnlearnJobCreate:
+    def unlearn_job(
+        self, dataset: str, rows: list[int], requests: list[str], source: Target | None = None
+    ) -> UnlearnJobCreate:
+        """The unlearning job, starting from `source` (the target's current version; the target itself when
+        None). A version that is an adapter is unlearned through that adapter."""
+        source = source or self.target
         return UnlearnJobCreate.model_validate({
-            "type": "unlearn", "model": self.target.model, "adapter": self.target.adapter,
+            "type": "unlearn", "model": source.model, "adapter": source.adapter,
             "forget": {"dataset": dataset, "rows": rows}, "retain": self.retain, "eval": self.eval_,
-            "method": self.method, "params": self.params, "output": self.output, "lora": self.lora,
+            "method": self.method, "params": self.params, "output": "adapter" if source.adapter else self.output,
+            "lora": None if source.adapter else self.lora,
             "goal": self.goal, "require_goal": self.require_goal, "webhook_url": self.webhook_url,
             "requests": requests,
         })

@@ -209,3 +209,55 @@ def test_interval_slots_are_anchored():
     timing = Timing(interval_seconds=60)
     assert schedules.next_run(timing, anchor + timedelta(seconds=150), anchor) == anchor + timedelta(seconds=180)
     assert schedules.next_run(timing, anchor + timedelta(seconds=180), anchor) == anchor + timedelta(seconds=240)
+
+
+def _succeed(api, job_id: str, adapter_id: str, nll_rise: float, goal_met: bool = True) -> None:
+    records = api.records
+    report = {"goal_met": goal_met, "before": {"retain_nll": 1.0}, "after": {"retain_nll": 1.0 + nll_rise}}
+    lifecycle.start(records, job_id, 3)
+    lifecycle.finish(records, job_id, "succeeded", JobResult(adapter_id=adapter_id, report=report,
+                                                             audit_key=f"tenants/tenant-a/jobs/{job_id}/audit.json"))
+
+
+def test_runs_make_versions_promoted_only_when_the_guards_hold(api, adapter_dir):
+    outputs = []
+    for name in ("out1", "out2", "out3"):  # stand-ins for the jobs' output adapters (the next run reads one)
+        directory = adapter_dir(name)
+        files = {"config": ("adapter_config.json", (directory / "adapter_config.json").read_bytes()),
+                 "weights": ("adapter_model.safetensors", (directory / "adapter_model.safetensors").read_bytes())}
+        outputs.append(api.post("/v1/adapters", files=files).json()["id"])
+    body = {"name": "v", "interval_seconds": 3600,
+            "job": {"type": "unlearn_pending", "target": {"model": api.ids["model"]}, "method": "grad_diff",
+                    "retain": api.ids["other_data"], "params": {"steps": 2},
+                    "promote": {"mode": "auto", "max_retain_nll_rise": 0.1}}}
+    schedule = api.post("/v1/schedules", json=body).json()
+    model = api.ids["model"]
+    assert api.get(f"/v1/models/{model}/versions").json()["current"] == 1
+    slot = datetime(2030, 1, 1, tzinfo=UTC)
+
+    first = ask(api, [0]).json()
+    run = fire(api, schedule["id"], slot)
+    _succeed(api, run.job_id, outputs[0], nll_rise=0.05)  # guards hold: promoted
+    listing = api.get(f"/v1/models/{model}/versions").json()
+    assert listing["current"] == 2 and listing["versions"][1]["job_id"] == run.job_id
+    assert listing["versions"][1]["adapter_id"] == outputs[0]
+    assert listing["versions"][1]["requests"] == [first["id"]] and listing["versions"][1]["parent_version"] == 1
+    assert api.get(f"/v1/unlearning-requests/{first['id']}").json()["version"] == 2
+
+    ask(api, [1])
+    run = fire(api, schedule["id"], slot + timedelta(hours=1))
+    spec = api.get(f"/v1/jobs/{run.job_id}").json()["spec"]
+    assert spec["adapter"] == outputs[0] and spec["output"] == "adapter"  # from the current
+    _succeed(api, run.job_id, outputs[1], nll_rise=0.5)  # the NLL guard breaks: kept back
+    listing = api.get(f"/v1/models/{model}/versions").json()
+    assert listing["current"] == 2 and "retain NLL rose" in listing["versions"][2]["promotion"]
+
+    ask(api, [2])
+    run = fire(api, schedule["id"], slot + timedelta(hours=2))
+    _succeed(api, run.job_id, outputs[2], nll_rise=0.0, goal_met=False)
+    assert api.get(f"/v1/models/{model}/versions").json()["current"] == 2  # goal not met: kept back
+
+    promoted = api.post(f"/v1/models/{model}/versions/3/promote")
+    assert promoted.status_code == 200 and promoted.json()["current"] == 3
+    assert api.post(f"/v1/models/{model}/versions/9/promote").status_code == 404
+    assert api.post(f"/v1/models/{model}/versions/3/promote", headers=api.other).status_code == 404

@@ -33,6 +33,8 @@ WEIGHTS = "adapter_model.safetensors"
 OTHER_PARAMS: dict[tuple[str, str], str] = {
     ("/v1/adapters/{adapter_id}/files/{filename}", "filename"): "adapter_config.json",
     ("/v1/models/{model_id}/files/{filename}", "filename"): "config.json",
+    ("/v1/adapters/{adapter_id}/versions/{version}/promote", "version"): "999983",  # (not a substring of ids)
+    ("/v1/models/{model_id}/versions/{version}/promote", "version"): "999983",
 }
 
 

@@ -1,0 +1,137 @@
+"""Versions of an unlearning target (an adapter, or a model): version 1 is the artifact as registered; each
+`unlearn_pending` job that succeeds adds the next, with its job, audit record and metrics. `current` names the
+version a schedule's next run starts from; it moves when the schedule's `promote` says so (`auto`: the job met
+its goal and the report's guards hold) or by `POST …/versions/{v}/promote`.
+
+One record per target (`tenants/{tenant}/versions/{target id}/record.json`, through app/documents.py), changed
+atomically. Not done: other routes still resolve a target id to version 1's artifact (pinning by version is
+by the version's own adapter/model id).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app import documents
+from app.errors import NotFound
+from app.records import Records, now
+from app.schemas.deletion import Promote, Target, TargetVersion, TargetVersions
+from app.schemas.jobs import JobRecord
+
+KIND = "versions"
+
+
+def target_id(target: Target) -> str:
+    return target.adapter or target.model
+
+
+def _initial(records: Records, tenant: str, target: Target) -> TargetVersions:
+    kind = "adapter" if target.adapter else "model"
+    if target.adapter:
+        created = records.get_adapter(tenant, target.adapter).created_at
+    else:
+        created = records.get_resource("models", tenant, target.model).created_at
+    first = TargetVersion(version=1, model_id=target.model, adapter_id=target.adapter, created_at=created,
+                          promoted_at=created)
+    return TargetVersions(id=target_id(target), tenant=tenant, kind=kind, target=target, current=1, versions=[first])
+
+
+def get(records: Records, tenant: str, target: Target) -> TargetVersions:
+    """The target's versions (version 1 alone until an unlearning run adds one)."""
+    try:
+        return documents.get(records, KIND, TargetVersions, tenant, target_id(target))
+    except NotFound:
+        return _initial(records, tenant, target)
+
+
+def _ensure(records: Records, tenant: str, target: Target) -> None:
+    try:
+        documents.get(records, KIND, TargetVersions, tenant, target_id(target))
+    except NotFound:
+        documents.put(records, KIND, _initial(records, tenant, target))
+
+
+def current(records: Records, tenant: str, target: Target) -> TargetVersion:
+    found = get(records, tenant, target)
+    return found.versions[found.current - 1]
+
+
+def guards_hold(promote: Promote, summary: dict[str, Any]) -> tuple[bool, str]:
+    """Whether a job's report allows automatic promotion, and why not."""
+    if promote.mode == "never":
+        return False, "promote: never (left for review)"
+    if summary.get("goal_met") is False:
+        return False, f"goal not met: {summary.get('goal_reason')}"
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    if promote.max_retain_accuracy_drop is not None and "retain_accuracy" in before and "retain_accuracy" in after:
+        drop = before["retain_accuracy"] - after["retain_accuracy"]
+        if drop > promote.max_retain_accuracy_drop:
+            return False, f"retain accuracy fell {drop:.3g} > {promote.max_retain_accuracy_drop}"
+    if promote.max_retain_nll_rise is not None and "retain_nll" in before and "retain_nll" in after:
+        rise = after["retain_nll"] - before["retain_nll"]
+        if rise > promote.max_retain_nll_rise:
+            return False, f"retain NLL rose {rise:.3g} > {promote.max_retain_nll_rise}"
+    return True, "goal met and guards hold"
+
+
+def add_from_job(records: Records, job: JobRecord, target: Target, promote: Promote, requests: list[str]) -> int:
+    """Record a succeeded unlearning job's output as the target's next version; promote it when allowed.
+    Idempotent per job (a listener called twice adds one version). Returns the version number."""
+    _ensure(records, job.tenant, target)
+    result = job.result
+    summary = (result.report if result else None) or {}
+    allowed, why = guards_hold(promote, summary)
+    number: list[int] = []
+
+    def change(record: TargetVersions) -> bool:
+        mine = [v for v in record.versions if v.job_id == job.id]
+        if mine:
+            number.append(mine[0].version)
+            return False
+        version = TargetVersion(
+            version=len(record.versions) + 1, parent_version=record.current,
+            model_id=(result.model_id if result and result.model_id else target.model),
+            adapter_id=result.adapter_id if result else None, job_id=job.id,
+            audit_key=result.audit_key if result else None, created_at=now(), requests=requests,
+            metrics={k: summary[k] for k in ("before", "after", "goal_met") if k in summary}, promotion=why,
+        )
+        record.versions.append(version)
+        if allowed:
+            record.current, version.promoted_at = version.version, now()
+        number.append(version.version)
+        return True
+
+    documents.mutate(records, KIND, TargetVersions, job.tenant, target_id(target), change)
+    return number[0]
+
+
+def for_id(records: Records, tenant: str, kind: str, record_id: str) -> TargetVersions:
+    """The versions of an adapter or model by its id, for the routes (the caller has checked it exists)."""
+    try:
+        return documents.get(records, KIND, TargetVersions, tenant, record_id)
+    except NotFound:
+        first = TargetVersion(version=1, model_id=record_id if kind == "model" else None,
+                              adapter_id=record_id if kind == "adapter" else None, created_at=now())
+        target = Target(model=record_id) if kind == "model" else Target(model=record_id, adapter=record_id)
+        return TargetVersions(id=record_id, tenant=tenant, kind=kind, target=target, current=1,  # type: ignore[arg-type]
+                              versions=[first])
+
+
+def promote_version(records: Records, tenant: str, kind: str, record_id: str, version: int) -> TargetVersions:
+    """Make `version` current (404 for a version that does not exist)."""
+    try:
+        documents.get(records, KIND, TargetVersions, tenant, record_id)
+    except NotFound:
+        if version != 1:
+            raise NotFound(f"version {version} of {record_id} not found") from None
+        return for_id(records, tenant, kind, record_id)  # only version 1 exists, and it is current
+
+    def change(record: TargetVersions) -> bool:
+        if not 1 <= version <= len(record.versions):
+            raise NotFound(f"version {version} of {record.id} not found")
+        record.current = version
+        record.versions[version - 1].promoted_at = now()
+        record.versions[version - 1].promotion = "promoted by request"
+        return True
+
+    return documents.mutate(records, KIND, TargetVersions, tenant, record_id, change)
