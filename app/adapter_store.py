@@ -13,6 +13,7 @@ from app.checks.adapter import validate_adapter
 from app.publish import publish
 from app.records import Records, now
 from app.schemas.adapters import AdapterRecord
+from app.schemas.lineage import Parent
 from app.settings import Settings
 
 PATTERN_FIELDS = ("rank_pattern", "alpha_pattern")
@@ -28,6 +29,7 @@ def store_adapter(
     config: dict[str, Any],
     weights: Path,
     source_job_id: str | None = None,
+    parents: list[Parent] | None = None,
 ) -> AdapterRecord:
     config_bytes = stored_config(config)
     summary = validate_adapter(  # the config exactly as stored, so the worker reads what was checked
@@ -49,6 +51,7 @@ def store_adapter(
             config_sha256=digests["adapter_config.json"],
             created_at=now(),
             source_job_id=source_job_id,
+            parents=parents or [],
         )
 
     return publish(

@@ -37,6 +37,7 @@ from app.audit import canonical_json
 from app.checks.adapter import ALL_DTYPES, check_finite, read_header
 from app.errors import Forbidden, InvalidModel, NotFound, PayloadTooLarge, UnsupportedMediaType
 from app.publish import publish
+from app.schemas.lineage import Parent
 from app.schemas.models import ModelFile, ModelRecord
 from app.uploads import PICKLE_SUFFIXES
 
@@ -352,6 +353,7 @@ def store_model(
     name: str,
     source: str,
     source_job_id: str | None = None,
+    parents: list[Parent] | None = None,
 ) -> ModelRecord:
     """Validate `files`, then publish them under keys.model(tenant, id, "files/<name>") and the record last
     (`app.publish.publish`: counted against the quota, undone on failure)."""
@@ -383,6 +385,7 @@ def store_model(
             sha256=manifest_sha256(stored),
             source=source,  # type: ignore[arg-type]
             source_job_id=source_job_id,
+            parents=parents or [],
             created_at=datetime.now(UTC),
         )
 

@@ -4,8 +4,8 @@ version a schedule's next run starts from; it moves when the schedule's `promote
 its goal and the report's guards hold) or by `POST …/versions/{v}/promote`.
 
 One record per target (`tenants/{tenant}/versions/{target id}/record.json`, through app/documents.py), changed
-atomically. Not done: other routes still resolve a target id to version 1's artifact (pinning by version is
-by the version's own adapter/model id).
+atomically. Job inputs named by a target id read its current version (`resolve_inputs`, at submission); other
+routes (GET, download, lineage) show the id asked for: a version is pinned by its own adapter/model id.
 """
 
 from __future__ import annotations
@@ -135,3 +135,36 @@ def promote_version(records: Records, tenant: str, kind: str, record_id: str, ve
         return True
 
     return documents.mutate(records, KIND, TargetVersions, tenant, record_id, change)
+
+
+def _current_id(records: Records, tenant: str, kind: str, record_id: str) -> str:
+    """The id a job should read for `record_id`: its current version's (itself unless a run replaced it). A model
+    whose current version is an adapter over it (an unlearning run with output `adapter`) stays itself: a model
+    input cannot become an adapter."""
+    try:
+        found = documents.get(records, KIND, TargetVersions, tenant, record_id)
+    except NotFound:
+        return record_id
+    version = found.versions[found.current - 1]
+    if kind == "adapter":
+        return version.adapter_id or record_id
+    return version.model_id if version.model_id and version.adapter_id is None else record_id
+
+
+def resolve_inputs(records: Records, tenant: str, spec: Any) -> Any:
+    """A job spec with each input adapter and model named by a target's id replaced by the target's current
+    version (called by `app.jobs.submit.submit`, so the job record pins what the job read). Ids of versions and
+    of artifacts never unlearned are left as they are."""
+    data = spec.model_dump(mode="json", by_alias=True)
+    changed = False
+    for item in data.get("adapters") or []:
+        new = _current_id(records, tenant, "adapter", item["id"])
+        changed, item["id"] = changed or new != item["id"], new
+    fields = [("adapter", "adapter"), ("model", "model"), ("base_model", "model")]
+    if data.get("type") == "unlearn" and data.get("adapter"):
+        fields = [("adapter", "adapter")]  # the model is the adapter's base: it stays
+    for field, kind in fields:
+        if isinstance(data.get(field), str):
+            new = _current_id(records, tenant, kind, data[field])
+            changed, data[field] = changed or new != data[field], new
+    return type(spec).model_validate(data) if changed else spec

@@ -81,6 +81,9 @@ def submit(
     spec: JobCreate,
     idempotency_key: str | None = None,
 ) -> Submitted:
+    from app.deletion.versions import resolve_inputs  # a target's id means its current version
+
+    spec = resolve_inputs(records, tenant, spec)
     spec_dict = spec.model_dump(mode="json", by_alias=True)
     spec_hash = request_hash(spec_dict)
     job_id = new_id("jb")

@@ -6,6 +6,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from app.schemas.lineage import Parent
+
 
 class AdapterPublic(BaseModel):
     id: str
@@ -21,6 +23,7 @@ class AdapterPublic(BaseModel):
     sha256: str = Field(description="SHA-256 of adapter_model.safetensors.")
     created_at: datetime
     source_job_id: str | None = Field(None, description="The job that produced this adapter, if any.")
+    parents: list[Parent] = Field(default_factory=list, description="What its job made it from (lineage).")
 
 
 class AdapterRecord(AdapterPublic):

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.schemas.lineage import Parent
+
 ModelFamily = Literal["causal_lm", "classifier"]
 ModelSource = Literal["upload", "path", "job"]
 
@@ -44,6 +46,7 @@ class ModelPublic(BaseModel):
     source: ModelSource
     created_at: datetime
     source_job_id: str | None = Field(None, description="The unlearning job that produced this model, if any.")
+    parents: list[Parent] = Field(default_factory=list, description="What its job made it from (lineage).")
 
 
 class ModelRecord(ModelPublic):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from app.adapter_store import store_adapter
+from app.deletion.lineage import parents_of
 from app.errors import NotFound
 from app.records import Records
 from app.schemas.jobs import JobRecord, JobResult
@@ -50,7 +51,8 @@ def adapter_result(records: Records, job: JobRecord) -> JobResult | None:
 
 
 def publish_adapter(context: JobContext, directory: Path, name: str, report: dict[str, Any]) -> JobResult:
-    """Store an output adapter and its report under keys derived from the job id; the record goes last."""
+    """Store an output adapter and its report under keys derived from the job id; the record goes last and names
+    its parents (lineage)."""
     job, records, settings = context.job, context.records, context.settings
     adapter_id = output_adapter_id(job.id)
     records.storage.put_json(report_key(job), report)
@@ -63,6 +65,7 @@ def publish_adapter(context: JobContext, directory: Path, name: str, report: dic
         config=json.loads((directory / "adapter_config.json").read_text()),
         weights=directory / "adapter_model.safetensors",
         source_job_id=job.id,
+        parents=parents_of(records, job),  # lineage: what the job's spec made it from
     )
     return JobResult(
         adapter_id=adapter_id, adapter_ids=[adapter_id], report=report.get("summary"), report_key=report_key(job)

@@ -41,7 +41,7 @@ from workers.jobs.inputs import (
     fetch_model,
     model_record,
 )
-from workers.jobs.outputs import audit_key, output_adapter_id, output_model_id, publish_adapter, report_key
+from workers.jobs.outputs import audit_key, output_adapter_id, output_model_id, parents_of, publish_adapter, report_key
 from workers.upkeep.scratch import job_scratch
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def run(context: JobContext) -> JobResult:
             records.storage.put_json(audit_key(job), signed)
             stored = store_model(
                 records, settings, tenant=job.tenant, model_id=output_model_id(job.id), files=files, name=name,
-                source="job", source_job_id=job.id,
+                source="job", source_job_id=job.id, parents=parents_of(records, job),
             )
             return JobResult(
                 model_id=stored.id, report=summary, report_key=report_key(job), audit_key=audit_key(job),

@@ -1,4 +1,5 @@
-"""Versions of adapters and models made by scheduled unlearning: list, and promote one to current."""
+"""Versions of adapters and models made by scheduled unlearning (list, promote one to current) and their lineage
+(ancestors and descendants)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from fastapi import APIRouter, Depends
 from fastapi import Path as PathParam
 
 from app.api.deps import AdapterDep, Reader, RecordsDep, Writer
-from app.deletion import versions
+from app.deletion import lineage, versions
 from app.schemas.deletion import TargetVersionsPublic
 from app.schemas.jobs import ID_PATTERN
+from app.schemas.lineage import LineagePublic
 from app.schemas.models import ModelRecord
 
 router = APIRouter(tags=["versions"])
@@ -48,3 +50,15 @@ def promote_adapter(adapter: AdapterDep, version: Version, caller: Writer, recor
              summary="Make a version of a model current")
 def promote_model(model: ModelDep, version: Version, caller: Writer, records: RecordsDep) -> TargetVersionsPublic:
     return versions.promote_version(records, caller.tenant, "model", model.id, version).public()
+
+
+@router.get("/v1/adapters/{adapter_id}/lineage", response_model=LineagePublic,
+            summary="What an adapter was made from, and what was made from it")
+def adapter_lineage(adapter: AdapterDep, records: RecordsDep) -> LineagePublic:
+    return lineage.lineage(records, adapter.tenant, "adapter", adapter.id)
+
+
+@router.get("/v1/models/{model_id}/lineage", response_model=LineagePublic,
+            summary="What a model was made from, and what was made from it")
+def model_lineage(model: ModelDep, records: RecordsDep) -> LineagePublic:
+    return lineage.lineage(records, model.tenant, "model", model.id)
