@@ -3,7 +3,8 @@
     python -m bench.unlearn_bench            # full: classifier (3 seeds) + language model, ≤ ~15 min
     python -m bench.unlearn_bench --quick    # smoke run: tiny grids, 1 seed, smaller LM world (~2 min);
                                              # its grids are too small to be held to the targets
-    python -m bench.unlearn_bench --part classifier|lm
+    python -m bench.unlearn_bench --part classifier|lm|goal
+                                             # goal: goal-driven runs with params {} (bench/unlearn_goal_bench.py)
 
 (a) Classifier — sklearn digits (8×8), stratified 60/10/30 train/validation/test split, an MLP 64-256-256-10
 trained by the bench (AdamW 1e-3, 30 epochs, batch 64, through the engine's `retrain`). Scenarios: class-wise
@@ -497,7 +498,7 @@ def lm_bench(quick: bool) -> dict[str, bool]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller grids, one seed, a smaller LM world")
-    parser.add_argument("--part", choices=("all", "classifier", "lm"), default="all")
+    parser.add_argument("--part", choices=("all", "classifier", "lm", "goal"), default="all")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -507,11 +508,15 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(classifier_bench)
     if args.part in ("all", "lm"):
         parts.append(lm_bench)
+    if args.part in ("all", "goal"):
+        from bench.unlearn_goal_bench import goal_bench
+
+        parts.append(goal_bench)
     for part in parts:
         verdicts.update(part(args.quick))
     say(f"\n== targets ({time.perf_counter() - started:.0f} s total)")
     for target, met in verdicts.items():
-        say(f"  [{'MET' if met else 'NOT MET'}] {target}")
+        say(f"  [{'met' if met else 'MISSED'}] {target}")
     return 0
 
 

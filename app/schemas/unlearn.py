@@ -336,7 +336,7 @@ class UnlearnGoal(BaseModel):
     retain_nll_rise: float = Field(
         0.1, ge=0.0, le=100.0, description="Guard (language models): retain NLL rises at most this many nats."
     )
-    eval_rows: int = Field(512, ge=8, le=10_000, description="Rows per split in the seeded subsets checked in a run.")
+    eval_rows: int = Field(256, ge=8, le=10_000, description="Rows per split in the seeded subsets checked in a run.")
     check_every: int = Field(10, ge=1, le=1000, description="Steps between two checks of the goal and guards.")
     max_steps: int = Field(
         1000, ge=1, le=MAX_STEPS, description="Step budget of a goal-driven run (learning-rate search included)."

