@@ -15,6 +15,7 @@ parent is always the version actually used.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from typing import Any
 
@@ -159,3 +160,70 @@ def stale_descendants(records: Records, tenant: str, source_id: str) -> list[Lin
     kept = {n: [c for c in cs if nodes.get(c) and nodes[c].job_type in ("merge", "compress")]
             for n, cs in children.items()}
     return _walk(source_id, kept, nodes)
+
+
+_celery: dict[str, Any] = {}
+
+
+def _submit_rebuild(records: Records, settings: Any, tenant: str, descendant: LineageNode, old: str, new: str,
+                    unlearn_job_id: str) -> str | None:
+    """Re-run the job that made `descendant` with `new` in place of `old`, as the next version of it
+    (`rebuilt` records the version when the job succeeds). Returns the job id; None when it cannot be re-run."""
+    from app.jobs.submit import submit
+    from app.queue import make_celery
+    from app.schemas.jobs import job_create_adapter
+
+    if not descendant.source_job_id:
+        return None
+    producer = records.get_job(descendant.source_job_id, tenant)
+    spec = json.loads(json.dumps(producer.spec))
+    for item in spec.get("adapters") or []:
+        item["id"] = new if item["id"] == old else item["id"]
+    for field in ("adapter", "model", "base_model"):
+        if spec.get(field) == old:
+            spec[field] = new
+    celery = _celery.get(settings.redis_url) or _celery.setdefault(settings.redis_url, make_celery(settings))
+    key = f"{REBUILD_PREFIX}{descendant.id}:{unlearn_job_id}"
+    return submit(records, settings, celery, tenant, job_create_adapter.validate_python(spec),
+                  idempotency_key=key).job.id
+
+
+def _same_kind(nodes: dict[str, LineageNode], old: str, new: str, records: Records, tenant: str) -> bool:
+    try:
+        new_kind = "adapter" if records.get_adapter(tenant, new) else "model"
+    except NotFound:
+        new_kind = "model"
+    return nodes[old].kind == new_kind if old in nodes else False
+
+
+def rebuild_children(records: Records, settings: Any, tenant: str, old: str, new: str,
+                     unlearn_job_id: str) -> dict[str, str]:
+    """Submit a rebuild of each artifact merged or compressed directly from `old`, with `new` substituted;
+    {descendant id: job id}. Their own descendants are rebuilt when these succeed (`rebuilt`)."""
+    nodes = _all(records, tenant)
+    if not _same_kind(nodes, old, new, records, tenant):
+        return {}  # a model whose new version is an adapter over it cannot stand in for it
+    jobs: dict[str, str] = {}
+    for child in _children(nodes).get(old, []):
+        node = nodes[child]
+        if node.job_type in ("merge", "compress"):
+            job_id = _submit_rebuild(records, settings, tenant, node, old, new, unlearn_job_id)
+            if job_id:
+                jobs[child] = job_id
+    return jobs
+
+
+def rebuilt(records: Records, settings: Any, job: JobRecord) -> None:
+    """A rebuild job succeeded: its output becomes the descendant's next version (current at once: the one it
+    replaces was made from forgotten data), traced to the unlearning job's requests; then what was made from
+    the descendant is rebuilt from the new version in turn."""
+    from app.deletion import versions
+
+    _, descendant, unlearn_job_id = (job.idempotency_key or "").split(":", 2)
+    output = (job.result.adapter_id or job.result.model_id) if job.result else None
+    if not output:
+        return
+    requests = records.get_job(unlearn_job_id, job.tenant).spec.get("requests") or []
+    kind = "adapter" if job.result and job.result.adapter_id else "model"
+    previous = versions.add_rebuild(records, job, kind, descendant, output, requests)
+    rebuild_children(records, settings, job.tenant, previous, output, unlearn_job_id)

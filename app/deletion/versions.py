@@ -168,3 +168,30 @@ def resolve_inputs(records: Records, tenant: str, spec: Any) -> Any:
             new = _current_id(records, tenant, kind, data[field])
             changed, data[field] = changed or new != data[field], new
     return type(spec).model_validate(data) if changed else spec
+
+
+def add_rebuild(records: Records, job: JobRecord, kind: str, descendant: str, output: str,
+                requests: list[str]) -> str:
+    """Record a rebuilt descendant (`output`, made by `job` from an unlearned version) as `descendant`'s next
+    version, current at once; returns the id of the version it replaced. Idempotent per job."""
+    target = Target(model=descendant, adapter=descendant) if kind == "adapter" else Target(model=descendant)
+    _ensure(records, job.tenant, target)
+    replaced: list[str] = []
+
+    def change(record: TargetVersions) -> bool:
+        before = record.versions[record.current - 1]
+        replaced.append((before.adapter_id if kind == "adapter" else before.model_id) or descendant)
+        if any(v.job_id == job.id for v in record.versions):
+            return False
+        version = TargetVersion(
+            version=len(record.versions) + 1, parent_version=record.current,
+            model_id=output if kind == "model" else None, adapter_id=output if kind == "adapter" else None,
+            job_id=job.id, created_at=now(), requests=requests, promoted_at=now(),
+            promotion="rebuilt from the unlearned version (the one it replaces was made from forgotten data)",
+        )
+        record.versions.append(version)
+        record.current = version.version
+        return True
+
+    documents.mutate(records, KIND, TargetVersions, job.tenant, target_id(target), change)
+    return replaced[0]

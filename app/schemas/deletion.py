@@ -97,6 +97,12 @@ class UnlearningRequestPublic(BaseModel):
     job_id: str | None = Field(None, description="The unlearning job that honours it (GET /v1/jobs/{id}).")
     audit_record: str | None = Field(None, description="Its job's audit record: GET /v1/jobs/{job_id}/audit.")
     version: int | None = Field(None, description="The target's version the job produced.")
+    stale_descendants: list[str] = Field(
+        default_factory=list, description="Adapters/models merged or compressed from the pre-unlearning version."
+    )
+    rebuild_jobs: dict[str, str] = Field(
+        default_factory=dict, description="With rebuild_descendants: each stale descendant's rebuild job."
+    )
     error: JobError | None = None
     at_risk: bool = Field(False, description="Pending, and its deadline falls before its target's next run.")
 
