@@ -48,6 +48,7 @@ bench: install
 	$(PY) -m bench.poll_bench
 	$(PY) -m bench.merge_quality
 	$(PY) -m bench.unlearn_bench
+	$(PY) -m bench.deletion_bench
 	$(PY) -m bench.soak --minutes 10
 
 # Resolve the newest versions pyproject.toml allows (torch stays at TORCH_VERSION) in a scratch venv, write them
