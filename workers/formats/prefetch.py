@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 
@@ -26,6 +28,7 @@ class Prefetching(Generic[T]):
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[str, T | None, BaseException | None]] = queue.Queue(maxsize=max(1, ahead))
         self._stop = threading.Event()
+        self._threads = torch.get_num_threads()  # OpenMP's thread count is per thread: the job's, not the default
         self._thread = threading.Thread(target=self._run, name="amend-read-ahead", daemon=True)
 
     def __enter__(self) -> Prefetching[T]:
@@ -42,6 +45,7 @@ class Prefetching(Generic[T]):
             self._thread.join(timeout=0.05)
 
     def _run(self) -> None:
+        torch.set_num_threads(self._threads)
         for name in self._order:
             if self._stop.is_set():
                 return
