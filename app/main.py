@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
+import redis.asyncio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -15,6 +16,7 @@ from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import logs, metrics, webhooks
+from app.api.fastpath import JobPollFastPath
 from app.api.routes import adapters, datasets, health, jobs, models, schedules, stats, unlearning_requests, versions
 from app.api.routes import webhooks as webhook_routes
 from app.api.routes.observability import router as observability_router
@@ -66,10 +68,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("start-up checks failed", extra={"error": str(error)})
         sender = webhooks.Sender(app.state.records, app.state.settings)
         sender.start()
+        # an asyncio Redis client for the polling hot path (api/deps.get_job), made on the server's own loop
+        aindex = redis.asyncio.Redis.from_url(
+            app.state.settings.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        app.state.aindex = aindex
         try:
             yield
         finally:
             sender.stop()
+            if getattr(app.state, "aindex", None) is aindex:
+                app.state.aindex = None  # requests fall back to the threadpool path
+            await aindex.aclose()
 
     app = FastAPI(
         title="Amend",
@@ -127,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         path_limits={"/v1/models": settings.max_model_archive_bytes + (1 << 20)},  # a model tar has its own limit
     )
     app.add_middleware(KeyBeforeBody, api_keys=app.state.api_keys)  # no key, no body read
+    app.add_middleware(JobPollFastPath, state=app.state)  # a plain job poll without the router (api/fastpath.py)
     app.add_middleware(metrics.LatencyMiddleware, metrics=app.state.metrics)  # times everything below
     app.add_middleware(logs.RequestContext)  # outermost: a request id on every line and response
     app.include_router(health.router)

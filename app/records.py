@@ -232,6 +232,17 @@ class Records:
             self._index_job(record)
         else:
             record = JobRecord.model_validate_json(raw)
+        return self.job_from_index(job_id, record, progress, tenant)
+
+    def job_keys(self, job_id: str) -> tuple[str, str]:
+        """The two index keys `get_job` reads with one MGET: the record and its live progress."""
+        return self._job_key(job_id), self.progress_key(job_id)
+
+    @staticmethod
+    def job_from_index(
+        job_id: str, record: JobRecord, progress: bytes | str | None, tenant: str | None
+    ) -> JobRecord:
+        """The record as a reader sees it: another tenant's is missing; a running job shows its live progress."""
         if tenant is not None and record.tenant != tenant:
             raise NotFound(f"job {job_id} not found")
         if progress is not None and record.state == "running":
@@ -301,8 +312,10 @@ class Records:
         lower = "-" if created_after is None else f"[jb_{int((created_after.timestamp() - 1) * 1e6):014x}"
         last: str | None = None
         with redis_errors():
+            filtered = bool(state or job_type or keep or created_after or created_before)
             while len(found) < limit:
-                batch = [as_text(i) for i in self.index.zrevrangebylex(zset, upper, lower, start=0, num=max(limit, 50))]
+                size = max(limit, 50) if filtered else limit - len(found)  # unfiltered: read only what is shown
+                batch = [as_text(i) for i in self.index.zrevrangebylex(zset, upper, lower, start=0, num=size)]
                 if not batch:
                     return found, None
                 for record in self.get_jobs(batch, tenant):

@@ -122,3 +122,32 @@ def test_the_event_log_as_json_and_as_a_resumable_stream(api, adapters):
     assert full[-1][2] == {"state": "cancelled"}
     resumed = stream(**{"Last-Event-ID": str(first)})
     assert [(i, e) for i, e, _ in resumed] == [(str(last), "event"), (None, "progress"), (None, "end")]
+
+
+def test_the_polling_fast_path_answers_exactly_as_the_route(api, adapters, redis_client):
+    job = submit(api, adapters)
+    fast = api.get(f"/v1/jobs/{job}")
+    routed = api.get(f"/v1/jobs/{job}", params={"via": "route"})  # a query string always takes the route
+    assert fast.status_code == routed.status_code == 200
+    assert fast.content == routed.content and fast.headers["etag"] == routed.headers["etag"]
+    for header in ("content-type", "cache-control", "x-request-id"):
+        assert header in fast.headers
+    assert api.get(f"/v1/jobs/{job}", headers={"If-None-Match": fast.headers["etag"]}).status_code == 304
+    other = api.get(f"/v1/jobs/{job}", headers={"Authorization": "Bearer nope"})
+    assert other.status_code == 401 and other.json()["error"]["code"] == "unauthorized"
+    # another tenant's job, and a job only in storage, fall through to the route
+    redis_client.delete(f"amend:job:{job}")
+    assert api.get(f"/v1/jobs/{job}").json()["id"] == job  # read back from storage by the route
+    metrics = api.get("/metrics").text
+    assert 'route="/v1/jobs/{job_id}"' in metrics and "unmatched" not in metrics
+
+
+def test_the_list_body_is_the_page_schema(api, adapters):
+    from app.schemas.common import Page
+    from app.schemas.jobs import JobPublic
+
+    for _ in range(3):
+        submit(api, adapters)
+    response = api.get("/v1/jobs", params={"limit": 2})
+    page = Page[JobPublic].model_validate_json(response.content)
+    assert response.content == page.model_dump_json().encode() and page.next_cursor

@@ -277,6 +277,7 @@ def test_secrets_never_logged(make_api, adapter_dir, caplog, capfd, monkeypatch)
         raise RuntimeError("storage exploded")
 
     monkeypatch.setattr(api.records, "get_job", explode)
+    monkeypatch.setattr(api.records, "job_from_index", explode)  # the polling paths (api/fastpath.py, deps)
     with TestClient(api.app, raise_server_exceptions=False) as client:
         assert_error(client.get(f"/v1/jobs/{job_id}", headers=bearer(api.keys.a)), 500, "internal_error")
 
