@@ -117,12 +117,13 @@ def finish(
     return _transition(records, job_id, change)
 
 
-def note(records: Records, job_id: str, text: str) -> JobRecord:
-    """Add an entry to a job's event log without changing its state, progress or stage (e.g. a webhook
-    attempt after the job ended). Listeners are not called: nothing changed state."""
+def note(records: Records, job_id: str, text: str, progress: float | None = None) -> JobRecord:
+    """Add an entry to a job's event log without changing its state, progress or stage (a progress tick with
+    its fraction, a webhook attempt after the job ended). Listeners are not called: nothing changed state."""
 
     def change(record: JobRecord) -> bool:
-        record.events.append(JobEvent(time=now(), state=record.state, progress=record.progress, stage=text))
+        shown = record.progress if progress is None else progress
+        record.events.append(JobEvent(time=now(), state=record.state, progress=shown, stage=text))
         del record.events[:-MAX_EVENTS]
         return True
 
