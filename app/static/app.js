@@ -132,8 +132,10 @@ const views = {
   jobs: showJobs,
   adapters: () => showList("adapters", "/v1/adapters?limit=100", ["id", "name", "version", "rank", "n_modules", "size_bytes", "created_at"], (a, c) => a[c]),
   models: () => showList("models", "/v1/models?limit=100", ["id", "name", "version", "family", "architecture", "size_bytes", "created_at"], (m, c) => m[c]),
-  schedules: () => showList("schedules", "/v1/schedules?limit=100", ["id", "target", "kind", "next_run_at", "created_at"], (s, c) => s[c]),
-  requests: () => showList("requests", "/v1/unlearning-requests?status=pending&limit=100", ["id", "target", "status", "created_at"], (r, c) => r[c]),
+  schedules: () => showList("schedules", "/v1/schedules?limit=100", ["id", "name", "when", "next_run_at", "paused", "created_at"],
+    (s, c) => (c === "when" ? s.cron || (s.interval_seconds && `every ${s.interval_seconds} s`) || s.run_at : s[c])),
+  requests: () => showList("requests", "/v1/unlearning-requests?state=pending&limit=100", ["id", "state", "target", "dataset", "rows", "deadline", "created_at"],
+    (r, c) => (c === "rows" ? r.rows.length : c === "target" ? JSON.stringify(r.target) : r[c])),
 };
 
 function switchTo(view) {

@@ -137,6 +137,9 @@ def test_sign_in_watch_progress_and_read_a_report(chromium, server, adapter_dir,
 
             page.click("nav button[data-show=adapters]")
             expect(page.locator("#adapters table")).to_contain_text("merged")
+            for view in ("schedules", "requests", "models"):  # their lists render (empty here), not an error
+                page.click(f"nav button[data-show={view}]")
+                expect(page.locator(f"#{view} table")).to_contain_text("nothing yet")
             assert page.evaluate("sessionStorage.getItem('amend-api-key')") == key
         finally:
             browser.close()
