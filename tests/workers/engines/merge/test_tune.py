@@ -111,3 +111,23 @@ def test_tune_contract_bounds_the_grid_and_fits_the_method() -> None:
         MergeJobCreate.model_validate({**base, "tune": {**tune, "search": {"density": [1.5]}}})
     ctm = MergeJobCreate.model_validate({**base, "method": "ctm", "tune": {**tune, "search": {"beta": [0, 0.5]}}})
     assert ctm.tune is not None and ctm.tune.points() == [{"beta": 0.0}, {"beta": 0.5}]
+
+
+def test_a_cancel_stops_the_search_between_points() -> None:
+    merged = []
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(done: int, total: int) -> None:
+        if done == 2:
+            raise Cancelled
+
+    def merge_at(point):
+        merged.append(point)
+        return {}
+
+    with pytest.raises(Cancelled):
+        grid_search([{"lambda": v} for v in (0.5, 1.0, 1.5, 2.0)], merge_at, [(0, lambda f: 1.0)], {0: {}},
+                     "mean", True, progress)
+    assert merged == [{"lambda": 0.5}, {"lambda": 1.0}]
