@@ -28,6 +28,8 @@ def check(records: Records, settings: Settings, tenant: str, spec: UnlearnJobCre
     missing = missing_inputs(spec.method, params, provided)
     if missing:
         raise Unprocessable(f"{spec.method} needs {', '.join(missing)} data; the job has none", code="missing_input")
+    if spec.reference == "retrain" and not spec.retain:
+        raise Unprocessable("reference 'retrain' trains on the retain rows; the job has none", code="missing_input")
     forget = records.get_resource("datasets", tenant, spec.forget.dataset)
     if spec.forget.rows and spec.forget.rows[-1] >= forget.rows:
         raise Unprocessable(

@@ -358,6 +358,7 @@ def test_unlearn_job_is_accepted_and_its_inputs_are_in_use(api, lm_inputs):
     [
         ({"retain": None}, 422, "missing_input"),
         ({"retain": None, "method": "grad_ascent", "params": {"gu": True}}, 422, "missing_input"),
+        ({"retain": None, "method": "grad_ascent", "reference": "retrain"}, 422, "missing_input"),
         ({"method": "finetune", "params": {}}, 422, "unsupported_family"),
         ({"method": "ssd", "params": {}}, 422, "unsupported_family"),
         ({"params": {"steps": 0}}, 422, "validation_error"),
@@ -369,8 +370,9 @@ def test_unlearn_job_is_accepted_and_its_inputs_are_in_use(api, lm_inputs):
         ({"adapter": "ad_0123456789abcdef01"}, 404, "not_found"),
         ({"surprise": 1}, 422, "validation_error"),
     ],
-    ids=["no-retain", "gu-needs-retain", "finetune-on-lm", "ssd-on-lm", "params-bounds", "params-unknown",
-         "method", "weights-with-adapter", "unknown-model", "unknown-dataset", "unknown-adapter", "extra-key"],
+    ids=["no-retain", "gu-needs-retain", "reference-needs-retain", "finetune-on-lm", "ssd-on-lm", "params-bounds",
+         "params-unknown", "method", "weights-with-adapter", "unknown-model", "unknown-dataset", "unknown-adapter",
+         "extra-key"],
 )
 def test_bad_unlearn_jobs_are_refused_at_submission(api, lm_inputs, changes, status, code):
     response = api.post("/v1/jobs", json=unlearn_body(lm_inputs, **changes))
