@@ -34,20 +34,20 @@ _ROUTE = next(r for r in jobs_router.routes if getattr(r, "path", "") == "/v1/jo
 
 class JobPollFastPath:
     def __init__(self, app: ASGIApp, state: Any) -> None:
-        self.app, self.state = app, state
+        self.app, self.app_state = app, state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = _JOB_PATH.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "GET" else None
-        if match is None or scope.get("query_string") or getattr(self.state, "aindex", None) is None:
+        if match is None or scope.get("query_string") or getattr(self.app_state, "aindex", None) is None:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
         try:
-            caller = authenticate(headers.get(b"authorization", b"").decode("latin-1"), self.state.api_keys)
+            caller = authenticate(headers.get(b"authorization", b"").decode("latin-1"), self.app_state.api_keys)
             if not caller.scopes & {"read", "admin"}:
                 raise PermissionError
-            records = self.state.records
-            raw, progress = await self.state.aindex.mget(*records.job_keys(match.group(1)))
+            records = self.app_state.records
+            raw, progress = await self.app_state.aindex.mget(*records.job_keys(match.group(1)))
             if raw is None:
                 raise LookupError
             job = records.job_from_index(match.group(1), JobRecord.model_validate_json(raw), progress, caller.tenant)
