@@ -77,7 +77,9 @@ def _print_json(value: Any) -> None:
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    table = Table(*columns)
+    table = Table()
+    for column in columns:
+        table.add_column(column, overflow="fold")  # ids wrap instead of being cut short
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     console.print(table)
