@@ -47,6 +47,7 @@ bench: install
 	$(PY) -m bench.merge_api_bench
 	$(PY) -m bench.poll_bench
 	$(PY) -m bench.merge_quality
+	$(PY) -m bench.compress_bench
 	$(PY) -m bench.unlearn_bench
 	$(PY) -m bench.deletion_bench
 	$(PY) -m bench.soak --minutes 10

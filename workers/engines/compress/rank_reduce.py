@@ -21,7 +21,14 @@ from workers.engines.compress.allocation import (
 from workers.engines.compress.errors import CompressNumericError
 from workers.engines.compress.lowrank import Spectrum, factor_svd
 from workers.engines.compress.report import difference_norms, module_row, totals
-from workers.engines.compress.types import CompressedModule, CompressJob, CompressResult, SizeRule, finite
+from workers.engines.compress.types import (
+    AdapterModule,
+    CompressedModule,
+    CompressJob,
+    CompressResult,
+    SizeRule,
+    finite,
+)
 from workers.engines.registry import register
 
 
@@ -53,51 +60,65 @@ def choose_ranks(spectra: dict[str, Spectrum], costs: dict[str, int], size: Size
     return {name: s.rank for name, s in spectra.items()}, {"rank": "numerical"}
 
 
+def _output(name: str, module: AdapterModule, spectrum: Spectrum, k: int) -> tuple[CompressedModule, dict]:
+    """Module `name` truncated to rank k, stored in its input dtype, with its report row."""
+    lora_B, lora_A = spectrum.factors(k)
+    stored_B, stored_A = lora_B.to(module.lora_B.dtype).contiguous(), lora_A.to(module.lora_A.dtype).contiguous()
+    if not (finite(stored_B) and finite(stored_A)):
+        raise CompressNumericError(f"module {name!r}: the reduced factors are not finite")
+    norm2, diff2 = difference_norms(*module.delta_factors(), stored_B.float(), stored_A.float())
+    cost = module.shape[0] + module.shape[1]
+    row = module_row(
+        shape=module.shape,
+        rank_in=module.rank,
+        rank_out=k,
+        params_in=module.rank * cost,
+        params_out=k * cost,
+        bytes_in=module.rank * cost * module.lora_A.element_size(),
+        bytes_out=k * cost * stored_A.element_size(),
+        norm2=norm2,
+        diff2=diff2,
+    )
+    return CompressedModule(lora_A=stored_A, lora_B=stored_B, scaling=1.0, report=row), row
+
+
 @register("compress", "rank_reduce", RankReduceParams)
 def rank_reduce(job: CompressJob, params: RankReduceParams) -> CompressResult:
-    """Every module's exact SVD from its factors, truncated to the rank the size rule gives it."""
-    spectra: dict[str, Spectrum] = {}
+    """Every module's exact SVD from its factors, truncated to the rank the size rule gives it.
+
+    A per-module rule (rank, pattern, energy) reduces each module as soon as its SVD is known, so one
+    module's spectrum is in memory at a time; a budget needs every module's spectrum before any rank is
+    chosen, so those are held (about the input's size again)."""
     total = max(1, len(job.modules))
-    for name, module in job.modules.items():
-        spectra[name] = factor_svd(*module.delta_factors())
-        job.progress(0.8 * len(spectra) / total, "factor SVDs")
     costs = {name: module.shape[0] + module.shape[1] for name, module in job.modules.items()}
-    ranks, how = choose_ranks(spectra, costs, job.size)
+    rows: dict[str, dict] = {}
     out: dict[str, CompressedModule] = {}
-    dropped = []
-    rows = []
-    for name, module in job.modules.items():
-        k = ranks[name]
-        lora_B, lora_A = spectra[name].factors(k)
-        stored_B, stored_A = lora_B.to(module.lora_B.dtype), lora_A.to(module.lora_A.dtype)
-        if not (finite(stored_B) and finite(stored_A)):
-            raise CompressNumericError(f"module {name!r}: the reduced factors are not finite")
-        norm2, diff2 = difference_norms(*module.delta_factors(), stored_B.float(), stored_A.float())
-        width = module.lora_A.element_size()
-        row = module_row(
-            shape=module.shape,
-            rank_in=module.rank,
-            rank_out=k,
-            params_in=module.rank * costs[name],
-            params_out=k * costs[name],
-            bytes_in=module.rank * costs[name] * width,
-            bytes_out=k * costs[name] * stored_A.element_size(),
-            norm2=norm2,
-            diff2=diff2,
-        )
-        rows.append(row)
-        if k == 0:
-            dropped.append(name)
-            continue
-        out[name] = CompressedModule(lora_A=stored_A.contiguous(), lora_B=stored_B.contiguous(), scaling=1.0,
-                                     report=row)
+    ranks: dict[str, int] = {}
+    how: dict = {}
+    if job.size.budget_params is not None:
+        spectra = {}
+        for name, module in job.modules.items():
+            spectra[name] = factor_svd(*module.delta_factors())
+            job.progress(0.8 * len(spectra) / total, "factor SVDs")
+        ranks, how = choose_ranks(spectra, costs, job.size)
+        for name, module in job.modules.items():
+            out[name], rows[name] = _output(name, module, spectra.pop(name), ranks[name])
+    else:
+        for name, module in job.modules.items():
+            spectrum = factor_svd(*module.delta_factors())
+            chosen, how = choose_ranks({name: spectrum}, {name: costs[name]}, job.size)
+            ranks[name] = chosen[name]
+            out[name], rows[name] = _output(name, module, spectrum, ranks[name])
+            job.progress(len(out) / total, "factor SVDs")
+    dropped = [name for name, k in ranks.items() if k == 0]
+    for name in dropped:
+        del out[name]
     job.progress(1.0, "reduced")
-    summary = totals(rows)
-    per_module = {name: row for name, row in zip(job.modules, rows, strict=True)}
+    summary = totals(rows.values())
     summary["rank_out_max"] = max(ranks.values(), default=0)
     return CompressResult(
         modules=out,
-        report={"summary": summary, "size_rule": how, "modules": per_module, "dropped": dropped},
+        report={"summary": summary, "size_rule": how, "modules": rows, "dropped": dropped},
         config="folded",
         dropped=dropped,
     )
