@@ -107,8 +107,9 @@ def _dev(args: argparse.Namespace) -> int:
 def _reindex(args: argparse.Namespace) -> int:
     import json
 
-    from app.queue import make_celery, reindex_and_requeue
+    from app.queue import make_celery
     from app.records import Records
+    from app.reindex import reindex_and_requeue
     from app.settings import get_settings
 
     settings = get_settings()

@@ -3,7 +3,7 @@
 
 The same contract as `app/records.py`: S3 first, then the index; `mutate` changes a record atomically (WATCH on
 its index key, the durable copy written before the index commits); `reindex` rebuilds the index from S3 (called
-by `app.queue.reindex_and_requeue`, so `amend reindex` and an API starting on an empty index both run it).
+by `app.reindex.reindex_and_requeue`, so `amend reindex` and an API starting on an empty index both run it).
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ from app.api.routes.ui import router as ui_router
 from app.errors import AmendError
 from app.jobs import hooks
 from app.limits import BodySizeLimit, KeyBeforeBody
-from app.queue import make_celery, reindex_and_requeue
+from app.queue import make_celery
 from app.records import Records
+from app.reindex import reindex_and_requeue
 from app.schemas.common import ErrorBody
 from app.settings import Settings, get_settings
 

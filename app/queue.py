@@ -18,7 +18,6 @@ from typing import Any, Literal
 import redis
 from celery import Celery
 
-from app.records import Records
 from app.settings import Settings
 
 RUN_JOB = "workers.run_job"
@@ -115,16 +114,3 @@ def route(celery: Celery, job_type: str) -> str:
 
 def enqueue(celery: Celery, job_id: str, job_type: str) -> None:
     celery.send_task(RUN_JOB, args=[job_id], queue=route(celery, job_type))
-
-
-def reindex_and_requeue(records: Records, celery: Celery) -> dict[str, Any]:
-    """Rebuild the index from storage and re-enqueue the active jobs whose messages were lost with it; rebuild
-    the deletion requests' and schedules' index entries and re-register the schedules with redbeat."""
-    result = records.reindex()
-    for job_id, job_type in result.pop("lost_jobs"):
-        enqueue(celery, job_id, job_type)
-        result["requeued"] = result.get("requeued", 0) + 1
-    from app.deletion import reindex as deletion_reindex  # requests, schedules (+ their redbeat entries)
-
-    result.update(deletion_reindex(records, celery))
-    return result

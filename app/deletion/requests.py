@@ -2,8 +2,8 @@
 
 States: `pending → scheduled (job id) → completed (job id, audit record) | failed (error)`; `cancelled` only
 from `pending`. The same rows of the same dataset for the same target are one request while it is open or
-completed (idempotent by content); an `Idempotency-Key` names one request too. A request moves on with its job:
-`on_job_change` is a `lifecycle.on_change` listener (installed by `app.jobs.hooks`).
+completed (idempotent by content); an `Idempotency-Key` names one request too. A request moves on with its job
+through `app.deletion.outcomes.on_job_change`, a `lifecycle.on_change` listener (installed by `app.jobs.hooks`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from app.schemas.deletion import (
     UnlearningRequestPublic,
     UnlearningRequestRecord,
 )
-from app.schemas.jobs import JobError, JobRecord, JobState
+from app.schemas.jobs import JobError, JobRecord
 
 log = logging.getLogger(__name__)
 KIND = "requests"
@@ -227,48 +227,6 @@ def honoured(records: Records, tenant: str, request_ids: list[str], row_sha256: 
             "created_at": record.created_at.isoformat(),
         })
     return entries
-
-
-def on_job_change(records: Records, job: JobRecord, previous: JobState | None, settings: Any = None) -> None:
-    from app.deletion import lineage
-
-    if job.type == "unlearn" and job.state in ("succeeded", "failed", "cancelled"):
-        done = job_ended(records, job)
-        if job.state == "succeeded" and done and done[0].schedule_id:
-            _new_version(records, job, done, settings)
-    elif (job.state == "succeeded" and settings is not None
-          and (job.idempotency_key or "").startswith(lineage.REBUILD_PREFIX)):
-        lineage.rebuilt(records, settings, job)  # a stale descendant rebuilt from an unlearned version
-
-
-def _new_version(records: Records, job: JobRecord, done: list[UnlearningRequestRecord], settings: Any) -> None:
-    """A scheduled run's output becomes the target's next version (promoted as its schedule says); each
-    request names it and the stale descendants of the version it was unlearned from - rebuilt from the new
-    version when the schedule says `rebuild_descendants` and the new version became current."""
-    from app.deletion import lineage, schedules, versions
-    from app.schemas.deletion import Promote, UnlearnPendingJob
-
-    promote, rebuild = Promote(mode="never"), False
-    try:
-        schedule = schedules.get(records, job.tenant, done[0].schedule_id or "")
-        pending = UnlearnPendingJob.model_validate(schedule.job)
-        promote, rebuild = pending.promote, pending.rebuild_descendants
-    except (NotFound, ValueError):
-        pass  # the schedule is gone: the version is kept for review
-    number = versions.add_from_job(records, job, done[0].target, promote, [r.id for r in done])
-    source = job.spec.get("adapter") or job.spec.get("model") or ""
-    stale = [node.id for node in lineage.stale_descendants(records, job.tenant, source)]
-    new = (job.result.adapter_id or job.result.model_id) if job.result else None
-    jobs: dict[str, str] = {}
-    current = versions.get(records, job.tenant, done[0].target).current == number
-    if rebuild and stale and new and current and settings is not None:
-        jobs = lineage.rebuild_children(records, settings, job.tenant, source, new, job.id)
-    for record in done:
-        def change(request: UnlearningRequestRecord) -> bool:
-            request.version, request.stale_descendants, request.rebuild_jobs = number, stale, jobs
-            return True
-
-        documents.mutate(records, KIND, UnlearningRequestRecord, job.tenant, record.id, change)
 
 
 def public(record: UnlearningRequestRecord, next_runs: dict[str, datetime]) -> UnlearningRequestPublic:

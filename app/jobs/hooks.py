@@ -27,9 +27,9 @@ def _notify(record: JobRecord, previous: JobState | None) -> None:
 
 def _requests(record: JobRecord, previous: JobState | None) -> None:
     if "now" in _current:
-        from app.deletion import requests  # deletion requests move on with their unlearning job
+        from app.deletion import outcomes  # deletion requests move on with their unlearning job
 
-        requests.on_job_change(_current["now"][0], record, previous, _current["now"][1])
+        outcomes.on_job_change(_current["now"][0], record, previous, _current["now"][1])
 
 
 def install(records: Records, settings: Settings) -> None:

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from app.deletion import schedules
 from app.jobs import lifecycle
 from app.main import create_app
-from app.queue import reindex_and_requeue
+from app.reindex import reindex_and_requeue
 from app.schemas.deletion import Timing
 from app.schemas.jobs import JobResult
 from app.settings import Settings

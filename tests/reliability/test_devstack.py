@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -288,9 +289,12 @@ def test_killed_worker_is_restarted_and_its_job_succeeds_exactly_once(dev, tmp_p
             health.append(repr(error))
 
     def new_worker() -> int | None:
+        # the supervisor's own word, not any celery process among its children: the killed worker's pool
+        # process is orphaned to the supervisor (a subreaper) for the moment before its death signal lands
         api_health()
-        pid = stack.child("celery")
-        return pid if pid not in (None, old) else None
+        restarted = re.findall(r"worker restarted \(pid (\d+)\)", stack.said())
+        pid = int(restarted[-1]) if restarted else None
+        return pid if pid is not None and pid != old and Path(f"/proc/{pid}").exists() else None
 
     new = wait_until(new_worker, 10, "a new worker process", interval=0.1)
     restarted_after = time.monotonic() - killed

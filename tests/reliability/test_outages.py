@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from app.queue import reindex_and_requeue
+from app.reindex import reindex_and_requeue
 from tests.integration.conftest import upload_dir, wait_for_job
 from tests.reliability.conftest import WORKER_APP, wait_until
 
