@@ -8,7 +8,7 @@
     amend adapters download ad_… merged/
 
 Every command takes `--json` (machine-readable output on stdout). Errors print the API's code and exit 1;
-a watched job that fails exits 2. `amend dev` and `amend reindex` are app/cli.py's.
+a watched job that fails exits 2. `amend dev` and `amend reindex` are app/service_commands.py's.
 """
 
 from __future__ import annotations
@@ -216,16 +216,16 @@ def jobs_events(job_id: str, as_json: Json = False) -> None:
 
 @app.command("dev", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def dev(ctx: typer.Context) -> None:
-    """Run API + worker + Redis + S3 on the embedded defaults (app/cli.py; `amend dev --port N`)."""
-    from app.cli import main
+    """Run API + worker + Redis + S3 on the embedded defaults (app/service_commands.py; `amend dev --port N`)."""
+    from app.service_commands import main
 
     raise typer.Exit(main(["dev", *ctx.args]))
 
 
 @app.command("reindex")
 def reindex() -> None:
-    """Rebuild the Redis index from object storage (app/cli.py)."""
-    from app.cli import main
+    """Rebuild the Redis index from object storage (app/service_commands.py)."""
+    from app.service_commands import main
 
     raise typer.Exit(main(["reindex"]))
 
