@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import logs, metrics, webhooks
 from app.api.fastpath import JobPollFastPath
 from app.api.routes import adapters, datasets, health, jobs, models, schedules, stats, unlearning_requests, versions
+from app.api.routes import uploads as upload_routes
 from app.api.routes import webhooks as webhook_routes
 from app.api.routes.observability import router as observability_router
 from app.api.routes.ui import router as ui_router
@@ -145,6 +146,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ui_router)
     app.include_router(webhook_routes.router, responses=ERROR_RESPONSES)
     for router in (adapters.router, jobs.router, models.router, datasets.router, stats.router,
-                   unlearning_requests.router, schedules.router, versions.router):
+                   unlearning_requests.router, schedules.router, versions.router, upload_routes.router):
         app.include_router(router, responses=ERROR_RESPONSES)
     return app

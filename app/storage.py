@@ -52,6 +52,11 @@ class keys:
     def model(tenant: str, model_id: str, name: str = "") -> str:
         return f"tenants/{tenant}/models/{model_id}/{name}"
 
+    @staticmethod
+    def upload(tenant: str, upload_id: str, name: str = "") -> str:
+        """A presigned upload's record and staged files (`app/upload_sessions.py`)."""
+        return f"tenants/{tenant}/uploads/{upload_id}/{name}"
+
 
 def sha256_b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
@@ -155,6 +160,35 @@ class Storage:
     def upload_path(self, key: str, path: Path, content_type: str = "application/octet-stream") -> str:
         with path.open("rb") as source:
             return self.put_file(key, source, content_type)
+
+    # -- multipart uploads a client writes through presigned part URLs (app/upload_sessions.py) --------
+    def start_multipart(self, key: str) -> str:
+        with _translate():
+            return str(self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"])
+
+    def presign_part(self, key: str, upload_id: str, number: int, expires_in: int) -> str:
+        """A URL that lets its holder PUT part `number` of this multipart upload, and nothing else."""
+        return str(self.client.generate_presigned_url(
+            "upload_part",
+            Params={"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": number},
+            ExpiresIn=expires_in,
+        ))
+
+    def finish_multipart(self, key: str, upload_id: str) -> int:
+        """Complete a multipart upload from the parts the store holds (listed server-side); returns how many."""
+        parts: list[dict[str, Any]] = []
+        with _translate():
+            paginator = self.client.get_paginator("list_parts")
+            for page in paginator.paginate(Bucket=self.bucket, Key=key, UploadId=upload_id):
+                parts += [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in page.get("Parts", [])]
+            if parts:
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                )
+        return len(parts)
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        self._abort(key, upload_id)
 
     def _abort(self, key: str, upload_id: str) -> None:
         try:

@@ -343,6 +343,17 @@ def manifest_sha256(files: list[ModelFile]) -> str:
     return hashlib.sha256(canonical_json(listing)).hexdigest()
 
 
+def store_archive(
+    records: Records, settings: Settings, *, tenant: str, model_id: str, archive: Path, scratch: Path, name: str
+) -> ModelRecord:
+    """Register an uploaded tar(.gz) (direct or presigned): extract it into `scratch`, checked, then `store_model`."""
+    files = extract_archive(
+        archive, scratch / "files", max_files=settings.max_model_files, max_bytes=settings.max_model_bytes
+    )
+    archive.unlink()
+    return store_model(records, settings, tenant=tenant, model_id=model_id, files=files, name=name, source="upload")
+
+
 def store_model(
     records: Records,
     settings: Settings,

@@ -134,6 +134,15 @@ def _create_schedules(client: TestClient, ctx: SimpleNamespace) -> list[str]:
     return [response.json()["id"]]
 
 
+def _create_uploads(client: TestClient, ctx: SimpleNamespace) -> list[str]:
+    """A presigned upload left open (so complete and delete meet one they could act on)."""
+    files = [{"name": name, "size": 100, "sha256": "0" * 64}
+             for name in ("adapter_config.json", "adapter_model.safetensors")]
+    response = client.post("/v1/uploads", json={"kind": "adapter", "files": files})
+    assert response.status_code == 201, response.text
+    return [response.json()["id"]]
+
+
 # param name -> (id prefix, creator); order matters: jobs need adapters, models and datasets first
 CREATORS: dict[str, tuple[str, Callable[[TestClient, SimpleNamespace], list[str]]]] = {
     "adapter_id": ("ad", _upload_adapter),
@@ -142,6 +151,7 @@ CREATORS: dict[str, tuple[str, Callable[[TestClient, SimpleNamespace], list[str]
     "job_id": ("jb", _create_jobs),
     "request_id": ("rq", _create_requests),
     "schedule_id": ("sc", _create_schedules),
+    "upload_id": ("up", _create_uploads),
 }
 
 

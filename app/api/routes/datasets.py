@@ -10,12 +10,10 @@ from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi import Path as PathParam
 
 from app.api.deps import Reader, RecordsDep, SettingsDep, Writer
-from app.checks.dataset import validate_jsonl, validate_tensors
+from app.dataset_store import store_dataset
 from app.errors import UnsupportedMediaType
-from app.publish import publish
-from app.records import new_id, now
 from app.schemas.common import Page
-from app.schemas.datasets import DATA_FILES, DatasetManifest, DatasetPublic, DatasetRecord
+from app.schemas.datasets import DatasetPublic, DatasetRecord
 from app.schemas.jobs import ID_PATTERN
 from app.storage import keys
 from app.uploads import PICKLE_SUFFIXES, copy_bounded
@@ -47,45 +45,8 @@ def upload_dataset(
     with tempfile.TemporaryDirectory(prefix="amend-dataset-") as scratch:
         path = Path(scratch) / "data"
         sha256 = copy_bounded(file, path, settings.max_upload_bytes)
-        if filename.endswith(".safetensors"):
-            summary = validate_tensors(
-                path,
-                num_labels=num_labels,
-                max_rows=settings.max_dataset_rows,
-                max_header_bytes=settings.max_safetensors_header_bytes,
-                max_tensors=settings.max_tensors,
-            )
-        else:
-            summary = validate_jsonl(
-                path, num_labels=num_labels, max_rows=settings.max_dataset_rows,
-                max_row_bytes=settings.max_dataset_row_bytes,
-            )
-        size = path.stat().st_size
-        dataset_id = new_id("ds")
-        record = DatasetRecord(
-            id=dataset_id,
-            tenant=caller.tenant,
-            name=name or Path(file.filename or "dataset").stem[:128] or "dataset",
-            kind=summary.kind,  # type: ignore[arg-type]
-            format=summary.format,  # type: ignore[arg-type]
-            rows=summary.rows,
-            num_labels=summary.num_labels,
-            size_bytes=size,
-            sha256=sha256,
-            created_at=now(),
-        )
-        manifest = DatasetManifest(dataset_id=dataset_id, rows=summary.rows, row_sha256=summary.row_sha256)
-        publish(
-            records,
-            "datasets",
-            tenant=caller.tenant,
-            resource_id=dataset_id,
-            files={DATA_FILES[record.format]: path, "manifest.json": manifest.model_dump_json().encode()},
-            record=lambda _digests: record,
-            size=size,
-            limit=settings.max_bytes_per_tenant,
-            hint="delete datasets first",
-        )
+        record = store_dataset(records, settings, tenant=caller.tenant, path=path, filename=file.filename or "",
+                               sha256=sha256, name=name, num_labels=num_labels)
     return record.public()
 
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from app.api.deps import Reader, RecordsDep, SettingsDep, Writer
-from app.checks.model import collect_directory, extract_archive, store_model
+from app.checks.model import collect_directory, store_archive, store_model
 from app.errors import BadRequest, NotFound, Unprocessable, UnsupportedMediaType
 from app.records import Records, new_id
 from app.schemas.common import Page
@@ -63,13 +63,8 @@ def _register_archive(
     with tempfile.TemporaryDirectory(prefix="amend-model-") as scratch:
         archive = Path(scratch) / "archive"
         copy_bounded(upload, archive, settings.max_model_archive_bytes)  # type: ignore[arg-type]
-        files = extract_archive(
-            archive, Path(scratch) / "files", max_files=settings.max_model_files, max_bytes=settings.max_model_bytes
-        )
-        archive.unlink()
-        return store_model(
-            records, settings, tenant=tenant, model_id=new_id("md"), files=files, name=name, source="upload"
-        )
+        return store_archive(records, settings, tenant=tenant, model_id=new_id("md"), archive=archive,
+                             scratch=Path(scratch), name=name)
 
 
 def _register_path(spec: ModelFromPath, tenant: str, records: Records, settings: Settings) -> ModelRecord:
