@@ -89,6 +89,11 @@ class Settings(BaseSettings):
         "auto", description="AMEND_PRECISION: unlearning's autocast dtype; auto is bfloat16 on a GPU that "
         "supports it, else float32. Merges and compressions always compute in float32.",
     )
+    deterministic: bool = Field(
+        False, description="AMEND_DETERMINISTIC: job processes call torch.use_deterministic_algorithms(True) (with "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8 for CUDA) and seed torch, random and numpy at start, so that a job's "
+        "seeded generators give the same result run after run; an op with no deterministic kernel then fails.",
+    )
     unlearn_on_cpu: bool = Field(
         True, description="AMEND_UNLEARN_ON_CPU: CPU workers take unlearning jobs while no GPU worker is alive "
         "(false: unlearning waits for a GPU worker).",

@@ -59,10 +59,11 @@ def _remember_node(sender: Any = None, instance: Any = None, **_: Any) -> None:
 def _start_heartbeat(**_: Any) -> None:
     """In the process that runs jobs: resolve the device once (logged), then report it every few seconds."""
     global _heartbeat
-    from workers.device import current
+    from workers.device import configure_determinism, current
     from workers.jobs.context import services
     from workers.upkeep.heartbeat import Heartbeat
 
+    configure_determinism(settings.deterministic)  # before the device resolves (cuBLAS reads its workspace then)
     queues = sorted(queue.name for queue in celery_app.amqp.queues.consume_from.values()) or QUEUES
     name = f"{_node['name'] or 'worker'}#{os.getpid()}"
     _heartbeat = Heartbeat(services()[1].index, name, current(), queues, settings.worker_heartbeat_seconds)

@@ -7,6 +7,7 @@ cannot fit it.
 - `check_fits(need, device)` raises `InsufficientDeviceMemory` (job error `insufficient_device_memory`, with
   the numbers) before anything is loaded, when a job's estimated need exceeds the memory the worker may use.
 - `autocast_dtype(device, precision)`: the dtype for `torch.autocast` under `AMEND_PRECISION`, or None.
+- `configure_determinism(enabled)`: `AMEND_DETERMINISTIC` applied to the process that runs jobs.
 
 Engines never pick a device themselves: the job handlers pass `current().torch_device` to them.
 """
@@ -143,6 +144,27 @@ def check_fits(need: int, detail: str, device: WorkerDevice, settings: Settings)
 
 def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB ({size} bytes)"
+
+
+def configure_determinism(enabled: bool, seed: int = 0) -> bool:
+    """Under `AMEND_DETERMINISTIC`: deterministic kernels only (`torch.use_deterministic_algorithms(True)`; an
+    op without one raises instead of running nondeterministically), cuBLAS's fixed workspace (read when CUDA
+    starts, so call this before), and torch's, Python's and numpy's global generators seeded with `seed`. Job
+    handlers and engines seed their own generators from the job's parameters as well. Returns `enabled`."""
+    if not enabled:
+        return False
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import random
+
+    import numpy
+    import torch
+
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    numpy.random.seed(seed)
+    log.info("deterministic algorithms on", extra={"seed": seed})
+    return True
 
 
 def autocast_dtype(device: WorkerDevice, precision: str) -> Any:

@@ -98,7 +98,7 @@ def run(context: JobContext) -> JobResult:
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from workers.device import current
+    from workers.device import autocast_dtype, current
     from workers.engines.unlearn import GoalNotMet, UnlearnCancelled
     from workers.engines.unlearn.protocol import unlearn_job
     from workers.formats.hf_models import load_data, load_model, max_tokens, model_output_files, stored_dtype
@@ -167,7 +167,8 @@ def run(context: JobContext) -> JobResult:
             outcome = unlearn_job(
                 model, family, spec.method, params, forget, splits["retain"], splits["eval"],
                 tokenizer=tokenizer, progress=engine_progress, should_cancel=context.should_cancel, goal=spec.goal,
-                device=current().torch_device, seeds=spec.seeds, reference_model=reference_model,
+                device=current().torch_device, autocast=autocast_dtype(current(), settings.precision),
+                seeds=spec.seeds, reference_model=reference_model,
                 reference_params=spec.reference_params, probes=spec.probes,
             )
         except UnlearnCancelled:

@@ -14,6 +14,9 @@
 - `params`: the method's `<Method>Params` (from `app.schemas.unlearn`) or a plain dict; validated again.
 - `goal`: the job's `UnlearnGoal` (or a dict; default goal and guards when None). With `steps` null in the
   params the run is goal-driven, with `lr` null its learning rate comes from a range test (`driver.py`).
+- `device`: where the model and data go (None: where the model already is); `autocast`: the dtype of the
+  training forward passes (`torch.bfloat16`; the job passes `workers.device.autocast_dtype` under
+  `AMEND_PRECISION`), None for float32 — ignored on a device type torch cannot autocast.
 - `progress(fraction, stage)` is called with stages "evaluating", "preparing", "unlearning", "done";
   `should_cancel()` is polled between steps and raises `UnlearnCancelled`.
 
@@ -90,6 +93,7 @@ def unlearn(
     should_cancel: Callable[[], bool] | None = None,
     goal: UnlearnGoal | Mapping[str, Any] | None = None,
     device: torch.device | str | None = None,
+    autocast: torch.dtype | None = None,
 ) -> UnlearnOutcome:
     """Unlearn `forget` from `model` with the registered `method`; see the module docstring."""
     entry = get("unlearn", method)
@@ -137,6 +141,7 @@ def unlearn(
         trainable=trainable,
         is_peft=is_peft,
         horizon=int(checked.steps or min(aim.max_steps, driver.GOAL_HORIZON)),
+        autocast=autocast if autocast is not None and torch.amp.is_autocast_available(device.type) else None,
     )
     report_progress(0.05, "preparing")
     method_started, method_cpu_started = time.perf_counter(), time.process_time()
@@ -164,6 +169,7 @@ def unlearn(
         "params": checked.model_dump(mode="json", by_alias=True),
         "family": family,
         "peft": is_peft,
+        "autocast": None if ctx.autocast is None else str(ctx.autocast).removeprefix("torch."),
         "trainable_parameters": sum(p.numel() for _, p in (objective.trainable or trainable)),
         "steps": loop.pop("steps"),
         "seconds": time.perf_counter() - started,

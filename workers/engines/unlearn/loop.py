@@ -16,14 +16,18 @@ With `gu`, the (masked) forget gradient is projected off the span of the per-sam
 retain batch: mask first, project last, so the update applied is orthogonal to the retain gradients.
 An objective with `edit` takes no optimiser step: `edit()` changes the weights and returns its report (SSD).
 Seeds, gradient clipping and the LR schedule live here; `snapshot`/`restore` copy the trained state.
+Mixed precision: with `ctx.autocast` set (the job's `AMEND_PRECISION`, e.g. bfloat16), every loss of a step is
+computed under `torch.autocast(device type, dtype)` (`ctx.forward()`); gradients are taken outside it, and the
+weights, optimiser state and masks stay float32. None (the default) runs exactly the float32 path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +63,17 @@ class UnlearnContext:
     trainable: list[tuple[str, nn.Parameter]]
     is_peft: bool
     horizon: int = 1  # the iterations schedules run over: `steps`, or a goal-driven run's step budget
+    autocast: torch.dtype | None = None  # the forward passes' autocast dtype; None: float32, no autocast
     _reference: nn.Module | None = None
+
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[None]:
+        """Where a step's losses are computed: under `torch.autocast` when `autocast` is set, else as is."""
+        if self.autocast is None:
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            yield
 
     def reference(self) -> nn.Module:
         """A frozen copy of the input model θ0 (made on first use, which is before training starts)."""
@@ -210,7 +224,9 @@ class _Trainer:
         """
         vectors = []
         for row in _rows(retain_batch, int(self.params.gu_retain_samples)):
-            grads = _grads(self.ctx.task_loss(self.ctx.model, row), self.parameters)
+            with self.ctx.forward():
+                loss = self.ctx.task_loss(self.ctx.model, row)
+            grads = _grads(loss, self.parameters)
             vectors.append(_flat(_masked(self.names, grads, mask)))
         return gu_projection.orthonormal_basis(vectors)
 
@@ -218,7 +234,9 @@ class _Trainer:
         """The forget gradient, masked, then (with GU) projected off the retain basis: mask first, project last."""
         if self.objective.forget_loss is None:
             raise RuntimeError("no forget loss")
-        loss = self.objective.forget_loss(self.ctx.model, self._batch(self.forget), step)
+        batch = self._batch(self.forget)
+        with self.ctx.forward():
+            loss = self.objective.forget_loss(self.ctx.model, batch, step)
         self.last["forget_loss"] = float(loss.detach())
         grads = _masked(self.names, _grads(loss, self.parameters), mask)
         if self.use_gu:
@@ -231,7 +249,8 @@ class _Trainer:
     def _retain_grads(self, step: int, batch: dict[str, Tensor]) -> list[Tensor]:
         if self.objective.retain_loss is None:
             raise RuntimeError("no retain loss")
-        loss = self.objective.retain_loss(self.ctx.model, batch, step)
+        with self.ctx.forward():
+            loss = self.objective.retain_loss(self.ctx.model, batch, step)
         self.last["retain_loss"] = float(loss.detach())
         return _masked(self.names, _grads(loss, self.parameters), self.objective.retain_mask)
 

@@ -49,6 +49,7 @@ def unlearn_job(
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     device: Any = None,
+    autocast: Any = None,
 ) -> UnlearnOutcome:
     """Run `method` once per seed (plus a retrained reference and probes when asked); see the module docstring."""
     raw = params.model_dump(by_alias=True) if isinstance(params, BaseModel) else dict(params)
@@ -67,6 +68,7 @@ def unlearn_job(
             "progress": part,
             "should_cancel": should_cancel,
             "device": device,
+            "autocast": autocast,
             "goal": goal,
             "forget": forget,
             "retain": retain,
