@@ -2,13 +2,15 @@
 every tensor on the device they are given.
 
 The CPU runs the same code path a GPU runs: the device is passed explicitly everywhere. To prove it, the
-merges below run with torch's default device set to "meta": a tensor an engine creates without naming its
-device lands on "meta", and the first operation that mixes it with the real (CPU) tensors raises — so a
-forgotten `device=` fails here, as it would on a GPU worker.
+merges and compressions below run with torch's default device set to "meta": a tensor an engine creates without
+naming its device lands on "meta", and the first operation that mixes it with the real (CPU) tensors raises —
+so a forgotten `device=` fails here, as it would on a GPU worker.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -16,11 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 from app.queue import queue_for, queues_for_device
+from app.schemas.compress import CompressOutput
 from app.schemas.merge import MERGE_PARAMS
 from app.settings import Settings
 from tests.workers.test_lora import inputs, save_adapter
 from workers import device as worker_device
+from workers.formats.compact import COMPACT_FILE
 from workers.formats.lora import merge_adapter_files
+from workers.jobs.compress_files import compress_adapter_files, extract_model_files
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
 
@@ -56,6 +61,61 @@ def test_merge_engines_create_no_tensor_on_a_default_device(adapters, tmp_path: 
         assert strict[key].device.type == "cpu"
         assert torch.equal(strict[key], value), key
     assert report["summary"] == reference["summary"]
+
+
+COMPRESS_CASES = [
+    ("rank_reduce", {}, {"rank": 2}),
+    ("rank_reduce", {}, {"energy": 0.9}),
+    ("rank_reduce", {}, {"budget_params": 400}),
+    ("cast", {"dtype": "bf16"}, {}),
+    ("sparsify_quantize", {"density": 0.5, "bits": "ternary"}, {}),
+    ("sparsify_quantize", {"density": 0.5, "bits": "int8"}, {}),
+]
+
+
+def _same_files(tmp_path: Path, names: tuple[str, ...] = ("adapter_model.safetensors",)) -> None:
+    for name in names:
+        plain, strict = (load_file(str(tmp_path / d / name)) for d in ("plain", "strict"))
+        assert plain.keys() == strict.keys()
+        for key, value in plain.items():
+            assert strict[key].device.type == "cpu"
+            assert torch.equal(strict[key], value), key
+
+
+@pytest.mark.parametrize("method,params,output", COMPRESS_CASES, ids=lambda v: str(v))
+def test_compress_engines_create_no_tensor_on_a_default_device(adapters, tmp_path: Path, method, params,
+                                                               output) -> None:
+    config = json.loads((adapters[0] / "adapter_config.json").read_text())
+    weights = adapters[0] / "adapter_model.safetensors"
+    reference = compress_adapter_files(config, weights, method, params, CompressOutput(**output), tmp_path / "plain",
+                                       device="cpu")
+    with torch.device("meta"):
+        report = compress_adapter_files(config, weights, method, params, CompressOutput(**output),
+                                        tmp_path / "strict", device="cpu")
+    _same_files(tmp_path, ("adapter_model.safetensors", COMPACT_FILE) if method == "sparsify_quantize" else
+                ("adapter_model.safetensors",))
+    assert report["summary"] == reference["summary"]
+
+
+def test_extract_creates_no_tensor_on_a_default_device(tmp_path: Path) -> None:
+    """The randomized range finder draws its sketch from a generator on the given device."""
+    from tests.factories import tiny_llama
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    tuned = tiny_llama(0)
+    with torch.no_grad():
+        for name, parameter in tuned.named_parameters():
+            if name.endswith(("q_proj.weight", "down_proj.weight")):
+                parameter.add_(0.01 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+    tuned.save_pretrained(tmp_path / "tuned")
+    params = {"target_modules": ["q_proj", "down_proj"], "oversample": 2}  # sketch 6 < 32/2: the random path
+    runs = {}
+    for name in ("plain", "strict"):
+        with torch.device("meta") if name == "strict" else contextlib.nullcontext():
+            runs[name] = extract_model_files(tmp_path / "base", tmp_path / "tuned", "md_base", "CAUSAL_LM", params,
+                                             CompressOutput(rank=4), tmp_path / name, device="cpu")
+    _same_files(tmp_path)
+    assert runs["strict"]["summary"] == runs["plain"]["summary"]
 
 
 @cuda_only

@@ -31,6 +31,7 @@ def existing_result(context: JobContext) -> JobResult | None:
 
 
 def run(context: JobContext) -> JobResult:
+    from workers.device import current
     from workers.formats.compact import COMPACT_FILE
     from workers.jobs.compress_files import compress_adapter_files, extract_model_files  # torch loads only here
 
@@ -50,7 +51,8 @@ def run(context: JobContext) -> JobResult:
                 config, weights = fetch_adapter(records, adapter, root / "inputs")
                 context.progress(0.1, "fetched the adapter")
                 report = compress_adapter_files(
-                    config, weights, spec.method, spec.params, spec.output, out_dir, progress=engine_progress
+                    config, weights, spec.method, spec.params, spec.output, out_dir, progress=engine_progress,
+                    device=current().torch_device,
                 )
                 from workers.jobs.forgetting import unlearning_source
 
@@ -64,7 +66,7 @@ def run(context: JobContext) -> JobResult:
                 context.progress(0.1, "fetched the models")
                 report = extract_model_files(
                     base_dir, tuned_dir, base.id, TASK_TYPES.get(tuned.family), spec.params, spec.output, out_dir,
-                    progress=engine_progress,
+                    progress=engine_progress, device=current().torch_device,
                 )
                 inputs = {"base_model": {"id": base.id, "sha256": base.sha256},
                           "model": {"id": tuned.id, "sha256": tuned.sha256}}

@@ -5,6 +5,8 @@ registered method and writes `adapter_model.safetensors` + `adapter_config.json`
 `PeftModel.from_pretrained`), plus `adapter_model.compact.safetensors` when the method stores a compact form.
 `extract_model_files` streams two models' weights module by module (`workers/formats/model_weights.py`)
 into `extract`, and lists every weight that changed but is not in the LoRA. Both return the report.
+The engines run on `device` (the worker's, `workers/device.py`): the factors or each module's difference are
+moved there, and the results come back to the CPU to be written.
 """
 
 from __future__ import annotations
@@ -64,10 +66,12 @@ def compress_adapter_files(
     output: CompressOutput,
     out_dir: Path,
     progress: Progress | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """Compress one PEFT adapter with the registered `method`; writes the output adapter into `out_dir`."""
+    """Compress one PEFT adapter with the registered `method` on `device`; writes the output adapter into
+    `out_dir`."""
     entry, checked = _validated(method, params)
-    modules = {name: AdapterModule(lora_A=a, lora_B=b, scaling=s)
+    modules = {name: AdapterModule(lora_A=a.to(device), lora_B=b.to(device), scaling=s)
                for name, (a, b, s) in read_lora_modules(config, weights).items()}
     widths = {module.lora_A.element_size() for module in modules.values()}
     job = CompressJob(modules=modules, size=size_rule(output, widths.pop() if len(widths) == 1 else 4))
@@ -103,9 +107,9 @@ def _write(out_dir: Path, result: CompressResult, config: dict[str, Any], method
     compact = {}
     for name, module in result.modules.items():
         for side, tensor in (("lora_A", module.lora_A), ("lora_B", module.lora_B)):
-            tensors[f"{PREFIX}{name}.{side}.weight"] = tensor.contiguous()
+            tensors[f"{PREFIX}{name}.{side}.weight"] = tensor.cpu().contiguous()
             if module.stored is not None:
-                compact[f"{PREFIX}{name}.{side}"] = module.stored[side]
+                compact[f"{PREFIX}{name}.{side}"] = module.stored[side].to("cpu")
     write_tensors(out_dir / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
     report = dict(result.report)
@@ -174,8 +178,10 @@ def extract_model_files(
     output: CompressOutput,
     out_dir: Path,
     progress: Progress | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """Extract a LoRA of `tuned_dir − base_dir` (two model folders) into `out_dir`; see the module docstring."""
+    """Extract a LoRA of `tuned_dir − base_dir` (two model folders) on `device` into `out_dir`; see the module
+    docstring."""
     entry, checked = _validated("extract", params)
     base, tuned = ModelWeights(base_dir), ModelWeights(tuned_dir)
     for key in sorted(set(base.keys()) | set(tuned.keys())):
@@ -198,9 +204,10 @@ def extract_model_files(
         change = _float(tuned.read(layer.weight)).sub_(w_base)
         if layer.kind == "conv1d":
             change = change.mT.contiguous()
-        return WeightDelta(delta=change, base_norm=float(torch.linalg.vector_norm(w_base, dtype=torch.float64)))
+        return WeightDelta(delta=change.to(device),
+                           base_norm=float(torch.linalg.vector_norm(w_base, dtype=torch.float64)))
 
-    job = ExtractJob(modules=modules, delta=delta, size=size_rule(output, 4))
+    job = ExtractJob(modules=modules, delta=delta, size=size_rule(output, 4), device=torch.device(device))
     if progress is not None:
         job.progress = lambda fraction, stage: progress(0.9 * fraction, stage)
     result: CompressResult = entry.function(job, checked)

@@ -41,7 +41,7 @@ def range_finder_svd(
     m, n = delta.shape
     if min(m, n) <= 2 * sketch:
         return torch.linalg.svd(delta, full_matrices=False)
-    omega = torch.randn(n, sketch, generator=generator, dtype=delta.dtype)
+    omega = torch.randn(n, sketch, generator=generator, dtype=delta.dtype, device=delta.device)
     q = _orth(delta @ omega)
     for _ in range(power_iterations):
         q = _orth(delta @ _orth(delta.mT @ q))
@@ -92,7 +92,7 @@ def extract_module(
 @register("compress", "extract", ExtractParams)
 def extract(job: ExtractJob, params: ExtractParams) -> CompressResult:
     """A LoRA of every target module's W_ft − W_base; modules that barely changed are skipped and listed."""
-    generator = torch.Generator().manual_seed(params.seed)
+    generator = torch.Generator(device=job.device).manual_seed(params.seed)  # the sketch is drawn on the device
     out: dict[str, CompressedModule] = {}
     rows, skipped = {}, {}
     for position, (name, (m, n, dtype)) in enumerate(job.modules.items()):

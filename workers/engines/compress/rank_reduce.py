@@ -34,7 +34,7 @@ from workers.engines.registry import register
 
 def choose_ranks(spectra: dict[str, Spectrum], costs: dict[str, int], size: SizeRule) -> tuple[dict[str, int], dict]:
     """Each module's output rank under the size rule (never above its numerical rank), and how it was chosen."""
-    gains = {name: spectrum.energies().numpy() for name, spectrum in spectra.items()}
+    gains = {name: spectrum.energies().cpu().numpy() for name, spectrum in spectra.items()}
     if size.budget_params is not None:
         allocation = allocate_budget(gains, costs, size.budget_params)
         uniform = best_uniform(gains, costs, size.budget_params)

@@ -44,11 +44,16 @@ class Quantized:
     def shape(self) -> tuple[int, int]:
         return int(self.mask.shape[0]), int(self.mask.shape[1])
 
+    def to(self, device: torch.device | str) -> Quantized:
+        """The same tensors on `device` (the compact file is written from the CPU)."""
+        return Quantized(mask=self.mask.to(device), codes=self.codes.to(device), scale=self.scale.to(device),
+                         bits=self.bits)
+
 
 def sparsify(x: Tensor, density: float) -> Tensor:
     """The mask of the ⌈density·numel⌉ entries of largest magnitude (ties broken by position); zeros never."""
     keep = min(x.numel(), math.ceil(density * x.numel()))
-    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
     if keep:
         mask[torch.topk(x.reshape(-1).abs(), keep, sorted=False).indices] = True
     return mask.reshape(x.shape) & (x != 0)
@@ -58,7 +63,7 @@ def quantize(x: Tensor, mask: Tensor, bits: str) -> Quantized:
     """Quantize the entries of `x` (float32) under `mask`: ternary or per-row int8 (module docstring)."""
     kept = x[mask]
     if bits == "ternary":
-        scale = kept.abs().mean().reshape(1) if kept.numel() else torch.zeros(1)
+        scale = kept.abs().mean().reshape(1) if kept.numel() else torch.zeros(1, device=x.device)
         return Quantized(mask=mask, codes=torch.sign(kept).to(torch.int8), scale=scale.float(), bits=bits)
     row_max = torch.where(mask, x.abs(), 0.0).amax(dim=1)
     scale = row_max / 127.0
@@ -69,7 +74,7 @@ def quantize(x: Tensor, mask: Tensor, bits: str) -> Quantized:
 
 def dequantize(q: Quantized) -> Tensor:
     """The float32 tensor a `Quantized` stands for: codes × scale at the kept entries, zero elsewhere."""
-    dense = torch.zeros(q.shape, dtype=torch.int8)
+    dense = torch.zeros(q.shape, dtype=torch.int8, device=q.mask.device)
     dense[q.mask] = q.codes
     scale = q.scale.reshape(1, 1) if q.bits == "ternary" else q.scale.reshape(-1, 1)
     return dense.float() * scale

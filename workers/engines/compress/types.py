@@ -101,13 +101,15 @@ class WeightDelta:
 
 @dataclass
 class ExtractJob:
-    """`extract`'s inputs: each target module's (m, n) in LoRA orientation and its stored dtype, and a
-    loader that reads one module's difference afresh from the two models' files (one module in memory)."""
+    """`extract`'s inputs: each target module's (m, n) in LoRA orientation and its stored dtype, a loader
+    that reads one module's difference afresh from the two models' files (one module in memory) onto
+    `device`, and that device (where the random sketch is drawn)."""
 
     modules: Mapping[str, tuple[int, int, torch.dtype]]
     delta: Callable[[str], WeightDelta]
     size: SizeRule = field(default_factory=SizeRule)
     progress: Callable[[float, str], None] = _no_progress
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 def finite(tensor: Tensor) -> bool:
