@@ -233,6 +233,44 @@ class L1SparseParams(_UnlearnParams):
     l1: float = Field(5e-5, ge=0.0, le=1.0, description="Initial L1 coefficient α.")
 
 
+class NatmuParams(_UnlearnParams):
+    """`natmu`: natural unlearning — fine-tune (CE, no ascent) on retain rows plus hybrids of each forget image
+    with retain images of other classes, labelled with those classes (He et al., 2024). Image classifiers only."""
+
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW (the reference), or SGD with momentum.")
+    weight_decay: float = Field(2e-3, ge=0.0, le=1.0, description="Decoupled (AdamW) or L2 (SGD) decay.")
+    lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="Learning-rate schedule.")
+    batch_size: int = Field(128, ge=1, le=1024, description="Rows per batch (hybrids and retain rows).")
+    delta: float = Field(-0.19, ge=-1.0, le=1.0, description="Shift δ of the masks: M ← clip(M + δ, 0, 1).")
+    targets: int = Field(4, ge=1, le=4, description="Hybrids per forget image (one per mask M1–M4).")
+    rebalance: bool = Field(True, description="Spread over-used target classes over under-used ones.")
+
+
+class MuMisParams(_UnlearnParams):
+    """`mu_mis`: minimise the gap between the target-class and the other classes' input sensitivities
+    ‖∇ₓz_k(x)‖ on the forget rows, by double backpropagation; no retain rows (Cheng et al., 2024)."""
+
+    optimizer: Literal["adamw", "sgd"] = Field("sgd", description="SGD with momentum 0.9, or AdamW.")
+    other_classes: int | None = Field(
+        None, ge=1, le=1024, description="Irrelevant classes sampled per batch; null: all of them."
+    )
+
+
+class MusoParams(_UnlearnParams):
+    """`muso`: alternate relabelling the forget rows by kernel ridge regression of retain labels on the
+    penultimate features, and fine-tuning on retain rows plus the relabelled forget rows (Yang et al., 2024)."""
+
+    optimizer: Literal["adamw", "sgd"] = Field("sgd", description="SGD with momentum 0.9, or AdamW.")
+    relabel_every: int = Field(50, ge=1, le=MAX_STEPS, description="Steps between two relabellings.")
+    relabel_rows: int = Field(
+        2000, ge=1, le=20_000, description="Class-balanced retain rows the kernel regression is fit on (m)."
+    )
+    ridge: float = Field(1e-3, ge=0.0, le=1e3, description="λ = ridge·tr(K)/m added to the retain Gram matrix.")
+    target_loss: Literal["soft_ce", "mse"] = Field(
+        "soft_ce", description="Relabelled rows: CE to the clipped, normalised relabels, or MSE of the logits."
+    )
+
+
 UNLEARN_PARAMS: dict[str, type[_UnlearnParams]] = {
     "grad_ascent": GradAscentParams,
     "retrain": RetrainParams,
@@ -248,6 +286,9 @@ UNLEARN_PARAMS: dict[str, type[_UnlearnParams]] = {
     "ssd": SsdParams,
     "sfron": SfronParams,
     "l1_sparse": L1SparseParams,
+    "natmu": NatmuParams,
+    "mu_mis": MuMisParams,
+    "muso": MusoParams,
 }
 
 UNLEARN_REQUIREMENTS: dict[str, frozenset[str]] = {
@@ -265,6 +306,9 @@ UNLEARN_REQUIREMENTS: dict[str, frozenset[str]] = {
     "ssd": frozenset({"forget", "retain"}),
     "sfron": frozenset({"forget", "retain"}),
     "l1_sparse": frozenset({"retain"}),
+    "natmu": frozenset({"forget", "retain"}),
+    "mu_mis": frozenset({"forget"}),
+    "muso": frozenset({"forget", "retain"}),
 }
 
 _BOTH: frozenset[str] = frozenset({"causal_lm", "classifier"})
@@ -286,6 +330,9 @@ UNLEARN_FAMILIES: dict[str, frozenset[str]] = {
     "ssd": _CLS,
     "sfron": _CLS,
     "l1_sparse": _CLS,
+    "natmu": _CLS,
+    "mu_mis": _CLS,
+    "muso": _CLS,
 }
 
 UnlearnMethod = Literal[
@@ -303,6 +350,9 @@ UnlearnMethod = Literal[
     "ssd",
     "sfron",
     "l1_sparse",
+    "natmu",
+    "mu_mis",
+    "muso",
 ]
 
 

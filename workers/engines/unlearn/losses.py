@@ -154,3 +154,18 @@ def adaptive_ga_weights(per_sample_loss: Tensor, ada_lambda: float) -> Tensor:
 
 def l1_norm(parameters: Iterable[Tensor]) -> Tensor:
     return sum(p.abs().sum() for p in parameters)  # type: ignore[return-value]
+
+
+def union_weights(n_first: int, n_second: int) -> tuple[float, float]:
+    """Weights (n₁/n, n₂/n) that make w₁·mean ℓ(batch of set 1) + w₂·mean ℓ(batch of set 2) an unbiased estimate
+    of the mean loss over the union of the two sets (a batch from each set per step instead of shuffled union
+    batches)."""
+    total = max(n_first + n_second, 1)
+    return n_first / total, n_second / total
+
+
+def image_input_key(batch: dict[str, Tensor]) -> str | None:
+    """The one floating-point model input of a classifier batch (`pixel_values` or `inputs`), else None."""
+    keys = [key for key, value in batch.items() if key != "labels" and value.is_floating_point()]
+    others = [key for key in batch if key != "labels" and key not in keys]
+    return keys[0] if len(keys) == 1 and not others else None
