@@ -361,6 +361,10 @@ def test_unlearn_job_is_accepted_and_its_inputs_are_in_use(api, lm_inputs):
         ({"retain": None, "method": "grad_ascent", "reference": "retrain"}, 422, "missing_input"),
         ({"method": "finetune", "params": {}}, 422, "unsupported_family"),
         ({"method": "ssd", "params": {}}, 422, "unsupported_family"),
+        ({"method": "natmu", "params": {}}, 422, "unsupported_family"),
+        ({"retain": None, "method": "mu_mis", "params": {}}, 422, "unsupported_family"),
+        ({"method": "muso", "params": {}}, 422, "unsupported_family"),
+        ({"method": "natmu", "params": {"delta": 2.0}}, 422, "validation_error"),
         ({"params": {"steps": 0}}, 422, "validation_error"),
         ({"params": {"unknown": 1}}, 422, "validation_error"),
         ({"method": "nope"}, 422, "validation_error"),
@@ -370,7 +374,8 @@ def test_unlearn_job_is_accepted_and_its_inputs_are_in_use(api, lm_inputs):
         ({"adapter": "ad_0123456789abcdef01"}, 404, "not_found"),
         ({"surprise": 1}, 422, "validation_error"),
     ],
-    ids=["no-retain", "gu-needs-retain", "reference-needs-retain", "finetune-on-lm", "ssd-on-lm", "params-bounds",
+    ids=["no-retain", "gu-needs-retain", "reference-needs-retain", "finetune-on-lm", "ssd-on-lm", "natmu-on-lm",
+         "mu_mis-on-lm", "muso-on-lm", "natmu-params-bounds", "params-bounds",
          "params-unknown", "method", "weights-with-adapter", "unknown-model", "unknown-dataset", "unknown-adapter",
          "extra-key"],
 )
@@ -435,3 +440,19 @@ def test_image_classifier_refuses_text_rows_and_text_classifier_refuses_images(a
     response = api.post("/v1/jobs", json=body | {"model": bert, "forget": {"dataset": images}, "retain": images})
     assert response.status_code == 422 and response.json()["error"]["code"] == "incompatible_inputs", response.text
     assert api.post("/v1/jobs", json=body | {"model": bert}).status_code == 202
+
+
+def test_founding_classifier_methods_are_admitted_with_their_inputs(api):
+    """natmu/muso need forget and retain rows, mu_mis only forget rows (issue 17)."""
+    vit = post_tar(api, make_tar(model_files(CLASSIFIER_CONFIG))).json()["id"]
+    tensors = {"pixel_values": np.zeros((4, 1, 2, 2), np.float32), "labels": np.array([0, 1, 2, 0], np.int64)}
+    images = post_dataset(api, save_numpy(tensors), filename="x.safetensors", num_labels=3).json()["id"]
+    body = {"type": "unlearn", "model": vit, "forget": {"dataset": images, "rows": [0]}, "params": {"steps": 2}}
+    accepted = api.post("/v1/jobs", json=body | {"method": "mu_mis"})
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["spec"]["params"]["optimizer"] == "sgd"  # MuMisParams' default filled in
+    for method in ("natmu", "muso"):
+        refused = api.post("/v1/jobs", json=body | {"method": method})
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "missing_input", refused.text
+        accepted = api.post("/v1/jobs", json=body | {"method": method, "retain": images})
+        assert accepted.status_code == 202, accepted.text
