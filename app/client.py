@@ -14,9 +14,11 @@ Results are the API's own pydantic models (`JobPublic`, `AdapterPublic`); every 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,10 @@ from app.schemas.jobs import JobPublic
 
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# at or above this many bytes of weights, upload_adapter sends them straight to the object store (/v1/uploads)
+PRESIGNED_THRESHOLD = 64 * 2**20
+PART_WORKERS = 8
+PART_TIMEOUT = 300.0  # seconds per part PUT
 
 
 class ApiError(Exception):
@@ -130,13 +136,40 @@ class Client:
         return response
 
     # -- adapters -------------------------------------------------------------------------------------
-    def upload_adapter(self, directory: str | Path, name: str | None = None) -> AdapterPublic:
-        """Upload a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    def upload_adapter(self, directory: str | Path, name: str | None = None,
+                       presigned: bool | None = None) -> AdapterPublic:
+        """Upload a PEFT adapter directory (adapter_config.json + adapter_model.safetensors): through the API, or
+        (`presigned`; by default when the weights are PRESIGNED_THRESHOLD bytes or more) in parallel parts
+        straight to the object store, see `upload_files`."""
         folder = Path(directory)
+        if presigned is None:
+            presigned = (folder / ADAPTER_FILES[1]).stat().st_size >= PRESIGNED_THRESHOLD
+        if presigned:
+            adapter_id = self.upload_files("adapter", [folder / item for item in ADAPTER_FILES], name or folder.name)
+            return self.adapter(adapter_id)
         with (folder / ADAPTER_FILES[0]).open("rb") as config, (folder / ADAPTER_FILES[1]).open("rb") as weights:
             files = {"config": (ADAPTER_FILES[0], config), "weights": (ADAPTER_FILES[1], weights)}
             response = self._request("POST", "/v1/adapters", files=files, data={"name": name or folder.name})
         return AdapterPublic.model_validate(response.json())
+
+    def upload_files(self, kind: str, paths: list[Path], name: str | None = None, **extra: Any) -> str:
+        """A presigned upload (POST /v1/uploads): declare the files with their SHA-256, PUT their parts to the
+        signed URLs, PART_WORKERS at a time, then complete; returns the registered adapter's, model's or
+        dataset's id. A failed upload is deleted."""
+        files = [{"name": path.name, "size": path.stat().st_size, "sha256": _sha256(path)} for path in paths]
+        upload = self._request("POST", "/v1/uploads", json={"kind": kind, "files": files, "name": name, **extra}).json()
+        try:
+            by_name = {path.name: path for path in paths}
+            work = [(by_name[item["name"]], item["part_size"], part)
+                    for item in upload["files"] for part in item["parts"]]
+            # the URLs carry their own signature: a plain client, without the API key
+            with httpx.Client(timeout=PART_TIMEOUT) as store, ThreadPoolExecutor(PART_WORKERS) as pool:
+                list(pool.map(lambda job: _put_part(store, *job), work))
+            done = self._request("POST", f"/v1/uploads/{upload['id']}/complete").json()
+        except BaseException:
+            self.http.request("DELETE", f"/v1/uploads/{upload['id']}")  # gone already if complete refused it
+            raise
+        return str(done["result_id"])
 
     def adapter(self, adapter_id: str) -> AdapterPublic:
         return AdapterPublic.model_validate(self._request("GET", f"/v1/adapters/{adapter_id}").json())
@@ -249,6 +282,23 @@ class Client:
             cursor = page.get("next_cursor")
             if not cursor:
                 return
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _put_part(store: httpx.Client, path: Path, part_size: int, part: dict[str, Any]) -> None:
+    with path.open("rb") as source:
+        source.seek((part["number"] - 1) * part_size)
+        data = source.read(part_size)
+    response = store.put(part["url"], content=data)
+    if response.status_code != 200:
+        raise ApiError(response.status_code, "upload_part_failed", response.text[:500])
 
 
 class _ProgressBar:

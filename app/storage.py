@@ -25,7 +25,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from app.errors import NotFound, StorageUnavailable
+from app.errors import BadRequest, NotFound, StorageUnavailable
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -182,9 +182,16 @@ class Storage:
             for page in paginator.paginate(Bucket=self.bucket, Key=key, UploadId=upload_id):
                 parts += [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in page.get("Parts", [])]
             if parts:
-                self.client.complete_multipart_upload(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-                )
+                try:
+                    self.client.complete_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                    )
+                except ClientError as error:
+                    if _status(error) != 400:  # e.g. EntityTooSmall: a part (not the last) below the minimum
+                        raise
+                    code = error.response.get("Error", {}).get("Code", "")
+                    message = f"the store refused the uploaded parts: {code}"
+                    raise BadRequest(message, code="upload_incomplete") from None
         return len(parts)
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
