@@ -11,6 +11,9 @@ From stored objects (bytes, never paths): `LMData.from_jsonl(blob, tokenizer)` a
 
 Both expose `len()`, `collate(indices) -> dict[str, Tensor]` (always with `labels`) and `subset(indices)`.
 `BatchStream` draws seeded, reshuffled batches from either without end.
+Rows live on the host: collation, subsets and sampling create CPU tensors (the device named, never torch's
+default) from CPU generators, so a seed draws the same rows whatever the worker's device; the loop moves each
+batch to the model's device (`to_device`).
 """
 
 from __future__ import annotations
@@ -75,8 +78,8 @@ class LMData:
                 raise UnlearnError(f"row {number}: expected keys prompt+completion or text")
             if sum(1 for label in labels[1:] if label != IGNORE_INDEX) == 0:
                 raise UnlearnError(f"row {number}: no answer token left within max_length={max_length}")
-            ids_list.append(torch.tensor(ids, dtype=torch.long))
-            labels_list.append(torch.tensor(labels, dtype=torch.long))
+            ids_list.append(torch.tensor(ids, dtype=torch.long, device="cpu"))
+            labels_list.append(torch.tensor(labels, dtype=torch.long, device="cpu"))
         meta = {"tokenizer": tokenizer, "max_length": max_length, "append_eos": append_eos}
         return cls(
             ids_list,
@@ -117,9 +120,9 @@ class LMData:
         """Right-padded `input_ids`, `attention_mask` and `labels` (−100 on padding)."""
         picked = [int(i) for i in indices]
         width = max(len(self.input_ids[i]) for i in picked)
-        input_ids = torch.full((len(picked), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(picked), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(picked), width), dtype=torch.long)
+        input_ids = torch.full((len(picked), width), self.pad_token_id, dtype=torch.long, device="cpu")
+        labels = torch.full((len(picked), width), IGNORE_INDEX, dtype=torch.long, device="cpu")
+        attention_mask = torch.zeros((len(picked), width), dtype=torch.long, device="cpu")
         for row, i in enumerate(picked):
             n = len(self.input_ids[i])
             input_ids[row, :n] = self.input_ids[i]
@@ -172,11 +175,11 @@ class ClassifierData:
         return int(self.labels.shape[0])
 
     def subset(self, indices: Sequence[int] | Tensor) -> ClassifierData:
-        index = torch.as_tensor(list(map(int, indices)), dtype=torch.long)
+        index = torch.as_tensor(list(map(int, indices)), dtype=torch.long, device=self.labels.device)
         return ClassifierData({k: v[index] for k, v in self.inputs.items()}, self.labels[index])
 
     def collate(self, indices: Sequence[int] | Tensor) -> dict[str, Tensor]:
-        index = torch.as_tensor(list(map(int, indices)), dtype=torch.long)
+        index = torch.as_tensor(list(map(int, indices)), dtype=torch.long, device=self.labels.device)
         batch = {k: v[index] for k, v in self.inputs.items()}
         batch["labels"] = self.labels[index]
         return batch
@@ -220,7 +223,8 @@ class BatchStream:
 
     def indices(self) -> list[int]:
         if len(self._order) < self.batch_size:
-            self._order += torch.randperm(len(self.data), generator=self.generator).tolist()
+            order = torch.randperm(len(self.data), generator=self.generator, device=self.generator.device)
+            self._order += order.tolist()
         picked, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
         return picked
 
@@ -273,7 +277,8 @@ class TemplatedLMData:
     def collate(self, indices: Sequence[int] | Tensor) -> dict[str, Tensor]:
         picked = [int(i) for i in indices]
         batch = self.rows.collate(picked)
-        choice = torch.randint(len(self.alternates), (len(picked),), generator=self.generator).tolist()
+        device = self.generator.device
+        choice = torch.randint(len(self.alternates), (len(picked),), generator=self.generator, device=device).tolist()
         alternate = LMData(
             [self.alternates[j].input_ids[i] for i, j in zip(picked, choice, strict=True)],
             [self.alternates[j].labels[i] for i, j in zip(picked, choice, strict=True)],

@@ -83,7 +83,7 @@ class Check:
 def _subset(data: Any, rows: int, seed: int) -> Any:
     if data is None or len(data) <= rows:
         return data
-    picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:rows]
+    picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed), device="cpu")[:rows]
     return data.subset(sorted(picked.tolist()))
 
 
@@ -229,7 +229,8 @@ class GoalCheck:
 
 
 def _of_classes(data: ClassifierData, classes: list[int]) -> ClassifierData | None:
-    keep = torch.isin(data.labels, torch.tensor(classes, dtype=data.labels.dtype)).nonzero().squeeze(1)
+    wanted = torch.tensor(classes, dtype=data.labels.dtype, device=data.labels.device)
+    keep = torch.isin(data.labels, wanted).nonzero().squeeze(1)
     return data.subset(keep.tolist()) if len(keep) else None
 
 

@@ -141,7 +141,9 @@ def per_sample_ce(logits: Tensor, labels: Tensor) -> Tensor:
 
 def random_other_labels(labels: Tensor, num_classes: int, generator: torch.Generator) -> Tensor:
     """A uniformly random label different from the true one, per sample."""
-    offset = torch.randint(1, max(num_classes, 2), labels.shape, generator=generator).to(labels.device)
+    offset = torch.randint(
+        1, max(num_classes, 2), labels.shape, generator=generator, device=generator.device
+    ).to(labels.device)
     return (labels + offset) % num_classes
 
 

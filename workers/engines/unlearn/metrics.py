@@ -37,7 +37,7 @@ MIN_K = 0.4
 def _capped(data: D, seed: int) -> D:
     if len(data) <= MAX_EVAL_ROWS:
         return data
-    picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:MAX_EVAL_ROWS]
+    picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed), device="cpu")[:MAX_EVAL_ROWS]
     return data.subset(sorted(picked.tolist()))
 
 
@@ -128,7 +128,7 @@ def lm_outputs(model: nn.Module, data: LMData, device: torch.device) -> dict[str
             lowest = torch.sort(-row_nll).values[: max(1, int(MIN_K * len(row_nll)))]
             min_k.append(float(lowest.mean()))
     return {
-        name: torch.tensor(values)
+        name: torch.tensor(values, device="cpu")
         for name, values in (
             ("nll", mean_nll),
             ("exact", exact),

@@ -55,7 +55,7 @@ def relabel(
     k_rr, k_fr = phi_r @ phi_r.T, phi_f @ phi_r.T
     lam = ridge * float(torch.trace(k_rr)) / max(phi_r.shape[0], 1)
     residual = y_r - (offset_r.double() if offset_r is not None else 0.0)
-    solved = torch.linalg.solve(k_rr + lam * torch.eye(k_rr.shape[0], dtype=k_rr.dtype), residual)
+    solved = torch.linalg.solve(k_rr + lam * torch.eye(k_rr.shape[0], dtype=k_rr.dtype, device=k_rr.device), residual)
     return k_fr @ solved + (offset_f.double() if offset_f is not None else 0.0)
 
 
@@ -96,7 +96,7 @@ def features(model: nn.Module, head: nn.Linear, data: ClassifierData, device: to
         handle.remove()
         model.train(training)
     phi = torch.cat(captured).float().cpu()
-    return torch.cat([phi, torch.ones(phi.shape[0], 1)], dim=1)
+    return torch.cat([phi, torch.ones(phi.shape[0], 1, device=phi.device)], dim=1)
 
 
 def balanced_rows(labels: Tensor, count: int, generator: torch.Generator) -> Tensor:
@@ -104,11 +104,11 @@ def balanced_rows(labels: Tensor, count: int, generator: torch.Generator) -> Ten
     classes = labels.unique()
     per_class = -(-count // len(classes))
     picked = [
-        rows[torch.randperm(len(rows), generator=generator)[:per_class]]
+        rows[torch.randperm(len(rows), generator=generator, device=generator.device)[:per_class]]
         for rows in (torch.nonzero(labels == c).flatten() for c in classes)
     ]
     chosen = torch.cat(picked)
-    return chosen[torch.randperm(len(chosen), generator=generator)[:count]].sort().values
+    return chosen[torch.randperm(len(chosen), generator=generator, device=generator.device)[:count]].sort().values
 
 
 @register("unlearn", "muso", MusoParams)
@@ -134,7 +134,8 @@ def muso(ctx: UnlearnContext, params: MusoParams) -> Objective:
     state["targets"] = solve()
     first: Tensor = state["targets"]  # type: ignore[assignment]
     report["relabelled_as_true_class"] = float((first.argmax(dim=1) == forget.labels).float().mean())
-    indexed = ClassifierData(dict(forget.inputs), torch.arange(len(forget)))  # labels: row numbers
+    row_numbers = torch.arange(len(forget), device=forget.labels.device)
+    indexed = ClassifierData(dict(forget.inputs), row_numbers)  # labels: row numbers
     w_forget, w_retain = union_weights(len(forget), len(retain))
 
     def forget_loss(model: nn.Module, batch: dict[str, Tensor], step: int) -> Tensor:

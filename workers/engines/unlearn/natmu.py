@@ -48,7 +48,7 @@ UNDER_USED, OVER_USED = 0.4, 0.98
 def tent(size: int) -> Tensor:
     """Λ(r) = r/b for r < b, else (size−1−r)/b, b = size/2."""
     b = size / 2
-    r = torch.arange(size, dtype=torch.float32)
+    r = torch.arange(size, dtype=torch.float32, device="cpu")  # masks apply to the rows, which live on the host
     return torch.where(r < b, r / b, (size - 1 - r) / b)
 
 
@@ -80,7 +80,7 @@ def rebalance(targets: Tensor, labels: Tensor, allowed: Tensor, n_retain: int, g
         excess = int(counts[c]) - math.floor(OVER_USED * mean)
         if counts[c] <= OVER_USED * mean or not under:
             continue
-        receiver = under.pop(int(torch.randint(len(under), (1,), generator=generator)))
+        receiver = under.pop(int(torch.randint(len(under), (1,), generator=generator, device=generator.device)))
         rows, slots = (targets == c).nonzero(as_tuple=True)
         for row, slot in list(zip(rows.tolist(), slots.tolist(), strict=True))[::-1][:excess]:
             if receiver != int(labels[row]) and receiver not in targets[row].tolist():
@@ -100,12 +100,13 @@ def hybrids(
     x_f, x_r = forget.inputs[key], retain.inputs[key]
     pools = {c: (retain.labels == c).nonzero(as_tuple=True)[0] for c in targets.unique().tolist()}
     drawn: dict[int, list[int]] = {c: [] for c in pools}
-    sources = torch.empty(targets.shape, dtype=torch.long)
+    sources = torch.empty(targets.shape, dtype=torch.long, device=targets.device)
     for i in range(targets.shape[0]):
         for k in range(targets.shape[1]):
             c = int(targets[i, k])
             if not drawn[c]:
-                drawn[c] = pools[c][torch.randperm(len(pools[c]), generator=generator)].tolist()
+                order = torch.randperm(len(pools[c]), generator=generator, device=generator.device)
+                drawn[c] = pools[c][order].tolist()
             sources[i, k] = drawn[c].pop()
     shape = x_f.shape[1:]
     side = math.isqrt(shape[0]) if len(shape) == 1 else 0

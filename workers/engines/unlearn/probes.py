@@ -106,7 +106,7 @@ def relearn(model: nn.Module, family: str, rows: Data, lr: float, seed: int, dev
 def split_forget(forget: Data, seed: int) -> tuple[Data, Data]:
     """(a seeded `RELEARN_FRACTION` of the forget rows — at least one — , the rest — at least one)."""
     count = min(len(forget) - 1, max(1, math.ceil(RELEARN_FRACTION * len(forget))))
-    order = torch.randperm(len(forget), generator=torch.Generator().manual_seed(seed + 104729)).tolist()
+    order = torch.randperm(len(forget), generator=torch.Generator().manual_seed(seed + 104729), device="cpu").tolist()
     return forget.subset(sorted(order[:count])), forget.subset(sorted(order[count:]))
 
 

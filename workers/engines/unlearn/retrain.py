@@ -18,8 +18,10 @@ from workers.engines.unlearn.loop import Objective, UnlearnContext
 
 
 def reinitialize(model: nn.Module, is_peft: bool) -> None:
-    """Fresh initial weights: the LoRA factors of a PeftModel, else every module of the model."""
-    with torch.no_grad():
+    """Fresh initial weights: the LoRA factors of a PeftModel, else every module of the model. Initialisers
+    that build tensors without naming a device (transformers' rotary buffers) build them on the model's."""
+    device = next(model.parameters()).device
+    with torch.no_grad(), torch.device(device):
         if is_peft:
             for module in model.modules():
                 reset: Any = getattr(module, "reset_lora_parameters", None)

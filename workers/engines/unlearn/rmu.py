@@ -48,7 +48,7 @@ def rmu(ctx: UnlearnContext, params: RmuParams) -> Objective:
     if not trainable:
         raise UnlearnError(f"rmu: no trainable parameter in layers {sorted(layers)} matches {params.trained_module!r}")
     hidden = out.hidden_states[params.layer + 1].shape[-1]
-    direction = torch.rand(hidden, generator=ctx.generator).to(ctx.device)
+    direction = torch.rand(hidden, generator=ctx.generator, device=ctx.generator.device).to(ctx.device)
     control = params.steering_coeff * direction / direction.norm()
     reference = ctx.reference()
 

@@ -47,7 +47,7 @@ GAP_METRICS = ("UA", "RA", "TA", "MIA")
 def _subset(data: LMData, rows: int, seed: int) -> LMData:
     if len(data) <= rows:
         return data
-    picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:rows]
+    picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed), device="cpu")[:rows]
     return data.subset(sorted(picked.tolist()))
 
 
@@ -126,8 +126,8 @@ def generate_answers(model: Any, data: LMData, device: torch.device, batch_size:
             prompts.append(data.input_ids[i][:answer_at])
             lengths.append(len(labels) - answer_at)
         width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long, device="cpu")
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device="cpu")
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = prompt
             mask[row, width - len(prompt) :] = 1
