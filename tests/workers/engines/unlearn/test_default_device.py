@@ -31,3 +31,26 @@ def test_unlearning_creates_no_tensor_on_a_default_device(method, family, traine
         assert b.device.type == "cpu"
         assert torch.equal(a, b), name
     assert outcome.report["after"] == reference.report["after"]
+
+
+@pytest.mark.parametrize("family", ["classifier", "causal_lm"])
+def test_goal_driven_runs_seeds_reference_and_probes_create_no_tensor_on_a_default_device(
+    family, trained_mlp, digits, trained_lm, lm_data, tokenizer
+) -> None:
+    """The range test, goal checks, a second seed, the retrained reference and both probes (protocol.py)."""
+    from workers.engines.unlearn.protocol import unlearn_job
+
+    if family == "classifier":
+        model, method, data = trained_mlp, "finetune", (digits["forget"], digits["retain"], digits["test"])
+    else:
+        model, method, data = trained_lm, "grad_diff", (lm_data["forget"], lm_data["retain"], lm_data["holdout"])
+    options = {"tokenizer": tokenizer, "device": "cpu", "goal": {"max_steps": 24, "check_every": 4, "eval_rows": 8},
+               "seeds": [0, 1], "probes": ["quantize", "relearn"], "reference_params": {"steps": 2}}
+    plain, strict = copy.deepcopy(model), copy.deepcopy(model)
+    reference = unlearn_job(plain, family, method, {}, *data, reference_model=copy.deepcopy(model), **options)
+    with torch.device("meta"):
+        outcome = unlearn_job(strict, family, method, {}, *data, reference_model=copy.deepcopy(model), **options)
+    for (name, a), b in zip(plain.named_parameters(), strict.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert outcome.report["after"] == reference.report["after"]
+    assert set(outcome.report["probes"]) == {"quantize", "relearn"}
