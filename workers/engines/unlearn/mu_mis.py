@@ -5,15 +5,17 @@ Machine Unlearning by Suppressing Sample Contribution", arXiv 2402.15109, as rec
 A training sample's contribution shows as the model's sensitivity to it: the target-class logit z_y reacts
 more to the input than the other classes' logits do. On forget rows only (no retain data):
 
-    s_k(x) = ‖∇ₓ z_k(x; θ)‖₂,   L = mean_x max(0, s_y(x) − mean_{k≠y} s_k(x)),
+    s_k(x) = ‖∇ₓ z_k(x; θ)‖₂,   L = mean_x [s_y(x) − mean_{k≠y} s_k(x)],
 
 descended on θ by double backpropagation (the input gradients are built with `create_graph=True`).
 
 Decided here, where the spec marks the paper [unclear]:
 - the ℓ2 norm of each input gradient (over all input dimensions), with 1e-12 inside the root so the norm is
   differentiable at 0;
-- the gap is clamped at 0 per sample: once a row's target-class sensitivity is no larger than the others'
-  mean, it contributes nothing (the loss is exactly 0 when all K sensitivities are equal);
+- the signed gap, not clamped at 0 nor taken in absolute value (the loss is exactly 0 when all K
+  sensitivities are equal): the run is stopped by the goal, not by the loss. Clamped per row, the gaps closed
+  on digits (class-wise, an MLP) while forget accuracy was still 86% against 79% on held-out rows of the class,
+  and the goal-driven run stalled; signed, it met the goal in 20 steps (overshooting to 42%);
 - the stopping rule is the goal-driven loop's: forget accuracy at the level of held-out rows of the same
   classes (`goal.py`); a fixed `steps` run ignores it. Defaults: SGD (momentum 0.9), the learning rate from
   the range test when not given;
@@ -53,12 +55,12 @@ def input_sensitivities(model: nn.Module, batch: dict[str, Tensor], classes: Ten
 
 
 def sensitivity_gap_loss(sensitivities: Tensor, classes: Tensor, labels: Tensor) -> Tensor:
-    """mean_x max(0, s_y − mean_{k≠y} s_k), the classes being the columns of `sensitivities`."""
+    """mean_x [s_y − mean_{k≠y} s_k], the classes being the columns of `sensitivities`."""
     is_true = classes[None, :] == labels[:, None]  # (B, C)
     target = (sensitivities * is_true).sum(dim=1)
     others = (~is_true).float()
     irrelevant = (sensitivities * others).sum(dim=1) / others.sum(dim=1).clamp_min(1.0)
-    return (target - irrelevant).clamp_min(0.0).mean()
+    return (target - irrelevant).mean()
 
 
 @register("unlearn", "mu_mis", MuMisParams)

@@ -28,7 +28,7 @@ def context(model, forget) -> UnlearnContext:
 
 
 def plain_loss(model, x, y):
-    """Row by row, class by class: max(0, ‖∇ₓz_y‖ − mean_{k≠y} ‖∇ₓz_k‖), averaged."""
+    """Row by row, class by class: ‖∇ₓz_y‖ − mean_{k≠y} ‖∇ₓz_k‖, averaged."""
     total = 0.0
     for i in range(x.shape[0]):
         xi = x[i : i + 1].clone().requires_grad_(True)
@@ -39,7 +39,7 @@ def plain_loss(model, x, y):
             norms.append((g.pow(2).sum() + 1e-12).sqrt())
         s = torch.stack(norms)
         others = torch.cat([s[: y[i]], s[y[i] + 1 :]]).mean()
-        total = total + (s[y[i]] - others).clamp_min(0.0)
+        total = total + (s[y[i]] - others)
     return total / x.shape[0]
 
 
