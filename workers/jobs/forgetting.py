@@ -65,9 +65,9 @@ def recheck(
     context: JobContext, source: JobRecord, adapter_dir: Path, scratch: Path, tolerance: float
 ) -> dict[str, Any]:
     """Re-measure `source`'s splits on the adapter in `adapter_dir`; the verdict and the three measurements."""
-    import torch
     from peft import PeftModel
 
+    from workers.device import current
     from workers.engines.unlearn.metrics import evaluate
     from workers.formats.hf_models import load_data, load_model, max_tokens
 
@@ -82,7 +82,8 @@ def recheck(
     model_in = model_record(records, tenant, spec.model)
     context.progress(0.8, "re-measuring the unlearning job's metrics")
     model, tokenizer = load_model(fetch_model(records, model_in, scratch / "recheck-model"), model_in)
-    model = PeftModel.from_pretrained(model, adapter_dir)
+    device = current().torch_device  # the worker's, as the unlearning job's own measurements ran on its worker's
+    model = PeftModel.from_pretrained(model, adapter_dir).to(device)
     length = max_tokens(model)
     forget_record = dataset_record(records, tenant, spec.forget.dataset)
     rows = spec.forget.rows if spec.forget.rows is not None else list(range(forget_record.rows))
@@ -96,7 +97,7 @@ def recheck(
         splits[role] = load_data(fetch_dataset(records, record, scratch), record, None, model_in.family, tokenizer,
                                  length)
     compressed = evaluate(model, model_in.family, splits["forget"], splits["retain"], splits["eval"],
-                          torch.device("cpu"), seed)
+                          device, seed)
     result = verdict(model_in.family, before, after, compressed, tolerance)
     log.info("re-measured forgetting", extra={"job_id": context.job.id, "source_job_id": source.id,
                                               "preserved": result["forgetting_preserved"]})
