@@ -10,6 +10,8 @@ folded once: the output's factors are balanced (√σ on both sides) with scalin
 
 from __future__ import annotations
 
+import torch
+
 from app.schemas.compress import RankReduceParams
 from workers.engines.compress.allocation import (
     allocate_budget,
@@ -66,7 +68,10 @@ def _output(name: str, module: AdapterModule, spectrum: Spectrum, k: int) -> tup
     stored_B, stored_A = lora_B.to(module.lora_B.dtype).contiguous(), lora_A.to(module.lora_A.dtype).contiguous()
     if not (finite(stored_B) and finite(stored_A)):
         raise CompressNumericError(f"module {name!r}: the reduced factors are not finite")
-    norm2, diff2 = difference_norms(*module.delta_factors(), stored_B.float(), stored_A.float())
+    if stored_A.dtype == torch.float32:  # the truncation's exact error (float32 storage adds ~1e-7 relative)
+        norm2, diff2 = float(spectrum.energies().sum()), spectrum.tail(k)
+    else:  # the output as stored: its rounding to bf16 / fp16 counts
+        norm2, diff2 = difference_norms(*module.delta_factors(), stored_B.float(), stored_A.float())
     cost = module.shape[0] + module.shape[1]
     row = module_row(
         shape=module.shape,
@@ -86,9 +91,9 @@ def _output(name: str, module: AdapterModule, spectrum: Spectrum, k: int) -> tup
 def rank_reduce(job: CompressJob, params: RankReduceParams) -> CompressResult:
     """Every module's exact SVD from its factors, truncated to the rank the size rule gives it.
 
-    A per-module rule (rank, pattern, energy) reduces each module as soon as its SVD is known, so one
-    module's spectrum is in memory at a time; a budget needs every module's spectrum before any rank is
-    chosen, so those are held (about the input's size again)."""
+    A per-module rule (rank, pattern, energy) reduces each module as soon as its SVD is known; a budget needs
+    every module's singular values before any rank is chosen (a spectrum holds only r×r matrices beside
+    references to the factors, so that costs no m×r copies)."""
     total = max(1, len(job.modules))
     costs = {name: module.shape[0] + module.shape[1] for name, module in job.modules.items()}
     rows: dict[str, dict] = {}
@@ -98,14 +103,14 @@ def rank_reduce(job: CompressJob, params: RankReduceParams) -> CompressResult:
     if job.size.budget_params is not None:
         spectra = {}
         for name, module in job.modules.items():
-            spectra[name] = factor_svd(*module.delta_factors())
+            spectra[name] = factor_svd(module.lora_B, module.lora_A, module.scaling)
             job.progress(0.8 * len(spectra) / total, "factor SVDs")
         ranks, how = choose_ranks(spectra, costs, job.size)
         for name, module in job.modules.items():
             out[name], rows[name] = _output(name, module, spectra.pop(name), ranks[name])
     else:
         for name, module in job.modules.items():
-            spectrum = factor_svd(*module.delta_factors())
+            spectrum = factor_svd(module.lora_B, module.lora_A, module.scaling)
             chosen, how = choose_ranks({name: spectrum}, {name: costs[name]}, job.size)
             ranks[name] = chosen[name]
             out[name], rows[name] = _output(name, module, spectrum, ranks[name])

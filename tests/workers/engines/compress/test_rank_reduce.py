@@ -27,13 +27,28 @@ def modules():
 
 def test_factor_svd_is_the_svd_of_the_product():
     m = module(3, 40, 24, r=6, scaling=1.5)
-    spectrum = factor_svd(*m.delta_factors())
+    spectrum = factor_svd(m.lora_B, m.lora_A, m.scaling)
     reference = torch.linalg.svdvals(dense(m))
     torch.testing.assert_close(spectrum.values, reference[:6], rtol=1e-5, atol=0)
-    left, right = spectrum.left.double(), spectrum.right.double()
+    left, right = (x.double() for x in spectrum.vectors(6))
     torch.testing.assert_close(left.mT @ left, torch.eye(6, dtype=torch.float64), atol=1e-5, rtol=0)
     torch.testing.assert_close(right @ right.mT, torch.eye(6, dtype=torch.float64), atol=1e-5, rtol=0)
     assert rel((left * spectrum.values) @ right, dense(m)) < 1e-6
+    assert spectrum.tail(2) == pytest.approx(float(reference[2:].square().sum()), rel=1e-6)
+
+
+def test_factor_svd_of_rank_deficient_and_wide_factors():
+    deficient = module(8, 64, 40, r=8, rank=2, scaling=3.0)  # stored rank 8, true rank 2: R_B is singular
+    spectrum = factor_svd(deficient.lora_B, deficient.lora_A, deficient.scaling)
+    assert spectrum.rank == 2
+    lora_B, lora_A = spectrum.factors(2)
+    assert rel(lora_B.double() @ lora_A.double(), dense(deficient)) < 1e-5
+    wide = module(9, 6, 10, r=12)  # r larger than m and n
+    spectrum = factor_svd(wide.lora_B, wide.lora_A, wide.scaling)
+    assert spectrum.rank == 6
+    lora_B, lora_A = spectrum.factors(6)
+    assert lora_B.shape == (6, 6) and lora_A.shape == (6, 10)
+    assert rel(lora_B.double() @ lora_A.double(), dense(wide)) < 1e-5
 
 
 def test_rank_at_or_above_the_true_rank_is_exact():
