@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.checks.adapter import validate_adapter
-from app.publish import publish
+from app.publish import Stored, publish
 from app.records import Records, now
 from app.schemas.adapters import AdapterRecord
 from app.schemas.lineage import Parent
@@ -30,7 +30,10 @@ def store_adapter(
     weights: Path,
     source_job_id: str | None = None,
     parents: list[Parent] | None = None,
+    stored: Stored | None = None,
 ) -> AdapterRecord:
+    """`stored`: the weights are already in the store there (a presigned upload; `weights` is its local copy,
+    which is validated): published by a server-side copy."""
     config_bytes = stored_config(config)
     summary = validate_adapter(  # the config exactly as stored, so the worker reads what was checked
         json.loads(config_bytes),
@@ -59,7 +62,7 @@ def store_adapter(
         "adapters",
         tenant=tenant,
         resource_id=adapter_id,
-        files={"adapter_config.json": config_bytes, "adapter_model.safetensors": weights},
+        files={"adapter_config.json": config_bytes, "adapter_model.safetensors": stored or weights},
         record=record,
         size=size,
         limit=settings.max_bytes_per_tenant,

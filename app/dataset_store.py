@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.checks.dataset import validate_jsonl, validate_tensors
-from app.publish import publish
+from app.publish import Stored, publish
 from app.records import Records, new_id, now
 from app.schemas.datasets import DATA_FILES, DatasetManifest, DatasetRecord
 from app.settings import Settings
@@ -22,8 +22,10 @@ def store_dataset(
     sha256: str,
     name: str | None,
     num_labels: int | None,
+    stored: Stored | None = None,
 ) -> DatasetRecord:
-    """`filename` (as the client named it) picks the format: *.safetensors, else JSONL."""
+    """`filename` (as the client named it) picks the format: *.safetensors, else JSONL. `stored`: the file is
+    already in the store there (a presigned upload; `path` is its local copy): published by a server-side copy."""
     if filename.lower().endswith(".safetensors"):
         summary = validate_tensors(
             path,
@@ -57,7 +59,7 @@ def store_dataset(
         "datasets",
         tenant=tenant,
         resource_id=dataset_id,
-        files={DATA_FILES[record.format]: path, "manifest.json": manifest.model_dump_json().encode()},
+        files={DATA_FILES[record.format]: stored or path, "manifest.json": manifest.model_dump_json().encode()},
         record=lambda _digests: record,
         size=size,
         limit=settings.max_bytes_per_tenant,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
@@ -26,6 +27,15 @@ log = logging.getLogger(__name__)
 
 ResourceKind = Literal["adapters", "models", "datasets"]
 R = TypeVar("R", bound="Resource")
+
+@dataclass(frozen=True)
+class Stored:
+    """A file already in the store under `key` (a completed presigned upload, `app/upload_sessions.py`) whose
+    bytes were checked to have this SHA-256: published by a server-side copy, never sent again."""
+
+    key: str
+    sha256: str
+
 
 PREFIXES: dict[ResourceKind, Callable[..., str]] = {
     "adapters": keys.adapter,
@@ -40,7 +50,7 @@ def publish(
     *,
     tenant: str,
     resource_id: str,
-    files: Mapping[str, Path | bytes],
+    files: Mapping[str, Path | bytes | Stored],
     record: Callable[[dict[str, str]], R],
     size: int,
     limit: int,
@@ -60,6 +70,9 @@ def publish(
             key, content_type = key_of(tenant, resource_id, name), _content_type(name)
             if isinstance(content, Path):
                 digests[name] = records.storage.upload_path(key, content, content_type)
+            elif isinstance(content, Stored):
+                records.storage.copy(content.key, key, content_type)
+                digests[name] = content.sha256
             else:
                 digests[name] = records.storage.put_bytes(key, content, content_type)
         published = record(digests)

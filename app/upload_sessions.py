@@ -9,9 +9,12 @@ through the API process.
 3. `complete` lists the parts server-side and completes each multipart upload, streams every file to a
    scratch directory checking its size and SHA-256, then registers it exactly as a direct upload is
    registered: `store_adapter`, `store_archive` (models), `store_dataset` — the same validators, the one
-   publish path. On any failure nothing is registered and the staged files and the record are removed: a
-   failed upload is over, the client starts a new one. On success the staged files are removed and the
-   record stays, `completed` with the new resource's id, so a repeated `complete` answers the same.
+   publish path. A checked adapter's weights or dataset file is published by a server-side copy of the staged
+   object (`app.publish.Stored`), so those bytes cross the API process once, inbound, to be validated; a
+   model's files are extracted from its tar and uploaded as a direct upload's are. On any failure nothing is
+   registered and the staged files and the record are removed: a failed upload is over, the client starts a
+   new one. On success the staged files are removed and the record stays, `completed` with the new
+   resource's id, so a repeated `complete` answers the same.
 
 Expiry: an open upload past `expires_at` (UPLOAD_TTL_SECONDS after it was made) is aborted when it is next
 touched — read, completed, or when its tenant creates another upload (`sweep`). Its part URLs expire at the
@@ -34,6 +37,7 @@ from app.checks.adapter import parse_config
 from app.checks.model import store_archive
 from app.dataset_store import store_dataset
 from app.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from app.publish import Stored
 from app.records import Records, new_id, now
 from app.schemas.uploads import StagedFile, UploadCreate, UploadPart, UploadRecord
 from app.settings import Settings
@@ -191,10 +195,17 @@ def _fetch(records: Records, record: UploadRecord, index: int, scratch: Path) ->
     return path
 
 
+def _stored(record: UploadRecord, name: str) -> Stored:
+    """A staged file, its SHA-256 checked by `_fetch`: published by a server-side copy, not sent again."""
+    index = [item.name for item in record.files].index(name)
+    return Stored(_file_key(record.tenant, record.id, index), record.files[index].sha256)
+
+
 def _adapter(records: Records, settings: Settings, record: UploadRecord, paths: dict[str, Path], _: Path) -> str:
     config = parse_config(paths[ADAPTER_FILES[0]].read_bytes(), settings.max_config_bytes)
     return store_adapter(records, settings, tenant=record.tenant, adapter_id=new_id("ad"),
-                         name=record.name or "adapter", config=config, weights=paths[ADAPTER_FILES[1]]).id
+                         name=record.name or "adapter", config=config, weights=paths[ADAPTER_FILES[1]],
+                         stored=_stored(record, ADAPTER_FILES[1])).id
 
 
 def _model(records: Records, settings: Settings, record: UploadRecord, paths: dict[str, Path], scratch: Path) -> str:
@@ -206,7 +217,8 @@ def _model(records: Records, settings: Settings, record: UploadRecord, paths: di
 def _dataset(records: Records, settings: Settings, record: UploadRecord, paths: dict[str, Path], _: Path) -> str:
     (item,) = record.files
     return store_dataset(records, settings, tenant=record.tenant, path=paths[item.name], filename=item.name,
-                         sha256=item.sha256, name=record.name, num_labels=record.num_labels).id
+                         sha256=item.sha256, name=record.name, num_labels=record.num_labels,
+                         stored=_stored(record, item.name)).id
 
 
 REGISTER: dict[str, Callable[[Records, Settings, UploadRecord, dict[str, Path], Path], str]] = {
