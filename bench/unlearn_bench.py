@@ -43,7 +43,19 @@ from torch import nn
 from workers.engines.unlearn import ClassifierData, LMData, UnlearnCancelled, unlearn
 from workers.engines.unlearn.metrics import classifier_report, lm_report
 
-CLASSIFIER_METHODS = ["finetune", "grad_ascent", "grad_ascent+gu", "random_label", "salun", "ssd", "sfron", "l1_sparse"]
+CLASSIFIER_METHODS = [
+    "finetune",
+    "grad_ascent",
+    "grad_ascent+gu",
+    "random_label",
+    "salun",
+    "ssd",
+    "sfron",
+    "l1_sparse",
+    "natmu",
+    "mu_mis",
+    "muso",
+]
 METRICS = ("UA", "RA", "TA", "MIA")
 TIME_BUDGET = 0.25  # of retrain's time
 TUNE_TIME_BUDGET = 0.2  # a margin for timing noise when choosing configurations
@@ -157,6 +169,9 @@ def grid(method: str, quick: bool) -> list[dict[str, Any]]:
             "max_grad_norm": [7.0],
         },
         "l1_sparse": {"lr": [1e-3, 1e-2], "steps": [50, 100], "l1": [1e-5, 1e-4]},
+        "natmu": {"lr": [1e-3, 3e-3], "steps": [20, 50, 100], "delta": [-0.19, 0.0]},
+        "mu_mis": {"lr": [0.01, 0.05], "steps": [10, 30, 60], "optimizer": ["sgd"]},
+        "muso": {"lr": [0.01, 0.05], "steps": [20, 60], "relabel_every": [10, 30], "optimizer": ["sgd"]},
     }
     options = table[method]
     if quick:

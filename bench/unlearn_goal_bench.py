@@ -43,7 +43,18 @@ from workers.engines.unlearn.metrics import classifier_report
 from workers.engines.unlearn.protocol import compare, unlearn_job
 from workers.engines.unlearn.standard_metrics import avg_gap
 
-CLASSIFIER_METHODS = ["sfron", "salun", "l1_sparse", "finetune", "random_label", "grad_ascent", "ssd"]
+CLASSIFIER_METHODS = [
+    "sfron",
+    "salun",
+    "l1_sparse",
+    "finetune",
+    "random_label",
+    "grad_ascent",
+    "ssd",
+    "natmu",
+    "mu_mis",
+    "muso",
+]
 LM_METHODS: dict[str, dict[str, Any]] = {
     "grad_ascent": {},
     "grad_diff": {},

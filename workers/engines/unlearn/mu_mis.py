@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from app.schemas.unlearn import MuMisParams
 from workers.engines.registry import register
@@ -46,11 +47,13 @@ def input_sensitivities(model: nn.Module, batch: dict[str, Tensor], classes: Ten
     if key is None:
         raise UnsupportedFamily("mu_mis needs one floating-point input (pixel_values or inputs)")
     x = batch[key].detach().requires_grad_(True)
-    logits = classifier_logits(model, {**{k: v for k, v in batch.items() if k != "labels"}, key: x})
-    columns = []
-    for k in classes.tolist():
-        (grad,) = torch.autograd.grad(logits[:, k].sum(), x, create_graph=True)
-        columns.append((grad.flatten(1).float().pow(2).sum(dim=1) + NORM_EPS).sqrt())
+    # the fused attention kernels have no double backward: attention runs on the plain (math) path here
+    with sdpa_kernel(SDPBackend.MATH):
+        logits = classifier_logits(model, {**{k: v for k, v in batch.items() if k != "labels"}, key: x})
+        columns = []
+        for k in classes.tolist():
+            (grad,) = torch.autograd.grad(logits[:, k].sum(), x, create_graph=True)
+            columns.append((grad.flatten(1).float().pow(2).sum(dim=1) + NORM_EPS).sqrt())
     return torch.stack(columns, dim=1)
 
 

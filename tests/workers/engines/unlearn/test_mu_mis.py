@@ -91,3 +91,20 @@ def test_mu_mis_refuses_token_inputs(mlp):
     ids = ClassifierData({"input_ids": torch.zeros(8, 5, dtype=torch.long)}, torch.arange(8) % 2)
     with pytest.raises(UnsupportedFamily, match="no recipe"):
         mu_mis(context(mlp, ids), MuMisParams())
+
+
+def test_double_backprop_through_scaled_dot_product_attention():
+    """A ViT's fused CPU attention has no double backward; mu_mis runs attention on the math path."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=3, attn_implementation="sdpa",
+    )
+    model = ViTForImageClassification(config)
+    forget = ClassifierData({"pixel_values": torch.rand(6, 1, 8, 8)}, torch.tensor([0, 1, 2, 0, 1, 2]))
+    objective = mu_mis(context(model, forget), MuMisParams())
+    loss = objective.forget_loss(model, forget.collate(range(6)), 0)
+    loss.backward()
+    assert all(p.grad is not None for p in model.vit.embeddings.patch_embeddings.parameters())
