@@ -45,6 +45,7 @@ lint: install
 bench: install
 	$(PY) -m bench.merge_bench
 	$(PY) -m bench.merge_api_bench
+	$(PY) -m bench.upload_bench
 	$(PY) -m bench.poll_bench
 	$(PY) -m bench.merge_quality
 	$(PY) -m bench.compress_bench

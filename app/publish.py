@@ -7,7 +7,7 @@ interrupted caller, everything under the resource's prefix is removed (best effo
 of it is visible anyway), the bytes are given back and the original error is raised.
 
 What is published is validated before: `store_adapter` (app/adapter_store.py), `store_model`
-(app/checks/model.py) and the dataset upload route call their checks, then this.
+(app/checks/model.py) and `store_dataset` (app/dataset_store.py) call their checks, then this.
 """
 
 from __future__ import annotations
