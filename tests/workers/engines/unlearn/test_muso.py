@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from app.schemas.unlearn import MusoParams
 from workers.engines.unlearn import unlearn
-from workers.engines.unlearn.loop import UnlearnContext
+from workers.engines.unlearn.loop import UnlearnContext, _Trainer
 from workers.engines.unlearn.muso import muso, relabel, soft_targets
 
 
@@ -50,7 +50,7 @@ def test_soft_targets_clip_and_normalise():
     assert torch.allclose(out, torch.tensor([[0.25, 0.0, 0.75], [1 / 3, 1 / 3, 1 / 3]]))
 
 
-def test_objective_loss_matches_a_plain_kernel_regression(mlp, digits):
+def test_objective_loss_and_one_step_match_a_plain_kernel_regression(mlp, digits):
     forget, retain = digits["forget"], digits["retain"]
     plain_model = copy.deepcopy(mlp)
     ctx = UnlearnContext(
@@ -85,6 +85,25 @@ def test_objective_loss_matches_a_plain_kernel_regression(mlp, digits):
     ) * F.cross_entropy(plain_model(retain_batch["inputs"]), retain_batch["labels"])
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
     assert objective.report["relabelled_as_true_class"] == 0.0  # no retain row is a 3: never relabelled as one
+    # one step of the shared loop (SGD with momentum: the first step is lr·g; clipped at norm 1)
+    expected.backward()
+    torch.nn.utils.clip_grad_norm_(list(plain_model.parameters()), 1.0)
+    with torch.no_grad():
+        for p in plain_model.parameters():
+            p -= 0.05 * p.grad
+
+    class Stream:
+        def __init__(self, batch):
+            self.batch, self.data = batch, None
+
+        def next(self):
+            return self.batch
+
+    trainer = _Trainer(ctx, objective, params, 0.05, 1)
+    trainer.forget, trainer.retain = Stream(forget_batch), Stream(retain_batch)
+    trainer.step(1)
+    for (name, p), q in zip(mlp.named_parameters(), plain_model.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-5), name
 
 
 def test_muso_forgets_the_class_and_keeps_retain(mlp, digits):
