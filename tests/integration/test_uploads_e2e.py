@@ -5,11 +5,14 @@ with httpx; an adapter uploaded in parts downloads byte-identical and merges; a 
 from __future__ import annotations
 
 import hashlib
+import json
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
-from app import upload_sessions
+from app import client as app_client
+from app import commands, upload_sessions
 from tests.integration.conftest import wait_for_job
 from tests.integration.test_client_cli import SharedClient
 
@@ -32,9 +35,19 @@ def test_adapter_in_presigned_parts_downloads_identical(client, adapter_dir, sma
     assert client.get(f"/v1/adapters/{adapter.id}/files/{FILES[1]}").content == weights
 
 
-def test_a_presigned_adapter_merges(client, adapter_dir):
-    adapter = SharedClient(http=client).upload_adapter(adapter_dir("small", seed=4), presigned=True)
-    job = client.post("/v1/jobs", json={"type": "merge", "adapters": [{"id": adapter.id, "weight": 1.0}],
+def test_the_cli_takes_the_presigned_path_above_the_threshold_and_the_adapter_merges(
+    client, adapter_dir, monkeypatch
+):
+    monkeypatch.setattr(app_client, "PRESIGNED_THRESHOLD", 1)
+    monkeypatch.setattr(commands, "make_client", lambda: SharedClient(http=client))
+    storage = client.app.state.records.storage
+    before = set(storage.list_keys("tenants/tenant-a/uploads/"))  # (the stack's bucket is shared)
+    result = CliRunner().invoke(commands.app, ["adapters", "upload", str(adapter_dir("small", seed=4)), "--json"])
+    assert result.exit_code == 0, result.output
+    adapter = json.loads(result.output)
+    made = [key for key in set(storage.list_keys("tenants/tenant-a/uploads/")) - before]
+    assert len(made) == 1 and made[0].endswith("/upload.json")  # one upload, completed, its parts removed
+    job = client.post("/v1/jobs", json={"type": "merge", "adapters": [{"id": adapter["id"], "weight": 1.0}],
                                         "method": "task_arithmetic", "params": {}, "output": {"rank": 4}})
     assert job.status_code == 202, job.text
     assert wait_for_job(client, job.json()["id"])["state"] == "succeeded"
