@@ -38,7 +38,7 @@ from app.checks.model import store_archive
 from app.dataset_store import store_dataset
 from app.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from app.publish import Stored
-from app.records import Records, new_id, now
+from app.records import PREFIX, Records, new_id, now, redis_errors
 from app.schemas.uploads import StagedFile, UploadCreate, UploadPart, UploadRecord
 from app.settings import Settings
 from app.storage import keys
@@ -156,19 +156,31 @@ def discard(records: Records, record: UploadRecord) -> None:
     records.storage.delete_prefix(keys.upload(record.tenant, record.id))
 
 
+def completing_key(upload_id: str) -> str:
+    return f"{PREFIX}upload:{upload_id}:completing"
+
+
 def complete(records: Records, settings: Settings, record: UploadRecord) -> UploadRecord:
     if record.state == "completed":
         return record
+    # one complete at a time: a second one would find the multipart uploads gone and discard the first's files
+    claim = completing_key(record.id)
+    with redis_errors():
+        if not records.index.set(claim, "1", nx=True, ex=settings.job_time_limit):
+            raise Conflict(f"upload {record.id} is being completed; get it to see the result", code="upload_busy")
     try:
         with tempfile.TemporaryDirectory(prefix="amend-presigned-") as scratch:
             paths = {item.name: _fetch(records, record, index, Path(scratch)) for index, item in
                      enumerate(record.files)}
             record.result_id = REGISTER[record.kind](records, settings, record, paths, Path(scratch))
+        record.state = "completed"
+        records.storage.put_json(keys.upload(record.tenant, record.id, RECORD), record.model_dump(mode="json"))
     except BaseException:
         discard(records, record)
         raise
-    record.state = "completed"
-    records.storage.put_json(keys.upload(record.tenant, record.id, RECORD), record.model_dump(mode="json"))
+    finally:
+        with redis_errors():
+            records.index.delete(claim)
     records.storage.delete_prefix(keys.upload(record.tenant, record.id, "files/"))
     return record
 

@@ -149,3 +149,14 @@ def test_an_expired_or_deleted_upload_is_aborted(api, adapter_dir, monkeypatch):
     assert staged(api) == []
     storage = api.app.state.records.storage
     assert not storage.client.list_multipart_uploads(Bucket=storage.bucket).get("Uploads")
+
+
+def test_a_second_complete_meanwhile_is_refused(api, adapter_dir):
+    contents = adapter_files(adapter_dir)
+    upload = start(api, "adapter", contents)
+    put_parts(api, upload, contents)
+    api.app.state.records.index.set(upload_sessions.completing_key(upload["id"]), "1")  # one is running
+    response = api.post(f"/v1/uploads/{upload['id']}/complete")
+    assert response.status_code == 409 and response.json()["error"]["code"] == "upload_busy"
+    api.app.state.records.index.delete(upload_sessions.completing_key(upload["id"]))
+    assert api.post(f"/v1/uploads/{upload['id']}/complete").json()["state"] == "completed"
