@@ -45,6 +45,20 @@ def tenant_keys() -> tuple[str, str, str]:
 
 
 @pytest.fixture
+def api(redis_url: str, redis_client: redis.Redis, moto_s3: None) -> Iterator[object]:
+    """The whole API in-process (real redis-server, moto S3), signed in as tenant A."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    key_a, _, api_keys = tenant_keys()
+    settings = Settings(environment="test", redis_url=redis_url, s3_bucket="unit", api_keys=api_keys)
+    with TestClient(create_app(settings)) as client:
+        client.headers["Authorization"] = f"Bearer {key_a}"
+        yield client
+
+
+@pytest.fixture
 def unit_settings(redis_url: str, redis_client: redis.Redis) -> Settings:
     """Settings for unit tests: the real test redis-server and moto's in-process S3 (see `moto_s3`)."""
     _, _, api_keys = tenant_keys()

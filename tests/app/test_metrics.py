@@ -16,15 +16,6 @@ from tests.workers.jobs.test_run import run_in_process
 
 
 @pytest.fixture
-def api(redis_url, redis_client, moto_s3):
-    key_a, _, api_keys = tenant_keys()
-    settings = Settings(environment="test", redis_url=redis_url, s3_bucket="unit", api_keys=api_keys)
-    with TestClient(create_app(settings)) as client:
-        client.headers["Authorization"] = f"Bearer {key_a}"
-        yield client
-
-
-@pytest.fixture
 def merge_job(api, adapter_dir):
     ids = [upload(api, adapter_dir(name, seed=seed), name).json()["id"] for name, seed in (("one", 1), ("two", 2))]
     body = {"type": "merge", "adapters": [{"id": i} for i in ids], "method": "task_arithmetic",

@@ -7,21 +7,8 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
 from tests.app.test_api import upload
-from tests.conftest import tenant_keys
-
-
-@pytest.fixture
-def api(redis_url, redis_client, moto_s3):
-    key_a, _, api_keys = tenant_keys()
-    settings = Settings(environment="test", redis_url=redis_url, s3_bucket="unit", api_keys=api_keys)
-    with TestClient(create_app(settings)) as client:
-        client.headers["Authorization"] = f"Bearer {key_a}"
-        yield client
 
 
 @pytest.fixture

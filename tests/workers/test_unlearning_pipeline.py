@@ -8,16 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
 from app import audit
 from app.checks.adapter import ALL_DTYPES, read_header
-from app.main import create_app
 from app.records import add_event, now
 from app.schemas.jobs import JobRecord
-from tests.conftest import tenant_keys
 from workers.jobs.context import InputRejected, JobCancelled, JobContext
 
 WORDS = ["good", "bad", "fine", "awful", "movie", "book", "very", "not"]
@@ -37,17 +34,6 @@ def bert_dir(tmp_path):
     BertForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
-
-
-@pytest.fixture
-def api(redis_url, redis_client, moto_s3):
-    key_a, _, api_keys = tenant_keys()
-    from app.settings import Settings
-
-    settings = Settings(environment="test", redis_url=redis_url, s3_bucket="unit", api_keys=api_keys)
-    with TestClient(create_app(settings)) as client:
-        client.headers["Authorization"] = f"Bearer {key_a}"
-        yield client
 
 
 def upload_model(client, directory) -> dict:

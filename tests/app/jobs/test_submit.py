@@ -4,15 +4,11 @@ nothing left behind when a check refuses."""
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 from app.errors import Conflict, NotFound, QuotaExceeded
 from app.jobs.submit import submit
-from app.main import create_app
 from app.schemas.jobs import job_create_adapter
-from app.settings import Settings
 from tests.app.test_api import upload
-from tests.conftest import tenant_keys
 
 
 class SentTasks:
@@ -23,15 +19,6 @@ class SentTasks:
 
     def send_task(self, name: str, args: list, queue: str) -> None:
         self.sent.append((name, args, queue))
-
-
-@pytest.fixture
-def api(redis_url, redis_client, moto_s3):
-    key_a, _, api_keys = tenant_keys()
-    settings = Settings(environment="test", redis_url=redis_url, s3_bucket="unit", api_keys=api_keys)
-    with TestClient(create_app(settings)) as client:
-        client.headers["Authorization"] = f"Bearer {key_a}"
-        yield client
 
 
 @pytest.fixture

@@ -9,33 +9,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
 from app.adapter_store import store_adapter
 from app.jobs import lifecycle
-from app.main import create_app
 from app.records import new_id, now
 from app.schemas.jobs import JobRecord, JobResult
-from app.settings import Settings
 from app.storage import keys
 from tests.app.jobs.test_compress import save_llama, upload_model_dir
 from tests.app.test_api import upload
-from tests.conftest import tenant_keys
 from tests.factories import tiny_llama
 from workers.formats.compact import read_compact
 from workers.jobs import run
 from workers.jobs.forgetting import verdict
 from workers.jobs.outputs import output_adapter_id
-
-
-@pytest.fixture
-def api(redis_url, redis_client, moto_s3):
-    key_a, _, api_keys = tenant_keys()
-    settings = Settings(environment="test", redis_url=redis_url, s3_bucket="unit", api_keys=api_keys)
-    with TestClient(create_app(settings)) as client:
-        client.headers["Authorization"] = f"Bearer {key_a}"
-        yield client
 
 
 def run_job(api, body: dict):

@@ -10,7 +10,7 @@ from safetensors.torch import save
 
 from app.schemas.unlearn import UNLEARN_PARAMS
 from app.settings import Settings
-from tests.workers.jobs.test_run import api, merge_job, run_in_process  # noqa: F401 - fixtures
+from tests.workers.jobs.test_run import merge_job, run_in_process  # noqa: F401 - fixtures
 from workers.jobs import memory
 from workers.jobs.outputs import output_adapter_id
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.app.test_api import upload
-from tests.workers.jobs.test_run import api, run_in_process  # noqa: F401 - the fixture is used by name
+from tests.workers.jobs.test_run import run_in_process
 from tests.workers.test_unlearning_pipeline import bert_dir, upload_model, upload_rows
 from workers.jobs.outputs import report_key
 

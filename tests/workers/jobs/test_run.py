@@ -6,30 +6,17 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from fastapi.testclient import TestClient
 
 from app.errors import NotFound, Unprocessable
 from app.jobs import lifecycle
-from app.main import create_app
-from app.settings import Settings
 from app.storage import keys
 from tests.app.test_api import upload
-from tests.conftest import tenant_keys
 from workers.engines.merge.errors import MergeInputError, MergeNumericError
 from workers.engines.unlearn.errors import GoalNotMet, MissingInput, NonFinite
 from workers.formats.tensor_files import TensorFileError
 from workers.jobs import run
 from workers.jobs.context import InputCorrupted, InputRejected
 from workers.jobs.outputs import output_adapter_id, report_key
-
-
-@pytest.fixture
-def api(redis_url, redis_client, moto_s3):
-    key_a, _, api_keys = tenant_keys()
-    settings = Settings(environment="test", redis_url=redis_url, s3_bucket="unit", api_keys=api_keys)
-    with TestClient(create_app(settings)) as client:
-        client.headers["Authorization"] = f"Bearer {key_a}"
-        yield client
 
 
 @pytest.fixture
