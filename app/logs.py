@@ -36,6 +36,11 @@ def context(**values: str | None) -> Iterator[dict[str, str]]:
         _context.reset(token)
 
 
+def current(name: str) -> str | None:
+    """A value of the current request's or job's log context (`request_id`, `tenant`, `job_id`), or None."""
+    return (_context.get() or {}).get(name)
+
+
 def bind(**values: str | None) -> None:
     """Add `values` to the current request's or job's log context (no-op outside one)."""
     current = _context.get()

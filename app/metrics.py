@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -90,6 +91,28 @@ def tenant_job_counts(client: redis.Redis, tenant: str) -> dict[str, dict[str, i
         if int(value) > 0:
             counts.setdefault(state, {})[job_type] = int(value)
     return counts
+
+
+def rebuild_counts(client: redis.Redis, job_states: Mapping[tuple[str, str, str, str], int]) -> None:
+    """Set the counts of what is now (each tenant's jobs by state and type, the running jobs by type and
+    method) from the jobs' records, `{(tenant, state, type, method): jobs}`, replacing what Redis held: `amend
+    reindex` after Redis was lost. The totals (submitted, finished, the histograms) are Prometheus counters
+    and start again from zero, as a counter does after a restart. One transaction, so a scrape sees the old
+    counts or the new ones."""
+    tenants: dict[str, dict[Any, Any]] = defaultdict(lambda: defaultdict(int))
+    running: dict[Any, Any] = defaultdict(int)
+    for (tenant, state, job_type, method), jobs in job_states.items():
+        tenants[tenant][f"{state}|{job_type}"] += jobs
+        if state == "running":
+            running[f"{job_type}|{method}"] += jobs
+    stale = list(client.scan_iter(match=TENANT_STATES + "*", count=500))
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(RUNNING, *stale)
+    for tenant, fields in tenants.items():
+        pipe.hset(TENANT_STATES + tenant, mapping=dict(fields))
+    if running:
+        pipe.hset(RUNNING, mapping=dict(running))
+    pipe.execute()
 
 
 def _text(value: bytes | str) -> str:

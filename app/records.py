@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -254,10 +255,12 @@ class Records:
         """Apply `change` to the current record atomically (optimistic, WATCH on the index key).
 
         The durable copy is written to S3 before the index commits, so the two never disagree on a state
-        the index has already moved past; a lost race retries and rewrites both. `change` returns False to
-        leave the record as it is.
+        the index has already moved past; a lost race retries and rewrites both — or, when the retry finds
+        nothing left to change (the winner finished the job), puts the winner's record back in S3 over the copy
+        the lost attempt wrote. `change` returns False to leave the record as it is.
         """
         key = self._job_key(job_id)
+        lost_write = False  # a durable copy this call wrote, then lost the race for: it must not stay in S3
         with redis_errors():
             for _ in range(50):
                 with self.index.pipeline() as pipe:
@@ -269,7 +272,14 @@ class Records:
                             raise NotFound(f"job {job_id} not found")
                         record = JobRecord.model_validate_json(raw)
                         if not change(record):
+                            if lost_write:  # put the winner's record back over the copy this call wrote
+                                winner = JobRecord.model_validate_json(raw)
+                                self.storage.put_json(keys.job(winner.tenant, winner.id, "record.json"),
+                                                      winner.model_dump(mode="json"))
+                                pipe.multi()
+                                pipe.execute()  # WatchError if a newer write came meanwhile: go round again
                             return record
+                        lost_write = True
                         self.storage.put_json(
                             keys.job(record.tenant, record.id, "record.json"), record.model_dump(mode="json")
                         )
@@ -443,9 +453,10 @@ class Records:
 
         Returns counts, and under `lost_jobs` the `(id, type)` of queued or running jobs that were missing
         from the index: their queue messages went with it, so the caller re-enqueues them (a copy of a job
-        that is in fact still running is a no-op).
+        that is in fact still running is a no-op). Under `job_states` how many jobs there are of each
+        `(tenant, state, type, method)`, from which the caller rebuilds the counts (`metrics.rebuild_counts`).
         """
-        counts: dict[str, Any] = {"adapters": 0, "jobs": 0, "bytes": 0, "lost_jobs": []}
+        counts: dict[str, Any] = {"adapters": 0, "jobs": 0, "bytes": 0, "lost_jobs": [], "job_states": Counter()}
         byte_totals: dict[str, int] = {}
         for key in self.storage.list_keys("tenants/"):
             parts = key.split("/")
@@ -470,6 +481,7 @@ class Records:
                     if job.state in ACTIVE_STATES:
                         counts["lost_jobs"].append((job.id, job.type))
                 counts["jobs"] += 1
+                counts["job_states"][(job.tenant, job.state, job.type, job.method)] += 1
         with redis_errors():
             for tenant, total in byte_totals.items():
                 self.index.set(f"{PREFIX}bytes:{tenant}", total)

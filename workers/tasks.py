@@ -11,7 +11,8 @@ from workers.jobs.run import run_job as run_pipeline
 
 @celery_app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
 def run_job(job_id: str) -> None:
-    # every line this job logs carries its id, its tenant (bound once the record is read) and the message's id
+    # every line this job logs carries its id, and once the record is read its tenant and the id of the request
+    # that submitted it (the record keeps it); until then, or for a job no request made, the message's id
     with logs.context(job_id=job_id, request_id=getattr(run_job.request, "id", None)):
         run_pipeline(job_id)
 
@@ -25,4 +26,5 @@ def fire_schedule(tenant: str, schedule_id: str, slot: str) -> None:
     from workers.jobs.context import services
 
     settings, records = services()
-    fire(records, settings, celery_app, tenant, schedule_id, datetime.fromisoformat(slot))
+    with logs.context(request_id=getattr(fire_schedule.request, "id", None)):  # the job it submits keeps this id
+        fire(records, settings, celery_app, tenant, schedule_id, datetime.fromisoformat(slot))

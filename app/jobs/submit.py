@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Celery
 
-from app import webhooks
+from app import logs, webhooks
 from app.errors import Conflict, NotFound
 from app.jobs import compress as compress_admission
 from app.jobs import lifecycle
@@ -110,6 +110,7 @@ def submit(
             spec=spec_dict,
             idempotency_key=idempotency_key,
             request_hash=spec_hash,
+            request_id=logs.current("request_id"),
         )
         lifecycle.create(records, record)
     except BaseException:

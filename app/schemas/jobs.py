@@ -276,6 +276,8 @@ class JobRecord(JobPublic):
     request_hash: str | None = None
     cancel_requested: bool = False
     events: list[JobEvent] = Field(default_factory=list)
+    # the id of the request that submitted the job (X-Request-ID): the worker's log lines for the job carry it
+    request_id: str | None = None
 
     def public(self) -> JobPublic:
         return JobPublic.model_validate(self.model_dump(include=set(JobPublic.model_fields)))

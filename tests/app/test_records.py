@@ -90,3 +90,27 @@ def test_reindex_rebuilds_adapters_jobs_bytes_and_lists_lost_active_jobs(records
     assert records.stored_bytes("t1") == 300
     again = records.reindex()
     assert again["lost_jobs"] == []  # already indexed: nothing to re-enqueue twice
+
+
+def test_a_write_that_loses_the_race_to_a_final_state_does_not_stay_in_storage(records):
+    """A worker starts a job while the API cancels it: the cancel commits first, the start's retry finds nothing
+    left to do. The start had already written its `running` copy to S3; the winner's record must replace it, or
+    `reindex` would bring back a running job and run it again."""
+    record = job("t1")
+    records.create_job(record)
+    durable = f"tenants/t1/jobs/{record.id}/record.json"
+
+    def cancel(current: JobRecord) -> bool:
+        current.state = "cancelled"
+        return True
+
+    def start(current: JobRecord) -> bool:
+        if current.state != "queued":
+            return False
+        current.state = "running"
+        records.mutate_job(record.id, cancel)  # the concurrent writer, between this read and this commit
+        return True
+
+    assert records.mutate_job(record.id, start).state == "cancelled"
+    assert records.storage.get_json(durable)["state"] == "cancelled"
+    assert records.get_job(record.id).state == "cancelled"

@@ -95,7 +95,7 @@ def run_job(job_id: str) -> None:
     except NotFound:
         log.warning("job record not found; dropping the message", extra={"job_id": job_id})
         return
-    logs.bind(tenant=job.tenant)
+    logs.bind(tenant=job.tenant, request_id=job.request_id)  # the submitting request's id, when it had one
     if job.state in FINAL_STATES:
         return
     lease = Lease(records.index, job_id, settings.job_lease_seconds)
