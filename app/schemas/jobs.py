@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from app.schemas.compress import ADAPTER_METHODS, COMPRESS_PARAMS, SIZE_RULES, CompressMethod, CompressOutput
-from app.schemas.merge import MERGE_PARAMS, MergeMethod, MergeOutput, MergeTune
+from app.schemas.merge import MERGE_PARAMS, MergeCalibration, MergeMethod, MergeOutput, MergeTune
 from app.schemas.unlearn import UNLEARN_PARAMS, UnlearnGoal, UnlearnMethod, UnlearnProbe
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -58,10 +58,20 @@ class MergeJobCreate(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     output: MergeOutput = Field(default_factory=MergeOutput)
     tune: MergeTune | None = Field(None, description="Tune lambda/density/beta on validation data first.")
+    calibration: MergeCalibration | None = Field(
+        None, description="The base model and calibration rows a calibrated method (rain) reads."
+    )
 
     @model_validator(mode="after")
     def _params_match_method(self) -> MergeJobCreate:
         self.params = validated_params(MERGE_PARAMS, self.method, self.params)
+        calibrated = MERGE_PARAMS[self.method].calibrated
+        if calibrated and self.calibration is None:
+            raise ValueError(f"method {self.method!r} needs a calibration block (model, reasoning rows, markers)")
+        if not calibrated and self.calibration is not None:
+            raise ValueError(f"method {self.method!r} takes no calibration block")
+        if calibrated and self.tune is not None:
+            raise ValueError(f"method {self.method!r} cannot be tuned (its merge needs the calibration rows)")
         if self.tune is not None:
             self.tune.check_against(MERGE_PARAMS[self.method], self.params, len(self.adapters))
         return self

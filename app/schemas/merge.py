@@ -6,7 +6,7 @@ with the same classes before any compute. Every field is bounded and unknown key
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -30,6 +30,8 @@ class _Params(BaseModel):
     allow_base_mismatch: bool = Field(
         False, description="Merge adapters whose configs name different base models (same shapes only)."
     )
+    # a method that reads a base model and calibration rows (the job's `calibration` block) says so here
+    calibrated: ClassVar[bool] = False
 
 
 class _Sparsified(_Params):
@@ -146,6 +148,49 @@ class CtmParams(_RuleParams):
     max_iter: int = Field(100, ge=1, le=1000, description="HOOI iteration cap.")
 
 
+class RainParams(_Params):
+    """`rain`: RAIN-Merging — project the instruction update off the reasoning model's features at the thinking
+    markers (stage 1), then scale each module by instruction-attention coefficients (stage 2). Needs the job's
+    `calibration` block (base model, reasoning rows, optional instruction rows, markers)."""
+
+    calibrated: ClassVar[bool] = True
+
+    preserve: Literal["features", "code"] = Field(
+        "features",
+        description="`features`: strict null space of the module inputs at the markers (ΔW'x = 0 there); "
+        "`code`: the released code's relaxed constraints (attention logits, random readouts) near the markers.",
+    )
+    radius: int | None = Field(
+        None, ge=0, le=16, description="Positions kept around each marker (None: 0 for features, 5 for code)."
+    )
+    pairs: int = Field(8, ge=1, le=64, description="code: query/key pairs per reasoning row.")
+    positions: int = Field(4, ge=1, le=64, description="code: positions per row for V/O/MLP readouts.")
+    readouts: int = Field(2, ge=1, le=16, description="code: random readout directions per layer and module.")
+    ridge: float = Field(1e-4, ge=0.0, le=1.0, description="code: ridge, relative to the constraints' mean Gram.")
+    coefficients: bool = Field(True, description="Stage 2: scale modules by instruction-attention coefficients.")
+    rho: float = Field(0.5, ge=0.0, le=10.0, description="Weight of the unrelated-attention change.")
+    lambda_h: float = Field(1.0, ge=0.0, le=100.0, description="Per-row curvature of the coefficient QP.")
+    mu: float = Field(1.0, ge=0.0, le=100.0, description="Curvature from the unrelated attention after the merge.")
+    lambda_2: float = Field(0.1, ge=0.0, le=100.0, description="Pull towards alpha_0.")
+    alpha_0: float = Field(1.0, ge=0.0, le=10.0, description="The coefficient without evidence.")
+    alpha_min: float = Field(0.0, ge=0.0, le=10.0, description="Lower bound of each coefficient.")
+    alpha_max: float = Field(1.5, ge=0.0, le=10.0, description="Upper bound of each coefficient.")
+    max_rows: int = Field(1000, ge=1, le=10_000, description="Rows read from each calibration dataset.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the pair/position draws and readouts.")
+
+    @model_validator(mode="after")
+    def _box(self) -> RainParams:
+        if self.alpha_min > self.alpha_max:
+            raise ValueError("alpha_min must be at most alpha_max")
+        return self
+
+    def neighbourhood(self) -> int:
+        """The radius in effect: given, else 0 (the marker tokens) for features and 5 (the code's) for code."""
+        if self.radius is not None:
+            return self.radius
+        return 0 if self.preserve == "features" else 5
+
+
 MERGE_PARAMS: dict[str, type[_Params]] = {
     "cat": CatParams,
     "task_arithmetic": TaskArithmeticParams,
@@ -160,6 +205,7 @@ MERGE_PARAMS: dict[str, type[_Params]] = {
     "merge_then_compress": MergeThenCompressParams,
     "knots": KnotsParams,
     "ctm": CtmParams,
+    "rain": RainParams,
 }
 
 MergeMethod = Literal[
@@ -176,6 +222,7 @@ MergeMethod = Literal[
     "merge_then_compress",
     "knots",
     "ctm",
+    "rain",
 ]
 
 
@@ -212,6 +259,30 @@ class MergeOutput(BaseModel):
 
 MAX_TUNE_POINTS = 64
 _ID = r"^[a-z]{2,4}_[0-9a-f]{16,40}$"
+
+
+class MergeCalibration(BaseModel):
+    """What a calibrated method (`rain`) reads besides the adapters: the base model (a causal LM with a
+    tokenizer), reasoning rows with one start and one end marker each, optional instruction rows
+    (prompt = the instruction, completion = the response) and the two marker tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(pattern=_ID, description="A model id of this tenant: the reasoning model (the base).")
+    reasoning: str = Field(pattern=_ID, description="A dataset id (lm rows) with the thinking markers.")
+    instruction: str | None = Field(
+        None, pattern=_ID, description="A dataset id (prompt+completion rows) for the stage-2 coefficients."
+    )
+    markers: tuple[str, str] = Field(("<think>", "</think>"), description="The start and end thinking tokens.")
+
+    @model_validator(mode="after")
+    def _markers(self) -> MergeCalibration:
+        start, end = self.markers
+        if not start or not end or len(start) > 64 or len(end) > 64:
+            raise ValueError("markers are 1..64 characters each")
+        if start == end:
+            raise ValueError("the start and end markers must differ")
+        return self
 
 
 class TuneValidation(BaseModel):

@@ -293,6 +293,7 @@ def merge_adapter_files(
     progress: Callable[[float, str], None] | None = None,
     device: torch.device | str = "cpu",
     read_ahead: int = READ_AHEAD,
+    calibration: Any = None,
 ) -> dict:
     """Merge PEFT adapters file to file: inputs are (adapter_config, adapter_model.safetensors, weight).
     The factors are read on the CPU and each batch is moved to `device`, where the merge computes; up to
@@ -333,10 +334,12 @@ def merge_adapter_files(
         planned = reader.shapes_only()
         order = [name for batch in batches(planned) for name in batch]
         if read_ahead <= 0:
-            result = merge_modules(method, planned, checked, spec, progress, loader=reader)
+            result = merge_modules(method, planned, checked, spec, progress, loader=reader, calibration=calibration)
         else:
             with Prefetching(reader, order, ahead=read_ahead) as loader:
-                result = merge_modules(method, planned, checked, spec, progress, loader=loader)
+                result = merge_modules(
+                    method, planned, checked, spec, progress, loader=loader, calibration=calibration
+                )
     out_dtype = DTYPES[dtypes.pop()] if len(dtypes) == 1 else torch.float32
     tensors: dict[str, torch.Tensor] = {}
     for name, merged in result.modules.items():

@@ -1,5 +1,6 @@
 """The merge job: fetch the adapters (SHA-256-checked), optionally tune λ / density / β on validation data
-(`merge_tune.py`), merge them file to file, publish the result."""
+(`merge_tune.py`) or load a calibrated method's model and rows (`merge_calibration.py`), merge them file to
+file, publish the result."""
 
 from __future__ import annotations
 
@@ -51,7 +52,13 @@ def run(context: JobContext) -> JobResult:
         inputs = [(*future.result(), item.weight) for future, item in zip(futures, spec.adapters, strict=True)]
         out_dir = root / "output"
         out_dir.mkdir()
-        params, tuned, start = spec.params, None, 0.3
+        params, tuned, start, calibration = spec.params, None, 0.3, None
+        if spec.calibration is not None:  # a calibrated method (rain): the base model and its rows
+            from workers.jobs.merge_calibration import load_calibration
+
+            context.progress(0.3, "calibration: fetching the base model and the calibration rows")
+            calibration = load_calibration(context, spec.calibration, root)
+            start = 0.4
         if spec.tune is not None:  # grid search on the validation rows first (0.3 → 0.8)
             from workers.jobs.merge_tune import tune_params
 
@@ -65,7 +72,7 @@ def run(context: JobContext) -> JobResult:
         with torch_threads(context.settings.merge_threads):
             report = merge_adapter_files(
                 inputs, spec.method, params, spec.output.model_dump(), out_dir, progress=engine_progress,
-                device=current().torch_device,
+                device=current().torch_device, calibration=calibration,
             )
         if tuned is not None:
             report["tune"] = tuned

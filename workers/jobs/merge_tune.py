@@ -8,8 +8,20 @@ from typing import Any
 
 from app.schemas.jobs import MergeJobCreate
 from app.schemas.merge import MERGE_PARAMS, MergeOutput, MergeTune
+from app.schemas.models import ModelRecord
 from workers.jobs.context import InputRejected, JobContext
 from workers.jobs.inputs import dataset_record, fetch_dataset, fetch_model, model_record
+
+
+def load_base_model(context: JobContext, model_id: str, into: Path) -> tuple[ModelRecord, Any, Any]:
+    """(record, model, tokenizer or None) of a merge step's registered base model (tune, calibration):
+    fetched SHA-256-checked into `into`, loaded in float32 with transformers, gradients off."""
+    from workers.formats.hf_models import load_model
+
+    record = model_record(context.records, context.job.tenant, model_id)
+    model, tokenizer = load_model(fetch_model(context.records, record, into), record)
+    model.requires_grad_(False)
+    return record, model, tokenizer
 
 
 def tune_params(
@@ -19,14 +31,12 @@ def tune_params(
     step per point; a cancel stops the job between points."""
     from workers.engines.merge.engine import merge_modules
     from workers.engines.merge.tune import evaluate, grid_search
-    from workers.formats.hf_models import HfFormatError, load_data, load_model, max_tokens
+    from workers.formats.hf_models import HfFormatError, load_data, max_tokens
     from workers.formats.lora import read_adapter_factors
 
     job, records = context.job, context.records
-    model_in = model_record(records, job.tenant, tune.model)
     context.progress(0.3, "tuning: fetching the base model and the validation rows")
-    model, tokenizer = load_model(fetch_model(records, model_in, root / "tune-model"), model_in)
-    model.requires_grad_(False)
+    model_in, model, tokenizer = load_base_model(context, tune.model, root / "tune-model")
     kind = "nll" if model_in.family == "causal_lm" else "accuracy"
     data = {}
     for item in tune.validation:

@@ -1,6 +1,7 @@
 """Merge methods: T LoRA adapters → one adapter. Importing this package registers every method.
 
-One module per method with logic of its own (named after it): `cat`, `merge_then_compress`, `knots`, `ctm`.
+One module per method with logic of its own (named after it): `cat`, `merge_then_compress`, `knots`, `ctm`,
+`rain` (calibrated: it reads a base model and calibration rows, `MergeJob.calibration`).
 Methods that differ only in configuration are registered beside the implementation they configure:
 `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` and `breadcrumbs` are rows of
 `merge_then_compress.VARIANTS` (the rule fixed), each with its paper. Shared pieces beside them:
@@ -14,4 +15,5 @@ from workers.engines.merge import (  # noqa: F401  (imported to register the met
     ctm,
     knots,
     merge_then_compress,
+    rain,
 )

@@ -132,6 +132,7 @@ def merge_modules(
     output: MergeOutput,
     progress: Callable[[float, str], None] | None = None,
     loader: Callable[[str], list[TaskFactors | None]] | None = None,
+    calibration: Any = None,
 ) -> MergeResult:
     """Merge T adapters module by module with the registered `method`; returns factors and the report.
 
@@ -139,12 +140,14 @@ def merge_modules(
     weight·scaling. `params` is (or validates as) the method's params model; `output` gives the rank.
     With a `loader` (streaming from files), `modules` may hold shape-only "meta" tensors and the loader
     reads a module's factors when a method asks for them; it refuses NaN/Inf factors itself, per tensor
-    while the data is in cache, so the up-front scan is skipped.
+    while the data is in cache, so the up-front scan is skipped. `calibration` carries a calibrated method's
+    model and rows (`rain.RainCalibration`); what the method notes goes into the report under its name.
     """
     entry = registry.get("merge", method)
     checked = _params(entry.params_model, params)
     job = validate_inputs(modules, output, progress, check_finite=loader is None)
     job.loader = loader
+    job.calibration = calibration
     job.progress(0.0, f"merging {len(job.modules)} modules of {job.num_tasks} adapters ({method})")
     try:
         merged = entry.function(job, checked)
@@ -169,4 +172,6 @@ def merge_modules(
         "summary": summarize(per_module, job.num_tasks),
         "modules": per_module,
     }
+    if job.notes:
+        report[method] = job.notes
     return MergeResult(modules=merged, report=report)

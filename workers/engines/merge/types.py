@@ -108,6 +108,10 @@ class MergeJob:
     num_tasks: int
     progress: Callable[[float, str], None] = field(default=lambda fraction, stage: None)
     loader: Callable[[str], list[TaskFactors | None]] | None = None
+    # a calibrated method's inputs besides the factors (rain: the base model and calibration rows), and the
+    # section it adds to the report under its own name
+    calibration: Any = None
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def factors(self, name: str) -> list[TaskFactors | None]:
         """Module `name`'s factors with their data (read afresh from the files when streaming)."""
