@@ -20,7 +20,7 @@ from collections import deque
 from typing import Any
 
 from app import documents
-from app.errors import NotFound
+from app.errors import AmendError, NotFound
 from app.records import Records
 from app.schemas.deletion import TargetVersions, UnlearningRequestRecord
 from app.schemas.jobs import JobRecord
@@ -166,51 +166,62 @@ _celery: dict[str, Any] = {}
 
 
 def _submit_rebuild(records: Records, settings: Any, tenant: str, descendant: LineageNode, old: str, new: str,
-                    unlearn_job_id: str) -> str | None:
+                    unlearn_job_id: str) -> str:
     """Re-run the job that made `descendant` with `new` in place of `old`, as the next version of it
-    (`rebuilt` records the version when the job succeeds). Returns the job id; None when it cannot be re-run."""
+    (`rebuilt` records the version when the job succeeds). Returns the job id."""
     from app.jobs.submit import submit
     from app.queue import make_celery
     from app.schemas.jobs import job_create_adapter
 
-    if not descendant.source_job_id:
-        return None
-    producer = records.get_job(descendant.source_job_id, tenant)
+    producer = records.get_job(descendant.source_job_id or "", tenant)
     spec = json.loads(json.dumps(producer.spec))
     for item in spec.get("adapters") or []:
-        item["id"] = new if item["id"] == old else item["id"]
+        if item["id"] == old:
+            item["id"], item["version"] = new, None
     for field in ("adapter", "model", "base_model"):
         if spec.get(field) == old:
-            spec[field] = new
+            spec[field], spec[f"{field}_version"] = new, None
     celery = _celery.get(settings.redis_url) or _celery.setdefault(settings.redis_url, make_celery(settings))
     key = f"{REBUILD_PREFIX}{descendant.id}:{unlearn_job_id}"
     return submit(records, settings, celery, tenant, job_create_adapter.validate_python(spec),
                   idempotency_key=key).job.id
 
 
-def _same_kind(nodes: dict[str, LineageNode], old: str, new: str, records: Records, tenant: str) -> bool:
+def _kind_of(records: Records, tenant: str, record_id: str) -> str:
     try:
-        new_kind = "adapter" if records.get_adapter(tenant, new) else "model"
+        records.get_adapter(tenant, record_id)
     except NotFound:
-        new_kind = "model"
-    return nodes[old].kind == new_kind if old in nodes else False
+        return "model"
+    return "adapter"
 
 
 def rebuild_children(records: Records, settings: Any, tenant: str, old: str, new: str,
-                     unlearn_job_id: str) -> dict[str, str]:
-    """Submit a rebuild of each artifact merged or compressed directly from `old`, with `new` substituted;
-    {descendant id: job id}. Their own descendants are rebuilt when these succeed (`rebuilt`)."""
+                     unlearn_job_id: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Submit a rebuild of each artifact merged or compressed directly from `old`, with `new` substituted:
+    ({descendant id: job id}, {descendant id: why it was not rebuilt}). Their own descendants are rebuilt when
+    these succeed (`rebuilt`)."""
     nodes = _all(records, tenant)
-    if not _same_kind(nodes, old, new, records, tenant):
-        return {}  # a model whose new version is an adapter over it cannot stand in for it
+    children = [c for c in _children(nodes).get(old, []) if nodes[c].job_type in ("merge", "compress")]
+    old_kind = nodes[old].kind if old in nodes else _kind_of(records, tenant, old)
+    new_kind = _kind_of(records, tenant, new)
     jobs: dict[str, str] = {}
-    for child in _children(nodes).get(old, []):
+    refused: dict[str, str] = {}
+    for child in children:
         node = nodes[child]
-        if node.job_type in ("merge", "compress"):
-            job_id = _submit_rebuild(records, settings, tenant, node, old, new, unlearn_job_id)
-            if job_id:
-                jobs[child] = job_id
-    return jobs
+        if old_kind != new_kind:
+            # a model target unlearned into an adapter over it (output "adapter"): the producing job reads a
+            # model (extract's base_model/model), and an adapter cannot stand in for one
+            refused[child] = (f"{old} was unlearned into an adapter ({new}), and the {node.job_type} job that made "
+                              f"{child} reads a model: rebuild it from a version unlearned with output 'weights'")
+            continue
+        if not node.source_job_id:
+            refused[child] = f"{child} names no job that made it"
+            continue
+        try:
+            jobs[child] = _submit_rebuild(records, settings, tenant, node, old, new, unlearn_job_id)
+        except AmendError as error:  # refused at admission (an input gone, quota, a key used differently)
+            refused[child] = f"{error.code}: {error.message}"
+    return jobs, refused
 
 
 def rebuilt(records: Records, settings: Any, job: JobRecord) -> None:

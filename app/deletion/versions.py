@@ -4,21 +4,33 @@ version a schedule's next run starts from; it moves when the schedule's `promote
 its goal and the report's guards hold) or by `POST …/versions/{v}/promote`.
 
 One record per target (`tenants/{tenant}/versions/{target id}/record.json`, through app/documents.py), changed
-atomically. Job inputs named by a target id read its current version (`resolve_inputs`, at submission); other
-routes (GET, download, lineage) show the id asked for: a version is pinned by its own adapter/model id.
+atomically. A target asked for by its id means its current version, unless a version is pinned: job inputs
+(`resolve_inputs`, at submission: the job record names the version's id) and GET, download and lineage
+(`resolve`, `?version=N`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from app import documents
-from app.errors import NotFound
+from app.errors import NotFound, Unprocessable
 from app.records import Records, now
 from app.schemas.deletion import Promote, Target, TargetVersion, TargetVersions
 from app.schemas.jobs import JobRecord
 
 KIND = "versions"
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Asked(Generic[R]):
+    """What a GET or download of a target's id reads: `record`, version `number` of `target`."""
+
+    target: str
+    number: int
+    record: R
 
 
 def target_id(target: Target) -> str:
@@ -137,36 +149,68 @@ def promote_version(records: Records, tenant: str, kind: str, record_id: str, ve
     return documents.mutate(records, KIND, TargetVersions, tenant, record_id, change)
 
 
-def _current_id(records: Records, tenant: str, kind: str, record_id: str) -> str:
-    """The id a job should read for `record_id`: its current version's (itself unless a run replaced it). A model
-    whose current version is an adapter over it (an unlearning run with output `adapter`) stays itself: a model
-    input cannot become an adapter."""
+def resolve(records: Records, tenant: str, kind: str, record_id: str, version: int | None = None) -> tuple[str, int]:
+    """(the id to read, its version number) for `record_id` asked for as a target: `version` when given (a pin),
+    else the current one. An id with no versions is version 1 of itself (a pin other than 1 is a 404). A model
+    whose version is an adapter over it (an unlearning run with output `adapter`) cannot be read as a model:
+    pinned, that is a 422; as the current version the model reads the model that adapter sits on."""
     try:
         found = documents.get(records, KIND, TargetVersions, tenant, record_id)
     except NotFound:
-        return record_id
-    version = found.versions[found.current - 1]
+        if version not in (None, 1):
+            raise NotFound(f"{kind} {record_id} has no version {version}: it has version 1 only") from None
+        return record_id, 1
+    number = version or found.current
+    if not 1 <= number <= len(found.versions):
+        raise NotFound(f"version {number} of {record_id} not found (it has {len(found.versions)})")
+    chosen = found.versions[number - 1]
     if kind == "adapter":
-        return version.adapter_id or record_id
-    return version.model_id if version.model_id and version.adapter_id is None else record_id
+        return chosen.adapter_id or record_id, number
+    if chosen.adapter_id is None:
+        return chosen.model_id or record_id, number
+    if version is not None:
+        raise Unprocessable(f"version {number} of model {record_id} is an adapter over it ({chosen.adapter_id}): "
+                            f"read it as /v1/adapters/{chosen.adapter_id}", code="version_is_adapter")
+    base = chosen.model_id or record_id
+    below = [v.version for v in found.versions[:number] if v.adapter_id is None and (v.model_id or record_id) == base]
+    return base, below[-1] if below else 1
+
+
+# (id field, its pin field, kind) of each job type's inputs; merge adapters are items {id, version}
+PINNED_FIELDS = {
+    "unlearn": [("adapter", "adapter_version", "adapter"), ("model", "model_version", "model")],
+    "compress": [("adapter", "adapter_version", "adapter"), ("base_model", "base_model_version", "model"),
+                 ("model", "model_version", "model")],
+}
+
+
+def _resolve_item(records: Records, tenant: str, item: dict[str, Any], id_field: str, pin_field: str,
+                  kind: str) -> bool:
+    """Resolve one input in place: the id becomes the version read; the pin stays only while the id still names
+    the target (its version 1), so a spec resolved once reads the same thing when it is submitted again."""
+    new, _ = resolve(records, tenant, kind, item[id_field], item.get(pin_field))
+    if new == item[id_field]:
+        return False
+    item[id_field], item[pin_field] = new, None
+    return True
 
 
 def resolve_inputs(records: Records, tenant: str, spec: Any) -> Any:
-    """A job spec with each input adapter and model named by a target's id replaced by the target's current
-    version (called by `app.jobs.submit.submit`, so the job record pins what the job read). Ids of versions and
-    of artifacts never unlearned are left as they are."""
+    """A job spec with each input adapter and model named by a target's id replaced by the version it reads: the
+    pinned one (`version` on a merge input, `<field>_version` on unlearn and compress inputs) or else the current
+    one (called by `app.jobs.submit.submit`, so the job record names what the job read). Ids of versions and of
+    artifacts never unlearned are left as they are. An unlearning job's model under an adapter is that adapter's
+    base: it is resolved only when pinned."""
     data = spec.model_dump(mode="json", by_alias=True)
     changed = False
     for item in data.get("adapters") or []:
-        new = _current_id(records, tenant, "adapter", item["id"])
-        changed, item["id"] = changed or new != item["id"], new
-    fields = [("adapter", "adapter"), ("model", "model"), ("base_model", "model")]
-    if data.get("type") == "unlearn" and data.get("adapter"):
-        fields = [("adapter", "adapter")]  # the model is the adapter's base: it stays
-    for field, kind in fields:
-        if isinstance(data.get(field), str):
-            new = _current_id(records, tenant, kind, data[field])
-            changed, data[field] = changed or new != data[field], new
+        changed = _resolve_item(records, tenant, item, "id", "version", "adapter") or changed
+    for id_field, pin_field, kind in PINNED_FIELDS.get(data.get("type", ""), []):
+        if data.get(pin_field) is not None and not data.get(id_field):
+            raise Unprocessable(f"{pin_field} pins a version of {id_field}, which the job does not name")
+        base_of_adapter = data["type"] == "unlearn" and id_field == "model" and data.get("adapter")
+        if isinstance(data.get(id_field), str) and not (base_of_adapter and data.get(pin_field) is None):
+            changed = _resolve_item(records, tenant, data, id_field, pin_field, kind) or changed
     return type(spec).model_validate(data) if changed else spec
 
 

@@ -26,6 +26,13 @@ class AdapterPublic(BaseModel):
     parents: list[Parent] = Field(default_factory=list, description="What its job made it from (lineage).")
 
 
+class AdapterVersionPublic(AdapterPublic):
+    """The adapter asked for by id: the target's current version, or the one `?version=N` pins."""
+
+    version_of: str = Field(description="The id asked for: the target this record is a version of.")
+    version: int = Field(description="Which version of `version_of` this is (GET …/versions lists them).")
+
+
 class AdapterRecord(AdapterPublic):
     tenant: str
     config_sha256: str

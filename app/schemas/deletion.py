@@ -103,6 +103,9 @@ class UnlearningRequestPublic(BaseModel):
     rebuild_jobs: dict[str, str] = Field(
         default_factory=dict, description="With rebuild_descendants: each stale descendant's rebuild job."
     )
+    rebuild_refused: dict[str, str] = Field(
+        default_factory=dict, description="With rebuild_descendants: why a stale descendant was not rebuilt."
+    )
     error: JobError | None = None
     at_risk: bool = Field(False, description="Pending, and its deadline falls before its target's next run.")
 

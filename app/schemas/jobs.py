@@ -31,6 +31,13 @@ def validated_params(
 ) -> dict[str, Any]:
     """A job's `params` checked against its method's own `<Method>Params` model: bounded, no unknown keys."""
     if len(params) > 32:
+    version: int | None = Field(None, ge=1, le=1_000_000, description=(
+        "Pin a version of the adapter (GET /v1/adapters/{id}/versions); none: its current version."))
+
+
+def version_pin(field: str) -> Any:
+    """A job input's version pin: read that version of the target `field` names instead of its current one."""
+    return Field(None, ge=1, le=1_000_000, description=f"Pin a version of `{field}` (GET …/versions); none: current.")
         raise ValueError("too many params")
     return params_models[method].model_validate(params).model_dump(mode="json", by_alias=True)
 
@@ -171,6 +178,8 @@ class UnlearnJobCreate(BaseModel):
         description="Deletion requests this job honours (set by a schedule); its audit record lists each.",
     )
 
+    model_version: int | None = version_pin("model")
+    adapter_version: int | None = version_pin("adapter")
     @model_validator(mode="after")
     def _params_match_method(self) -> UnlearnJobCreate:
         self.params = validated_params(UNLEARN_PARAMS, self.method, self.params)
@@ -241,6 +250,9 @@ class CompressJobCreate(BaseModel):
 JobCreate = Annotated[MergeJobCreate | UnlearnJobCreate | CompressJobCreate, Field(discriminator="type")]
 job_create_adapter: TypeAdapter[JobCreate] = TypeAdapter(JobCreate)
 
+    adapter_version: int | None = version_pin("adapter")
+    base_model_version: int | None = version_pin("base_model")
+    model_version: int | None = version_pin("model")
 
 class JobError(BaseModel):
     code: str

@@ -49,6 +49,13 @@ class ModelPublic(BaseModel):
     parents: list[Parent] = Field(default_factory=list, description="What its job made it from (lineage).")
 
 
+class ModelVersionPublic(ModelPublic):
+    """The model asked for by id: the target's current version, or the one `?version=N` pins."""
+
+    version_of: str = Field(description="The id asked for: the target this record is a version of.")
+    version: int = Field(description="Which version of `version_of` this is (GET …/versions lists them).")
+
+
 class ModelRecord(ModelPublic):
     tenant: str
     deleted: bool = False

@@ -62,7 +62,7 @@ def test_upload_get_list_download_delete(api, adapter_dir):
     body = response.json()
     assert body["rank"] == 4 and body["alpha"] == 8 and body["n_modules"] == 4 and body["name"] == "first"
     assert body["target_modules"] == ["q_proj", "v_proj"] and len(body["sha256"]) == 64
-    assert api.get(f"/v1/adapters/{body['id']}").json() == body
+    assert api.get(f"/v1/adapters/{body['id']}").json() == body | {"version_of": body["id"], "version": 1}
     weights = api.get(f"/v1/adapters/{body['id']}/files/adapter_model.safetensors")
     assert weights.content == (directory / "adapter_model.safetensors").read_bytes()
     config = api.get(f"/v1/adapters/{body['id']}/files/adapter_config.json").json()

@@ -95,7 +95,7 @@ def test_model_upload_get_list_download_delete(api):
     assert {f["name"] for f in body["files"]} == {"config.json", "model.safetensors", "tokenizer.json"}
     weights = next(f for f in body["files"] if f["name"] == "model.safetensors")
     assert weights["sha256"] == hashlib.sha256(weights_bytes()).hexdigest()
-    assert api.get(f"/v1/models/{body['id']}").json() == body
+    assert api.get(f"/v1/models/{body['id']}").json() == body | {"version_of": body["id"], "version": 1}
     assert [m["id"] for m in api.get("/v1/models").json()["items"]] == [body["id"]]
     assert api.get(f"/v1/models/{body['id']}/files/model.safetensors").content == weights_bytes()
     assert api.get(f"/v1/models/{body['id']}/files/secret.txt").status_code == 404

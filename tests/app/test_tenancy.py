@@ -333,8 +333,10 @@ def test_other_tenants_records_cannot_be_job_inputs(tenants):
     adapter, model, dataset = created["adapter_id"][0], created["model_id"][0], created["dataset_id"][0]
     before = _snapshot(client)
     merge = {"type": "merge", "adapters": [{"id": adapter, "weight": 1.0}], "method": "cat", "params": {}}
-    response = client.post("/v1/jobs", json=merge, headers=tenants.b)
-    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", response.text
+    pinned = {"type": "merge", "adapters": [{"id": adapter, "version": 1}], "method": "cat", "params": {}}
+    for body in (merge, pinned):  # a version pin reads nothing of A's either
+        response = client.post("/v1/jobs", json=body, headers=tenants.b)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", response.text
     unlearn = {"type": "unlearn", "model": model, "forget": {"dataset": dataset, "rows": None}, "retain": dataset,
                "method": "grad_diff", "params": {"steps": 2}, "output": "adapter", "adapter": adapter}
     for change in ({}, {"adapter": None}):
@@ -342,9 +344,17 @@ def test_other_tenants_records_cannot_be_job_inputs(tenants):
         assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", response.text
     other_model = model[:-1] + ("1" if model.endswith("0") else "0")  # never the real id
     for compress in ({"type": "compress", "adapter": adapter, "method": "cast"},
+                     {"type": "compress", "adapter": adapter, "adapter_version": 1, "method": "cast"},
                      {"type": "compress", "method": "extract", "base_model": model, "model": other_model}):
         response = client.post("/v1/jobs", json=compress, headers=tenants.b)
         assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", response.text
+    # a pinned version of A's adapter or model is A's too
+    for url in (f"/v1/adapters/{adapter}?version=1", f"/v1/adapters/{adapter}/files/{WEIGHTS}?version=1",
+                f"/v1/models/{model}?version=1", f"/v1/models/{model}/files/config.json?version=1",
+                f"/v1/adapters/{adapter}/lineage?version=1"):
+        response = client.get(url, headers=tenants.b)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", url
+        assert client.get(url, headers=tenants.a).status_code == 200, url
     # the compact form of A's adapter is A's too
     response = client.get(f"/v1/adapters/{adapter}/files/adapter_model.safetensors?format=compact",
                           headers=tenants.b)

@@ -6,21 +6,31 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from app.adapter_store import store_adapter
 from app.api.deps import AdapterDep, Reader, RecordsDep, SettingsDep, Writer
+from app.api.routes.versions import VersionQuery
 from app.checks.adapter import parse_config
+from app.deletion import versions
+from app.deletion.versions import Asked
 from app.errors import NotFound, Unprocessable, UnsupportedMediaType
 from app.records import new_id
-from app.schemas.adapters import AdapterPublic
+from app.schemas.adapters import AdapterPublic, AdapterRecord, AdapterVersionPublic
 from app.schemas.common import Page
 from app.schemas.compress import COMPACT_FILE
 from app.storage import keys
 from app.uploads import PICKLE_SUFFIXES, copy_bounded
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+def adapter_version(adapter: AdapterDep, records: RecordsDep, version: VersionQuery = None) -> Asked[AdapterRecord]:
+    read, number = versions.resolve(records, adapter.tenant, "adapter", adapter.id, version)
+    return Asked(adapter.id, number, adapter if read == adapter.id else records.get_adapter(adapter.tenant, read))
+
+
+VersionDep = Annotated[Asked[AdapterRecord], Depends(adapter_version)]
 
 ADAPTER_FILES = {"adapter_config.json": "application/json", "adapter_model.safetensors": "application/octet-stream"}
 
@@ -68,19 +78,20 @@ def list_adapters(
     return Page[AdapterPublic](items=[item.public() for item in items], next_cursor=next_cursor)
 
 
-@router.get("/{adapter_id}", response_model=AdapterPublic, summary="Get an adapter")
-def get_adapter(adapter: AdapterDep) -> AdapterPublic:
-    return adapter.public()
+@router.get("/{adapter_id}", response_model=AdapterVersionPublic,
+            summary="Get an adapter (its current version, or ?version=N)")
+def get_adapter(found: VersionDep) -> AdapterVersionPublic:
+    return AdapterVersionPublic(**found.record.public().model_dump(), version_of=found.target, version=found.number)
 
 
 @router.get(
     "/{adapter_id}/files/{filename}",
-    summary="Download an adapter file (streamed)",
+    summary="Download an adapter file (streamed; its current version, or ?version=N)",
     responses={200: {"description": "The file", "content": {
         "application/json": {}, "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
 )
 def download_adapter_file(
-    adapter: AdapterDep,
+    found: VersionDep,
     records: RecordsDep,
     filename: Literal["adapter_config.json", "adapter_model.safetensors"],
     format: Annotated[  # noqa: A002 - the query parameter's public name
@@ -89,6 +100,7 @@ def download_adapter_file(
                           "sparsify_quantize job stored (int8 codes, bit masks, float scales)"),
     ] = "peft",
 ) -> StreamingResponse:
+    adapter = found.record
     stored: str = filename
     media_type = ADAPTER_FILES[filename]
     if format == "compact":

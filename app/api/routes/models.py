@@ -14,12 +14,15 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from app.api.deps import Reader, RecordsDep, SettingsDep, Writer
+from app.api.routes.versions import VersionQuery
 from app.checks.model import collect_directory, store_archive, store_model
+from app.deletion import versions
+from app.deletion.versions import Asked
 from app.errors import BadRequest, NotFound, Unprocessable, UnsupportedMediaType
 from app.records import Records, new_id
 from app.schemas.common import Page
 from app.schemas.jobs import ID_PATTERN
-from app.schemas.models import ModelFromPath, ModelPublic, ModelRecord
+from app.schemas.models import ModelFromPath, ModelPublic, ModelRecord, ModelVersionPublic
 from app.settings import Settings
 from app.storage import keys
 from app.uploads import PICKLE_SUFFIXES, copy_bounded
@@ -55,6 +58,13 @@ def get_model(model_id: ModelId, caller: Reader, records: RecordsDep) -> ModelRe
 
 
 ModelDep = Annotated[ModelRecord, Depends(get_model)]
+def model_version(model: ModelDep, records: RecordsDep, version: VersionQuery = None) -> Asked[ModelRecord]:
+    read, number = versions.resolve(records, model.tenant, "model", model.id, version)
+    found = model if read == model.id else records.get_resource("models", model.tenant, read)
+    return Asked(model.id, number, found)
+
+
+VersionDep = Annotated[Asked[ModelRecord], Depends(model_version)]
 
 
 def _register_archive(
@@ -129,21 +139,23 @@ def list_models(
     return Page[ModelPublic](items=[item.public() for item in items], next_cursor=next_cursor)
 
 
-@router.get("/{model_id}", response_model=ModelPublic, summary="Get a model")
-def get_model_record(model: ModelDep) -> ModelPublic:
-    return model.public()
+@router.get("/{model_id}", response_model=ModelVersionPublic,
+            summary="Get a model (its current version, or ?version=N)")
+def get_model_record(found: VersionDep) -> ModelVersionPublic:
+    return ModelVersionPublic(**found.record.public().model_dump(), version_of=found.target, version=found.number)
 
 
 @router.get(
     "/{model_id}/files/{filename}",
-    summary="Download one of a model's files (streamed)",
+    summary="Download one of a model's files (streamed; its current version, or ?version=N)",
     response_class=StreamingResponse,
     responses={200: {"description": "The file", "content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
 )
 def download_model_file(
-    model: ModelDep, records: RecordsDep, filename: Annotated[str, PathParam(max_length=128)]
+    found: VersionDep, records: RecordsDep, filename: Annotated[str, PathParam(max_length=128)]
 ) -> StreamingResponse:
+    model = found.record
     if filename not in {item.name for item in model.files}:
         raise NotFound(f"model {model.id} has no file {filename!r}")
     key = keys.model(model.tenant, model.id, f"files/{filename}")

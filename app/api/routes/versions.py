@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from fastapi import Path as PathParam
 
-from app.api.deps import AdapterDep, Reader, RecordsDep, Writer
-from app.deletion import lineage, versions
+from app.api.deps import AdapterDep, Reader, RecordsDep, SettingsDep, Writer
+from app.deletion import lineage, outcomes, versions
 from app.schemas.deletion import TargetVersionsPublic
 from app.schemas.jobs import ID_PATTERN
 from app.schemas.lineage import LineagePublic
@@ -19,6 +19,8 @@ router = APIRouter(tags=["versions"])
 
 ModelId = Annotated[str, PathParam(pattern=ID_PATTERN, max_length=48)]
 Version = Annotated[int, PathParam(ge=1, le=1_000_000)]
+VersionQuery = Annotated[int | None, Query(ge=1, le=1_000_000, description=(
+    "Pin a version of the target (GET …/versions); without it, its current version."))]
 
 
 def get_model(model_id: ModelId, caller: Reader, records: RecordsDep) -> ModelRecord:
@@ -40,25 +42,36 @@ def model_versions(model: ModelDep, records: RecordsDep) -> TargetVersionsPublic
     return versions.for_id(records, model.tenant, "model", model.id).public()
 
 
+def _promote(records: RecordsDep, settings: SettingsDep, tenant: str, kind: str, record_id: str,
+             version: int) -> TargetVersionsPublic:
+    found = versions.promote_version(records, tenant, kind, record_id, version)
+    outcomes.promoted(records, settings, tenant, record_id, version)  # rebuilds, as its schedule says
+    return found.public()
+
+
 @router.post("/v1/adapters/{adapter_id}/versions/{version}/promote", response_model=TargetVersionsPublic,
-             summary="Make a version of an adapter current")
-def promote_adapter(adapter: AdapterDep, version: Version, caller: Writer, records: RecordsDep) -> TargetVersionsPublic:
-    return versions.promote_version(records, caller.tenant, "adapter", adapter.id, version).public()
+             summary="Make a version of an adapter current (and rebuild its stale descendants, as its schedule says)")
+def promote_adapter(adapter: AdapterDep, version: Version, caller: Writer, records: RecordsDep,
+                    settings: SettingsDep) -> TargetVersionsPublic:
+    return _promote(records, settings, caller.tenant, "adapter", adapter.id, version)
 
 
 @router.post("/v1/models/{model_id}/versions/{version}/promote", response_model=TargetVersionsPublic,
-             summary="Make a version of a model current")
-def promote_model(model: ModelDep, version: Version, caller: Writer, records: RecordsDep) -> TargetVersionsPublic:
-    return versions.promote_version(records, caller.tenant, "model", model.id, version).public()
+             summary="Make a version of a model current (and rebuild its stale descendants, as its schedule says)")
+def promote_model(model: ModelDep, version: Version, caller: Writer, records: RecordsDep,
+                  settings: SettingsDep) -> TargetVersionsPublic:
+    return _promote(records, settings, caller.tenant, "model", model.id, version)
 
 
 @router.get("/v1/adapters/{adapter_id}/lineage", response_model=LineagePublic,
-            summary="What an adapter was made from, and what was made from it")
-def adapter_lineage(adapter: AdapterDep, records: RecordsDep) -> LineagePublic:
-    return lineage.lineage(records, adapter.tenant, "adapter", adapter.id)
+            summary="What an adapter (its current version, or ?version=N) was made from, and what was made from it")
+def adapter_lineage(adapter: AdapterDep, records: RecordsDep, version: VersionQuery = None) -> LineagePublic:
+    read, _ = versions.resolve(records, adapter.tenant, "adapter", adapter.id, version)
+    return lineage.lineage(records, adapter.tenant, "adapter", read)
 
 
 @router.get("/v1/models/{model_id}/lineage", response_model=LineagePublic,
-            summary="What a model was made from, and what was made from it")
-def model_lineage(model: ModelDep, records: RecordsDep) -> LineagePublic:
-    return lineage.lineage(records, model.tenant, "model", model.id)
+            summary="What a model (its current version, or ?version=N) was made from, and what was made from it")
+def model_lineage(model: ModelDep, records: RecordsDep, version: VersionQuery = None) -> LineagePublic:
+    read, _ = versions.resolve(records, model.tenant, "model", model.id, version)
+    return lineage.lineage(records, model.tenant, "model", read)
