@@ -24,13 +24,6 @@ class MergeInput(BaseModel):
 
     id: str = Field(pattern=ID_PATTERN, description="An adapter id of this tenant.")
     weight: float = Field(1.0, ge=-100.0, le=100.0, description="Per-adapter weight; negative negates a task.")
-
-
-def validated_params(
-    params_models: Mapping[str, type[BaseModel]], method: str, params: dict[str, Any]
-) -> dict[str, Any]:
-    """A job's `params` checked against its method's own `<Method>Params` model: bounded, no unknown keys."""
-    if len(params) > 32:
     version: int | None = Field(None, ge=1, le=1_000_000, description=(
         "Pin a version of the adapter (GET /v1/adapters/{id}/versions); none: its current version."))
 
@@ -38,6 +31,13 @@ def validated_params(
 def version_pin(field: str) -> Any:
     """A job input's version pin: read that version of the target `field` names instead of its current one."""
     return Field(None, ge=1, le=1_000_000, description=f"Pin a version of `{field}` (GET …/versions); none: current.")
+
+
+def validated_params(
+    params_models: Mapping[str, type[BaseModel]], method: str, params: dict[str, Any]
+) -> dict[str, Any]:
+    """A job's `params` checked against its method's own `<Method>Params` model: bounded, no unknown keys."""
+    if len(params) > 32:
         raise ValueError("too many params")
     return params_models[method].model_validate(params).model_dump(mode="json", by_alias=True)
 
@@ -157,6 +157,8 @@ class UnlearnJobCreate(BaseModel):
     webhook_url: str | None = WEBHOOK_URL
     model: str = Field(pattern=ID_PATTERN, description="A registered model id of this tenant.")
     adapter: str | None = Field(None, pattern=ID_PATTERN, description="An adapter of that model to unlearn.")
+    model_version: int | None = version_pin("model")
+    adapter_version: int | None = version_pin("adapter")
     forget: UnlearnForget
     retain: str | None = Field(None, pattern=ID_PATTERN, description="A dataset whose behaviour is kept.")
     eval_: str | None = Field(None, alias="eval", pattern=ID_PATTERN, description="Held-out / test dataset.")
@@ -178,8 +180,6 @@ class UnlearnJobCreate(BaseModel):
         description="Deletion requests this job honours (set by a schedule); its audit record lists each.",
     )
 
-    model_version: int | None = version_pin("model")
-    adapter_version: int | None = version_pin("adapter")
     @model_validator(mode="after")
     def _params_match_method(self) -> UnlearnJobCreate:
         self.params = validated_params(UNLEARN_PARAMS, self.method, self.params)
@@ -220,6 +220,9 @@ class CompressJobCreate(BaseModel):
     adapter: str | None = Field(None, pattern=ID_PATTERN, description="The adapter to compress (not extract).")
     base_model: str | None = Field(None, pattern=ID_PATTERN, description="extract: the base model id.")
     model: str | None = Field(None, pattern=ID_PATTERN, description="extract: the fine-tuned model id.")
+    adapter_version: int | None = version_pin("adapter")
+    base_model_version: int | None = version_pin("base_model")
+    model_version: int | None = version_pin("model")
     params: dict[str, Any] = Field(default_factory=dict)
     output: CompressOutput = Field(default_factory=CompressOutput)
 
@@ -250,9 +253,6 @@ class CompressJobCreate(BaseModel):
 JobCreate = Annotated[MergeJobCreate | UnlearnJobCreate | CompressJobCreate, Field(discriminator="type")]
 job_create_adapter: TypeAdapter[JobCreate] = TypeAdapter(JobCreate)
 
-    adapter_version: int | None = version_pin("adapter")
-    base_model_version: int | None = version_pin("base_model")
-    model_version: int | None = version_pin("model")
 
 class JobError(BaseModel):
     code: str
