@@ -78,8 +78,15 @@ def test_a_tuned_merge_on_a_causal_lm_picks_the_lambda_brute_force_picks(client,
     model = register(client, model_dir, "tiny-lm")
 
     adapters = [
-        make_adapter(tmp_path / f"task{t}", seed=10 + t, r=4, alpha=8, **MODEL,
-                     targets=("v_proj", "o_proj", "up_proj", "down_proj")) for t in range(2)
+        make_adapter(
+            tmp_path / f"task{t}",
+            seed=10 + t,
+            r=4,
+            alpha=8,
+            **MODEL,
+            targets=("v_proj", "o_proj", "up_proj", "down_proj"),
+        )
+        for t in range(2)
     ]
     adapter_ids = [upload_dir(client, directory, f"task{t}")["id"] for t, directory in enumerate(adapters)]
     prompts = [f"{who} city ?" for who in PEOPLE] + [f"{who} lives in" for who in PEOPLE]
@@ -106,18 +113,18 @@ def test_a_tuned_merge_on_a_causal_lm_picks_the_lambda_brute_force_picks(client,
     tune = client.get(f"/v1/jobs/{done['id']}/report").json()["tune"]
 
     # brute force: every λ, both tasks, dense weights, NLL by hand, normalised by the task's own adapter
-    own = [answer_nll(with_adapters([(d, 1.0)]), tokenizer, rows) for d, rows in zip(adapters, validation)]
+    own = [answer_nll(with_adapters([(d, 1.0)]), tokenizer, rows) for d, rows in zip(adapters, validation, strict=True)]
     expected = []
     for lam in LAMBDAS:
         merged = with_adapters([(d, lam) for d in adapters])
         nll = [answer_nll(merged, tokenizer, rows) for rows in validation]
-        expected.append((nll, sum(o / n for o, n in zip(own, nll)) / 2))
+        expected.append((nll, sum(o / n for o, n in zip(own, nll, strict=True)) / 2))
     best = max(range(len(LAMBDAS)), key=lambda i: expected[i][1])
     objectives = sorted(value for _, value in expected)
     assert objectives[-1] - objectives[-2] > 1e-3  # the grid has one clear winner, so the pick is meaningful
 
     assert [row["point"]["lambda"] for row in tune["table"]] == LAMBDAS
-    for row, (nll, value) in zip(tune["table"], expected):
+    for row, (nll, value) in zip(tune["table"], expected, strict=True):
         assert [task["score"] for task in row["tasks"]] == pytest.approx(nll, rel=1e-4)
         assert row["objective"] == pytest.approx(value, rel=1e-4)
     assert [task["own"] for task in tune["table"][0]["tasks"]] == pytest.approx(own, rel=1e-4)
