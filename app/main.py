@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
         if error.status == 503:
             headers = {"Retry-After": "5"}
-            backend = {"redis_unavailable": "redis", "storage_unavailable": "storage"}.get(error.code)
+            backend = metrics.backend_of(error)
             if backend:
                 app.state.metrics.backend_errors.labels(backend).inc()
         return _error(error.status, error.code, error.message, headers)

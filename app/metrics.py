@@ -10,12 +10,15 @@ Redis at scrape time.
 
 API request latency (by route template) and the API's Redis/storage errors stay in the API process's own
 registry: writing Redis on every request would make the cheap polling path dear, and each API replica is
-scraped on its own, as usual.
+scraped on its own, as usual. The workers' Redis/storage errors go to Redis like the job counters
+(`WorkerErrors`); one met while Redis itself is away is kept in the worker's process and written once Redis
+answers again (the heartbeat tries every period).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -28,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.errors import AmendError
 from app.queue import all_queues, live_workers
 from app.schemas.jobs import FINAL_STATES, JobRecord, JobState
 
@@ -37,6 +41,8 @@ KEY = "amend:metrics"
 JOBS = f"{KEY}:jobs"  # hash "submitted|type|method" and "finished|type|method|outcome" -> count
 RUNNING = f"{KEY}:running"  # hash "type|method" -> jobs running now
 TENANT_STATES = f"{KEY}:tenant:"  # + tenant: hash "state|type" -> jobs in that state now
+WORKER_ERRORS = f"{KEY}:worker_errors"  # hash backend ("redis", "storage") -> errors workers met
+BACKENDS = {"redis_unavailable": "redis", "storage_unavailable": "storage"}  # an error's code -> its backend
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 WAIT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 HISTOGRAMS = {"duration": DURATION_BUCKETS, "queue_wait": WAIT_BUCKETS}
@@ -115,6 +121,51 @@ def rebuild_counts(client: redis.Redis, job_states: Mapping[tuple[str, str, str,
     pipe.execute()
 
 
+def backend_of(error: BaseException) -> str | None:
+    """"redis" or "storage" for an error that says one of them was unavailable, else None."""
+    if isinstance(error, redis.RedisError):
+        return "redis"
+    return BACKENDS.get(error.code) if isinstance(error, AmendError) else None
+
+
+class WorkerErrors:
+    """A worker process's Redis and storage errors (a job attempt, a heartbeat, a progress event, a reaper
+    sweep), counted into `WORKER_ERRORS`. A Redis error is only kept here at first (Redis is what failed);
+    `flush`, called by the heartbeat every period and after each storage error, writes what is kept with one
+    pipelined round trip and keeps it for the next time if Redis is still away."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def count(self, client: redis.Redis, error: BaseException) -> None:
+        backend = backend_of(error)
+        if backend is None:
+            return
+        with self._lock:
+            self._pending[backend] = self._pending.get(backend, 0) + 1
+        if backend != "redis":
+            self.flush(client)
+
+    def flush(self, client: redis.Redis) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        try:
+            pipe = client.pipeline(transaction=False)
+            for backend, errors in pending.items():
+                pipe.hincrby(WORKER_ERRORS, backend, errors)
+            pipe.execute()
+        except redis.RedisError:
+            with self._lock:
+                for backend, errors in pending.items():
+                    self._pending[backend] = self._pending.get(backend, 0) + errors
+
+
+worker_errors = WorkerErrors()  # this process's (a worker's); the API counts its own in `ApiMetrics`
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -142,12 +193,13 @@ class RedisCollector(Collector):
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(JOBS)
         pipe.hgetall(RUNNING)
+        pipe.hgetall(WORKER_ERRORS)
         for name in HISTOGRAMS:
             pipe.hgetall(_histogram_key(name))
         queues = all_queues()
         for queue in queues:
             pipe.llen(queue)
-        jobs, running, *rest = pipe.execute()
+        jobs, running, worker_errors_seen, *rest = pipe.execute()
         hists, depths = rest[: len(HISTOGRAMS)], rest[len(HISTOGRAMS):]
 
         submitted = CounterMetricFamily("amend_jobs_submitted", "Jobs submitted", labels=["type", "method"])
@@ -164,6 +216,14 @@ class RedisCollector(Collector):
         for field, value in sorted((_text(k), int(v)) for k, v in running.items()):
             gauge.add_metric(field.split("|"), max(0, value))
         yield gauge
+
+        errors = CounterMetricFamily(
+            "amend_worker_backend_errors", "Redis and object storage errors met by workers (job attempts, "
+            "heartbeats, progress events, reaper sweeps)", labels=["backend"])
+        met = {_text(k): int(v) for k, v in worker_errors_seen.items()}
+        for backend in sorted(set(BACKENDS.values()) | set(met)):
+            errors.add_metric([backend], met.get(backend, 0))
+        yield errors
 
         for (name, buckets), raw in zip(HISTOGRAMS.items(), hists, strict=True):
             yield _histogram(name, buckets, raw)

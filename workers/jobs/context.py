@@ -14,6 +14,7 @@ from functools import lru_cache
 
 import redis
 
+from app import metrics
 from app.errors import AmendError
 from app.jobs import hooks, lifecycle
 from app.records import Records
@@ -79,6 +80,7 @@ class JobContext:
             try:
                 lifecycle.note(self.records, self.job.id, f"progress {fraction:.0%}: {stage[:200]}", fraction)
             except (AmendError, redis.RedisError) as error:  # a missed tick never fails the job
+                metrics.worker_errors.count(self.records.index, error)
                 log.warning("progress event not recorded", extra={"job_id": self.job.id, "error": str(error)})
 
     def should_cancel(self) -> bool:

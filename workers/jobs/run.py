@@ -17,9 +17,10 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
+import redis
 from pydantic import ValidationError
 
-from app import logs
+from app import logs, metrics
 from app.errors import AmendError, NotFound, ServiceUnavailable
 from app.jobs import lifecycle
 from app.records import Records
@@ -91,6 +92,14 @@ def error_for(error: BaseException) -> JobError:
 def run_job(job_id: str) -> None:
     settings, records = services()
     try:
+        _run(job_id, settings, records)
+    except (ServiceUnavailable, redis.RedisError) as error:  # outside an attempt: the record, the lease, the start
+        metrics.worker_errors.count(records.index, error)
+        raise
+
+
+def _run(job_id: str, settings: Settings, records: Records) -> None:
+    try:
         job = records.get_job(job_id)
     except NotFound:
         log.warning("job record not found; dropping the message", extra={"job_id": job_id})
@@ -131,6 +140,7 @@ def _run_leased(job_id: str, settings: Settings, records: Records, lease: Lease)
             log.warning("lease lost; leaving the job to its new owner", extra={"job_id": job_id})
             return
         except ServiceUnavailable as error:  # storage or Redis: retry with backoff, then fail with its code
+            metrics.worker_errors.count(records.index, error)
             if attempt == STORAGE_RETRIES:
                 lifecycle.finish(records, job_id, "failed", error=JobError(code=error.code, message=error.message))
                 return

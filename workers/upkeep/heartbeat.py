@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 
+from app import metrics
 from app.queue import GPU_WORKERS_KEY, WORKERS_KEY, worker_key
 from workers.device import WorkerDevice
 
@@ -51,7 +52,9 @@ class Heartbeat(threading.Thread):
         while not self.stopped.is_set():
             try:
                 self.beat()
+                metrics.worker_errors.flush(self.client)  # the errors this process met while Redis was away
             except redis.RedisError as error:  # Redis away: the next beat tries again
+                metrics.worker_errors.count(self.client, error)
                 log.warning("heartbeat failed", extra={"error": str(error)})
             self.stopped.wait(self.period)
 

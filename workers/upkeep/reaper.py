@@ -25,6 +25,7 @@ from typing import Any
 
 from celery import Celery
 
+from app import metrics
 from app.errors import NotFound, ServiceUnavailable
 from app.queue import JOB_TYPES, enqueue, queue_for
 from app.records import PREFIX, Records, as_text
@@ -155,7 +156,9 @@ class ReaperThread(threading.Thread):
                 swept = time.monotonic()
             try:
                 reap_once(self.records, self.celery, self.lease_seconds)
+                metrics.worker_errors.flush(self.records.index)  # what this process met while Redis was away
             except (ServiceUnavailable, OSError) as error:
+                metrics.worker_errors.count(self.records.index, error)
                 log.warning("reaper sweep failed", extra={"error": str(error)})
             except Exception:  # noqa: BLE001 - the reaper must outlive one bad sweep
                 log.exception("reaper sweep failed")
