@@ -1,6 +1,7 @@
 """Deletion requests honoured on a schedule by a real beat (celery-redbeat) and a real worker: two pending
 requests batched into one unlearning job and both completed with the audit record, a cancelled one left out,
-one job for a slot fired twice, and a restarted beat that keeps its entries."""
+one job for a slot fired twice, a restarted beat that keeps its entries, and promotion only when the guards
+hold."""
 
 from __future__ import annotations
 
@@ -102,3 +103,59 @@ def test_a_beat_schedule_batches_pending_requests(client, stack, tiny_lm_dir):  
         assert len(client.get("/v1/jobs").json()["items"]) == jobs_before + 1
     finally:
         beat.stop()
+
+
+def test_a_beat_run_is_promoted_only_when_its_guards_hold(client, stack, tiny_lm_dir):  # noqa: F811
+    """Two targets, the same run on each (same model, rows, method and seed), two schedules that differ only in
+    their promote guard: the one whose guard holds makes its new version current; the other keeps its version
+    for review, current unchanged, until it is promoted by hand."""
+    rng = random.Random(0)
+    facts = upload_rows(client, [{"prompt": f"{who} city ?", "completion": rng.choice(VALUES)} for who in PEOPLE],
+                        "facts")
+    retain = upload_rows(client, [{"text": f"{who} lives in {rng.choice(VALUES)}"} for who in PEOPLE], "keep")
+    held_out = upload_rows(client, [{"prompt": f"{who} city ?", "completion": rng.choice(VALUES)}
+                                    for who in PEOPLE[3:]], "held-out")
+    job = {"type": "unlearn_pending", "method": "grad_ascent", "retain": retain["id"], "eval": held_out["id"],
+           "output": "weights", "params": {"steps": 4, "lr": 0.05, "batch_size": 2, "seed": 0},
+           "goal": {"retain_nll_rise": 100.0}}
+    guards = {"holds": {"mode": "auto", "max_retain_nll_rise": 50.0},
+              "breaks": {"mode": "auto", "max_retain_nll_rise": 0.0}}
+    models, asked = {}, {}
+    for name in guards:
+        models[name] = register(client, tiny_lm_dir, f"tiny-lm-{name}")["id"]
+        asked[name] = request(client, models[name], facts["id"], [0, 1])
+
+    beat = devstack.start_beat(stack.env, log_path=stack.root / "beat-promote.log")
+    try:
+        for name, promote in guards.items():
+            body = job | {"target": {"model": models[name]}, "promote": promote}
+            response = client.post("/v1/schedules", json={"name": name, "interval_seconds": 2, "job": body})
+            assert response.status_code == 201, response.text
+        ended = wait_for(lambda: all(state_of(client, r["id"])["state"] in ("completed", "failed")
+                                     for r in asked.values()), 240, "both runs to end")
+        assert ended
+        listings = {}
+        for name in guards:
+            done = state_of(client, asked[name]["id"])
+            assert done["state"] == "completed" and done["version"] == 2, done
+            listings[name] = client.get(f"/v1/models/{models[name]}/versions").json()
+    finally:
+        beat.stop()
+
+    held, broke = listings["holds"], listings["breaks"]
+    metrics = held["versions"][1]["metrics"]
+    rise = metrics["after"]["retain_nll"] - metrics["before"]["retain_nll"]
+    assert metrics["goal_met"] is True, held
+    assert 0.0 < rise <= 50.0, metrics  # the run raised the retain NLL: the 0.0 guard must refuse it
+    assert held["current"] == 2 and held["versions"][1]["promotion"] == "goal met and guards hold"
+    assert held["versions"][1]["promoted_at"] is not None
+    current = client.get(f"/v1/models/{models['holds']}").json()  # asked for by id: the new version
+    assert (current["id"], current["version"]) == (held["versions"][1]["model_id"], 2)
+    assert current["id"] != models["holds"]
+
+    assert broke["current"] == 1 and broke["versions"][1]["promoted_at"] is None
+    assert broke["versions"][1]["promotion"].startswith("retain NLL rose"), broke["versions"][1]
+    assert broke["versions"][1]["metrics"]["after"]["retain_nll"] == pytest.approx(metrics["after"]["retain_nll"])
+    promoted = client.post(f"/v1/models/{models['breaks']}/versions/2/promote")  # a reviewer's decision
+    assert promoted.status_code == 200 and promoted.json()["current"] == 2
+    assert promoted.json()["versions"][1]["promotion"] == "promoted by request"
