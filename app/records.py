@@ -114,6 +114,23 @@ class Records:
     def progress_key(job_id: str) -> str:
         return f"{PREFIX}progress:{job_id}"
 
+    @staticmethod
+    def jobs_version_key(tenant: str) -> str:
+        """A random token replaced, in the same transaction, by every write that can change what the tenant's
+        job list shows (a record, a job's live progress): the list's ETag is made from it, so a poll of an
+        unchanged list is answered 304 without reading the list. Random, not a counter, so a Redis that was
+        lost and rebuilt never hands out a token an old ETag was made from."""
+        return f"{PREFIX}jobs-version:{tenant}"
+
+    def jobs_version(self, tenant: str) -> str:
+        """The tenant's current job-list version (made now if Redis has none: a new or rebuilt index)."""
+        key = self.jobs_version_key(tenant)
+        with redis_errors():
+            pipe = self.index.pipeline()
+            pipe.set(key, secrets.token_hex(8), nx=True)
+            pipe.get(key)
+            return as_text(pipe.execute()[1])
+
     # -- adapters, models and datasets: one path (kind is "adapters", "models" or "datasets") ----------
     def put_adapter(self, record: AdapterRecord) -> None:
         self.put_resource("adapters", record)
@@ -217,6 +234,7 @@ class Records:
                 pipe.sadd(self.active_key(record.tenant), record.id)
             else:
                 pipe.srem(self.active_key(record.tenant), record.id)
+            pipe.set(self.jobs_version_key(record.tenant), secrets.token_hex(8))
             pipe.execute()
 
     def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord:
@@ -290,15 +308,25 @@ class Records:
                         else:
                             pipe.srem(self.active_key(record.tenant), record.id)
                             pipe.delete(self.progress_key(record.id))
+                        pipe.set(self.jobs_version_key(record.tenant), secrets.token_hex(8))
                         pipe.execute()
                         return record
                     except redis.WatchError:
                         continue
         raise Conflict(f"job {job_id} is being updated concurrently")
 
-    def set_progress(self, job_id: str, progress: float, stage: str) -> None:
+    def set_progress(self, job_id: str, progress: float, stage: str, tenant: str | None = None) -> None:
+        """A running job's live progress (and a new version of its tenant's job list, which shows it). Pass
+        the job's tenant when it is known; without it the record is read to find it."""
         with redis_errors():
-            self.index.set(self.progress_key(job_id), f"{progress:.4f}|{stage[:200]}", ex=24 * 3600)
+            if tenant is None:
+                raw = self.index.get(self._job_key(job_id))
+                tenant = JobRecord.model_validate_json(raw).tenant if raw is not None else None
+            pipe = self.index.pipeline()
+            pipe.set(self.progress_key(job_id), f"{progress:.4f}|{stage[:200]}", ex=24 * 3600)
+            if tenant is not None:  # else no list shows the job
+                pipe.set(self.jobs_version_key(tenant), secrets.token_hex(8))
+            pipe.execute()
 
     def list_jobs(
         self, tenant: str, limit: int, cursor: str | None, state: str | None = None, job_type: str | None = None,

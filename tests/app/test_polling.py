@@ -138,3 +138,50 @@ def test_the_list_body_is_the_page_schema(api, adapters):
     response = api.get("/v1/jobs", params={"limit": 2})
     page = Page[JobPublic].model_validate_json(response.content)
     assert response.content == page.model_dump_json().encode() and page.next_cursor
+
+
+def test_the_list_etag_is_stale_after_any_change_and_a_304_reads_no_list(api, adapters, redis_client):
+    from app.jobs import lifecycle
+
+    records = api.app.state.records
+    queued, running = submit(api, adapters), submit(api, adapters)
+    built = []
+    real_list_jobs = records.list_jobs
+    records.list_jobs = lambda *args, **kwargs: built.append(1) or real_list_jobs(*args, **kwargs)
+
+    def tag_after(change) -> str:
+        """The list's tag, then `change`; the old tag must now get the full list, under a new tag."""
+        etag = api.get("/v1/jobs").headers["etag"]
+        count = len(built)
+        assert api.get("/v1/jobs", headers={"If-None-Match": etag}).status_code == 304
+        assert len(built) == count  # answered from the version alone: no list read
+        change()
+        fresh = api.get("/v1/jobs", headers={"If-None-Match": etag})
+        assert fresh.status_code == 200 and fresh.headers["etag"] != etag, change
+        return fresh.json()["items"]
+
+    items = tag_after(lambda: lifecycle.start(records, running, max_attempts=3))
+    assert {i["id"]: i["state"] for i in items}[running] == "running"
+    items = tag_after(lambda: records.set_progress(running, 0.5, "module 5/10", "tenant-a"))  # progress only
+    assert {i["id"]: i["stage"] for i in items}[running] == "module 5/10"
+    tag_after(lambda: records.set_progress(running, 0.6, "module 6/10"))  # a caller that does not name the tenant
+    tag_after(lambda: api.post(f"/v1/jobs/{queued}/cancel"))
+    tag_after(lambda: lifecycle.finish(records, running, "failed"))
+    tag_after(lambda: submit(api, adapters))
+    tag_after(lambda: redis_client.delete(records.jobs_version_key("tenant-a")))  # a lost version: a new one
+    items = tag_after(lambda: redis_client.flushdb())  # Redis lost: nothing indexed, never a 304 from before
+    assert items == []
+
+
+def test_each_query_has_its_own_list_etag(api, adapters):
+    submit(api, adapters)
+    queries = [{}, {"state": "queued"}, {"type": "merge"}, {"method": "task_arithmetic"}, {"limit": 1},
+               {"limit": 2}, {"adapter": adapters[0]}, {"created_after": "2020-01-01T00:00:00Z"}]
+    responses = [api.get("/v1/jobs", params=query) for query in queries]
+    assert len({response.content for response in responses}) == 1  # the same body for every one of them
+    tags = [response.headers["etag"] for response in responses]
+    assert len(set(tags)) == len(queries)  # yet a tag of its own each
+    for query, tag in zip(queries, tags, strict=True):
+        assert api.get("/v1/jobs", params=query, headers={"If-None-Match": tag}).status_code == 304
+        other = queries[(queries.index(query) + 1) % len(queries)]
+        assert api.get("/v1/jobs", params=other, headers={"If-None-Match": tag}).status_code == 200

@@ -73,7 +73,7 @@ class JobContext:
         fraction = min(max(fraction, 0.0), 1.0)
         if current - self._last_write > 0.25 or fraction >= 1.0:
             self._last_write = current
-            self.records.set_progress(self.job.id, fraction, stage)
+            self.records.set_progress(self.job.id, fraction, stage, self.job.tenant)
         if fraction < 1.0 and (current - self._last_event > EVENT_TICK_SECONDS
                                or fraction - self._last_event_fraction >= 0.1):
             self._last_event, self._last_event_fraction = current, fraction

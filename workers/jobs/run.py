@@ -147,7 +147,7 @@ def _run_leased(job_id: str, settings: Settings, records: Records, lease: Lease)
             delay = min(2.0 * 2**attempt, 30.0)
             log.warning("service unavailable; retrying", extra={"job_id": job_id, "delay": delay, "code": error.code})
             with suppress(ServiceUnavailable):
-                records.set_progress(job_id, 0.0, f"{error.message}; retrying in {delay:.0f} s")
+                records.set_progress(job_id, 0.0, f"{error.message}; retrying in {delay:.0f} s", job.tenant)
             time.sleep(delay)
         except Exception as error:  # noqa: BLE001 - the job records what went wrong, through one table
             job_error = error_for(error)

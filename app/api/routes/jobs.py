@@ -10,15 +10,17 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
+import redis
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from app import audit, logs
 from app.api.deps import CeleryDep, JobDep, Reader, RecordsDep, SettingsDep, Writer
-from app.errors import NotFound, Unprocessable
+from app.errors import IndexUnavailable, NotFound, Unprocessable
 from app.jobs import lifecycle
 from app.jobs.submit import submit
+from app.records import Records, as_text
 from app.schemas.common import Page
 from app.schemas.events import EventPage, JobEventPublic
 from app.schemas.jobs import FINAL_STATES, ID_PATTERN, JobCreate, JobPublic, JobRecord, JobState
@@ -52,8 +54,17 @@ def create_job(
 def conditional(body: bytes, if_none_match: str | None) -> Response:
     """The JSON body with a strong ETag of its bytes; 304 without a body when the client already has them."""
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    return not_modified(etag, if_none_match) or tagged(body, etag)
+
+
+def not_modified(etag: str, if_none_match: str | None) -> Response | None:
+    """304 without a body when `If-None-Match` names `etag`, else None."""
     if if_none_match is not None and etag in (tag.strip() for tag in if_none_match.split(",")):
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-cache"})
+    return None
+
+
+def tagged(body: bytes, etag: str) -> Response:
     return Response(body, media_type="application/json", headers={"ETag": etag, "Cache-Control": "no-cache"})
 
 
@@ -76,9 +87,32 @@ def public_json(job: JobRecord) -> bytes:
     return job.model_dump_json(include=_PUBLIC_FIELDS).encode()
 
 
+async def _jobs_version(request: Request, records: Records, tenant: str) -> str:
+    """The tenant's job-list version: one GET on the event loop's Redis client (the threadpool when there is
+    none, or when the version must first be made)."""
+    index = getattr(request.app.state, "aindex", None)
+    if index is not None:
+        try:
+            version = await index.get(records.jobs_version_key(tenant))
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise IndexUnavailable("the Redis index is unavailable; retry shortly") from error
+        if version is not None:
+            return as_text(version)
+    return await run_in_threadpool(records.jobs_version, tenant)
+
+
+def list_etag(tenant: str, version: str, query: dict[str, Any]) -> str:
+    """A list's ETag: the tenant, its job-list version (`Records.jobs_version_key`) and the query as parsed,
+    so another filter, page or size has another tag and any write to the tenant's jobs makes every old one
+    stale."""
+    text = json.dumps([tenant, version, query], sort_keys=True, default=str)
+    return '"l' + hashlib.sha256(text.encode()).hexdigest()[:32] + '"'
+
+
 @router.get("", response_model=Page[JobPublic], summary="List jobs, newest first (ETag / If-None-Match)",
             responses=_NOT_MODIFIED)
-def list_jobs(
+async def list_jobs(
+    request: Request,
     caller: Reader,
     records: RecordsDep,
     state: JobState | None = None,
@@ -97,6 +131,23 @@ def list_jobs(
     for bound in (created_after, created_before):
         if bound is not None and bound.tzinfo is None:
             raise Unprocessable("created_after and created_before need a time zone (e.g. 2026-01-01T00:00:00Z)")
+    # the version is read before the list: a write in between makes the next poll's tag differ, never hides it
+    query: dict[str, Any] = {
+        "state": state, "type": type, "method": method, "adapter": adapter, "schedule": schedule,
+        "created_after": created_after, "created_before": created_before, "limit": limit, "cursor": cursor}
+    etag = list_etag(caller.tenant, await _jobs_version(request, records, caller.tenant), query)
+    cached = not_modified(etag, if_none_match)
+    if cached is not None:
+        return cached
+    return tagged(await run_in_threadpool(_page_body, records, caller.tenant, **query), etag)
+
+
+def _page_body(
+    records: Records, tenant: str, *, state: JobState | None, type: str | None, method: str | None,
+    adapter: str | None, schedule: str | None, created_after: datetime | None, created_before: datetime | None,
+    limit: int, cursor: str | None,
+) -> bytes:
+    """The Page[JobPublic] JSON of one page of the tenant's jobs."""
 
     def keep(record: JobRecord) -> bool:
         if method and record.method != method:
@@ -109,12 +160,12 @@ def list_jobs(
     next_cursor: str | None = None
     if schedule is None:  # reserved: no job comes from a schedule yet
         items, next_cursor = records.list_jobs(
-            caller.tenant, limit, cursor, state=state, job_type=type, keep=keep if method or adapter else None,
+            tenant, limit, cursor, state=state, job_type=type, keep=keep if method or adapter else None,
             created_after=created_after, created_before=created_before,
         )
     # the Page[JobPublic] JSON, each item dumped straight from its record (no second model per job)
     body = b'{"items":[' + b",".join(public_json(item) for item in items) + b'],"next_cursor":'
-    return conditional(body + json.dumps(next_cursor).encode() + b"}", if_none_match)
+    return body + json.dumps(next_cursor).encode() + b"}"
 
 
 def _produced(record: JobRecord, adapter_id: str) -> bool:
