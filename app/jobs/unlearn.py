@@ -24,7 +24,7 @@ def check(records: Records, settings: Settings, tenant: str, spec: UnlearnJobCre
             code="unsupported_family",
         )
     params = UNLEARN_PARAMS[spec.method].model_validate(spec.params)
-    provided = {"forget"} | ({"retain"} if spec.retain else set())
+    provided = {"forget"} | ({"retain"} if spec.retain else set()) | ({"learn"} if spec.learn else set())
     missing = missing_inputs(spec.method, params, provided)
     if missing:
         raise Unprocessable(f"{spec.method} needs {', '.join(missing)} data; the job has none", code="missing_input")
@@ -36,6 +36,14 @@ def check(records: Records, settings: Settings, tenant: str, spec: UnlearnJobCre
             f"forget row {spec.forget.rows[-1]} does not exist: dataset {forget.id} has rows 0..{forget.rows - 1}",
             code="invalid_rows",
         )
+    if spec.learn is not None:
+        learn = records.get_resource("datasets", tenant, spec.learn.dataset)
+        beyond = next((row for row in spec.learn.rows or () if row >= learn.rows), None)
+        if beyond is not None:
+            raise Unprocessable(
+                f"learn row {beyond} does not exist: dataset {learn.id} has rows 0..{learn.rows - 1}",
+                code="invalid_rows",
+            )
     for dataset_id in spec.dataset_ids():
         dataset = records.get_resource("datasets", tenant, dataset_id)
         if dataset.kind not in FAMILY_DATASETS[model.family]:

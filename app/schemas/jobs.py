@@ -11,7 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 
 from app.schemas.compress import ADAPTER_METHODS, COMPRESS_PARAMS, SIZE_RULES, CompressMethod, CompressOutput
 from app.schemas.merge import MERGE_PARAMS, MergeCalibration, MergeMethod, MergeOutput, MergeTune
-from app.schemas.unlearn import UNLEARN_PARAMS, UnlearnGoal, UnlearnMethod, UnlearnProbe
+from app.schemas.unlearn import (
+    UNLEARN_PARAMS,
+    UnlearnGoal,
+    UnlearnMethod,
+    UnlearnProbe,
+    accepts_learn,
+    learning_methods,
+)
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE_STATES: frozenset[str] = frozenset({"queued", "running"})
@@ -111,6 +118,20 @@ class UnlearnForget(BaseModel):
         return sorted(set(value))
 
 
+MAX_LEARN_ROWS = 100_000
+
+
+class UnlearnLearn(UnlearnForget):
+    """Rows a continual learn-and-unlearn job learns while it forgets (`ug_clu`)."""
+
+    rows: list[int] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_LEARN_ROWS,
+        description="Row ids (0-based) to learn; null learns every row of the dataset.",
+    )
+
+
 class FreshLora(BaseModel):
     """The fresh LoRA that carries the change of an unlearning job with output `adapter` and no input adapter
     (PEFT `LoraConfig`: r, lora_alpha, target_modules; dropout 0)."""
@@ -160,6 +181,9 @@ class UnlearnJobCreate(BaseModel):
     model_version: int | None = version_pin("model")
     adapter_version: int | None = version_pin("adapter")
     forget: UnlearnForget
+    learn: UnlearnLearn | None = Field(
+        None, description="Rows to learn in the same job (continual learn-and-unlearn; method 'ug_clu' only)."
+    )
     retain: str | None = Field(None, pattern=ID_PATTERN, description="A dataset whose behaviour is kept.")
     eval_: str | None = Field(None, alias="eval", pattern=ID_PATTERN, description="Held-out / test dataset.")
     method: UnlearnMethod
@@ -183,6 +207,11 @@ class UnlearnJobCreate(BaseModel):
     @model_validator(mode="after")
     def _params_match_method(self) -> UnlearnJobCreate:
         self.params = validated_params(UNLEARN_PARAMS, self.method, self.params)
+        if self.learn is not None and not accepts_learn(self.method):
+            raise ValueError(
+                f"'learn' rows are taken only by {', '.join(learning_methods())} (continual learn-and-unlearn); "
+                f"{self.method} only forgets"
+            )
         if self.reference_params is not None:
             if self.reference != "retrain":
                 raise ValueError("'reference_params' configures the reference: set 'reference' to 'retrain'")
@@ -201,7 +230,8 @@ class UnlearnJobCreate(BaseModel):
         return [self.adapter] if self.adapter else []
 
     def dataset_ids(self) -> list[str]:
-        return [i for i in (self.forget.dataset, self.retain, self.eval_) if i]
+        learn = self.learn.dataset if self.learn is not None else None
+        return [i for i in (self.forget.dataset, learn, self.retain, self.eval_) if i]
 
 
 class CompressJobCreate(BaseModel):
@@ -318,5 +348,6 @@ class JobRecord(JobPublic):
     def input_dataset_ids(self) -> list[str]:
         if self.type != "unlearn":
             return []
-        forget = self.spec.get("forget") or {}
-        return [i for i in (forget.get("dataset"), self.spec.get("retain"), self.spec.get("eval")) if i]
+        forget, learn = self.spec.get("forget") or {}, self.spec.get("learn") or {}
+        ids = (forget.get("dataset"), learn.get("dataset"), self.spec.get("retain"), self.spec.get("eval"))
+        return [i for i in ids if i]

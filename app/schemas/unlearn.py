@@ -10,7 +10,9 @@ Inputs a method may need (`UNLEARN_REQUIREMENTS`):
 - `retain`: rows whose behaviour must be kept (also needed by any method run with `gu=True`);
 - `reference_model`: the worker keeps a frozen copy of the input model (θ0) beside the one it trains —
   twice the memory; it is not a separate upload;
-- `template`: a template answer (e.g. "I don't know.") taken from the params' `template` field.
+- `template`: a template answer (e.g. "I don't know.") taken from the params' `template` field;
+- `learn`: rows to learn in the same job (the job's `learn`); only methods that declare it accept them
+  (`accepts_learn`) — a continual learn-and-unlearn job (`ug_clu`).
 
 The formulas, defaults and their sources are in `research/unlearning-methods.md`.
 """
@@ -22,7 +24,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ModelFamily = Literal["causal_lm", "classifier"]
-UnlearnInput = Literal["forget", "retain", "reference_model", "template"]
+UnlearnInput = Literal["forget", "retain", "reference_model", "template", "learn"]
 
 MAX_STEPS = 10_000
 MAX_LAYER = 255
@@ -271,6 +273,15 @@ class MusoParams(_UnlearnParams):
     )
 
 
+class UgCluParams(SfronParams):
+    """`ug_clu`: continual learn-and-unlearn (Huang et al., 2025) — SFR-on's fast–slow loop whose slow step also
+    descends on the job's learn rows, under one mask balanced between the forget and the learn rows."""
+
+    learn_weight: float = Field(
+        1.0, ge=0.0, le=1e3, description="Weight p_L of the learn rows' mean CE in each slow step."
+    )
+
+
 UNLEARN_PARAMS: dict[str, type[_UnlearnParams]] = {
     "grad_ascent": GradAscentParams,
     "retrain": RetrainParams,
@@ -289,6 +300,7 @@ UNLEARN_PARAMS: dict[str, type[_UnlearnParams]] = {
     "natmu": NatmuParams,
     "mu_mis": MuMisParams,
     "muso": MusoParams,
+    "ug_clu": UgCluParams,
 }
 
 UNLEARN_REQUIREMENTS: dict[str, frozenset[str]] = {
@@ -309,6 +321,7 @@ UNLEARN_REQUIREMENTS: dict[str, frozenset[str]] = {
     "natmu": frozenset({"forget", "retain"}),
     "mu_mis": frozenset({"forget"}),
     "muso": frozenset({"forget", "retain"}),
+    "ug_clu": frozenset({"forget", "retain", "learn"}),
 }
 
 _BOTH: frozenset[str] = frozenset({"causal_lm", "classifier"})
@@ -333,6 +346,7 @@ UNLEARN_FAMILIES: dict[str, frozenset[str]] = {
     "natmu": _CLS,
     "mu_mis": _CLS,
     "muso": _CLS,
+    "ug_clu": _CLS,
 }
 
 UnlearnMethod = Literal[
@@ -353,6 +367,7 @@ UnlearnMethod = Literal[
     "natmu",
     "mu_mis",
     "muso",
+    "ug_clu",
 ]
 
 
@@ -370,6 +385,9 @@ class UnlearnGoal(BaseModel):
     max(`class_accuracy`, chance). Language models: forget answer accuracy at or below the held-out (eval)
     rows', and the Min-K% membership AUC of forget vs held-out rows indistinguishable from 0.5.
     Guards: retain accuracy (classifiers) or retain NLL (language models) stays near its start.
+    A job that also learns rows (`ug_clu`) adds a condition: the learn rows are learned — their accuracy at or
+    above `learn_accuracy`, or, when that is null, the retain accuracy the run started from minus
+    `retain_accuracy_drop` (the level the model holds on the rows it was trained on).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -386,12 +404,22 @@ class UnlearnGoal(BaseModel):
     retain_nll_rise: float = Field(
         0.1, ge=0.0, le=100.0, description="Guard (language models): retain NLL rises at most this many nats."
     )
+    learn_accuracy: float | None = Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        description="Jobs with learn rows: their accuracy must reach this (%); null: start retain accuracy − drop.",
+    )
     eval_rows: int = Field(256, ge=8, le=10_000, description="Rows per split in the seeded subsets checked in a run.")
     check_every: int = Field(10, ge=1, le=1000, description="Steps between two checks of the goal and guards.")
     max_steps: int = Field(
         1000, ge=1, le=MAX_STEPS, description="Step budget of a goal-driven run (learning-rate search included)."
     )
     max_seconds: float = Field(600.0, gt=0.0, le=86_400.0, description="Time budget of a goal-driven run.")
+    repair_steps: int = Field(
+        0, ge=0, le=1000, description="Goal-driven: once the goal is met, up to this many steps on the retain term "
+        "alone, kept only while the goal still holds (the retain damage the run took is repaired; 0: stop at once).",
+    )
 
 
 def required_inputs(method: str, params: BaseModel | None = None) -> frozenset[str]:
@@ -400,6 +428,15 @@ def required_inputs(method: str, params: BaseModel | None = None) -> frozenset[s
     if params is not None and getattr(params, "gu", False):
         needed.add("retain")
     return frozenset(needed)
+
+
+def accepts_learn(method: str) -> bool:
+    """Whether `method` takes learn rows (it declares the `learn` input); other methods refuse them."""
+    return "learn" in UNLEARN_REQUIREMENTS[method]
+
+
+def learning_methods() -> list[str]:
+    return sorted(name for name in UNLEARN_REQUIREMENTS if accepts_learn(name))
 
 
 def missing_inputs(method: str, params: BaseModel | None, provided: set[str] | frozenset[str]) -> list[str]:

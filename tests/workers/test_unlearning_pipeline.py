@@ -20,7 +20,7 @@ from workers.jobs.context import InputRejected, JobCancelled, JobContext
 WORDS = ["good", "bad", "fine", "awful", "movie", "book", "very", "not"]
 
 
-def bert_dir(tmp_path):
+def bert_dir(tmp_path, num_labels: int = 2):
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -29,7 +29,7 @@ def bert_dir(tmp_path):
     )
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, num_labels=2)
+                        intermediate_size=32, max_position_embeddings=32, num_labels=num_labels)
     directory = tmp_path / "tiny-bert"
     BertForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)

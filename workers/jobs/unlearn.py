@@ -10,6 +10,10 @@ Output ids derive from the job id (`ad_<suffix>` / `md_<suffix>`), so a redelive
 and audit already exist finishes without recomputing (`existing_result`). Storage order: report, audit,
 then the output's record last (publish by final PUT).
 
+A continual job (`learn`, method `ug_clu`) also loads its learn rows; delete wins: learn rows whose row hash is
+a forget row's are dropped before training. The audit record's `learn` names the learned rows (dataset, ids,
+row hashes, and the dropped ids) beside `forget`.
+
 The run is goal-driven unless the params fix `steps` (`workers/engines/unlearn/driver.py`). A run that did not
 meet its goal stores its output and succeeds with `goal_met: false`, the reason in the summary and a
 warning event — or, with `require_goal`, stores nothing and fails with `goal_not_met`.
@@ -94,6 +98,37 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def load_learn(
+    context: JobContext, spec: UnlearnJobCreate, root: Path, forgotten: set[str], family: str, tokenizer: Any,
+    max_length: int,
+) -> tuple[Any, dict[str, Any] | None]:
+    """A continual job's learn rows (None without `learn`) and their audit entry. Delete wins: rows whose hash is
+    a forget row's (`forgotten`) are dropped and listed; a job left with no row to learn is refused."""
+    from workers.formats.hf_models import load_data
+
+    if spec.learn is None:
+        return None, None
+    records, job = context.records, context.job
+    record = dataset_record(records, job.tenant, spec.learn.dataset)
+    hashes = records.storage.get_json(keys.dataset(job.tenant, record.id, "manifest.json"))["row_sha256"]
+    wanted = spec.learn.rows if spec.learn.rows is not None else list(range(record.rows))
+    if wanted and wanted[-1] >= record.rows:
+        raise InputRejected(f"learn row {wanted[-1]} does not exist in dataset {record.id}")
+    kept = [i for i in wanted if hashes[i] not in forgotten]
+    dropped = [i for i in wanted if hashes[i] in forgotten]
+    if not kept:
+        raise InputRejected("every learn row is also a forget row (delete wins): nothing is left to learn")
+    rows = load_data(fetch_dataset(records, record, root), record, kept, family, tokenizer, max_length)
+    entry = {
+        "dataset_id": record.id,
+        "dataset_sha256": record.sha256,
+        "row_ids": kept,
+        "row_sha256": [hashes[i] for i in kept],
+        "dropped_row_ids": dropped,
+    }
+    return rows, entry
+
+
 def run(context: JobContext) -> JobResult:
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -147,6 +182,8 @@ def run(context: JobContext) -> JobResult:
         forget = load_data(
             fetch_dataset(records, forget_record, root), forget_record, row_ids, family, tokenizer, max_length
         )
+        learn, learn_audit = load_learn(context, spec, root, {manifest["row_sha256"][i] for i in row_ids},
+                                        family, tokenizer, max_length)
         inputs: dict[str, Any] = {"model": {"id": model_in.id, "sha256": model_in.sha256},
                                   "adapter": adapter_in, "fresh_lora": fresh_lora}
         splits: dict[str, Any] = {}
@@ -169,7 +206,7 @@ def run(context: JobContext) -> JobResult:
                 tokenizer=tokenizer, progress=engine_progress, should_cancel=context.should_cancel, goal=spec.goal,
                 device=current().torch_device, autocast=autocast_dtype(current(), settings.precision),
                 seeds=spec.seeds, reference_model=reference_model,
-                reference_params=spec.reference_params, probes=spec.probes,
+                reference_params=spec.reference_params, probes=spec.probes, learn=learn,
             )
         except UnlearnCancelled:
             context.check_cancelled()  # raises LeaseLost or JobCancelled, whichever stopped the engine
@@ -207,6 +244,7 @@ def run(context: JobContext) -> JobResult:
             "output": output,
             "steps": engine_report.get("steps"),
             "forget_rows": len(row_ids),
+            **({"learn_rows": len(learn_audit["row_ids"])} if learn_audit else {}),
             "goal_met": goal["met"],
             "goal_reason": goal["reason"],
             "goal_kind": goal["kind"],
@@ -232,6 +270,7 @@ def run(context: JobContext) -> JobResult:
                 "row_ids": row_ids,
                 "row_sha256": [manifest["row_sha256"][i] for i in row_ids],
             },
+            **({"learn": learn_audit} if learn_audit else {}),
             **({"requests": honoured(records, job.tenant, spec.requests, manifest["row_sha256"])}
                if spec.requests else {}),
             "output": output,

@@ -19,6 +19,7 @@ from workers.engines.unlearn import (  # noqa: F401 - importing registers each m
     sfron,
     simnpo,
     ssd,
+    ug_clu,
 )
 from workers.engines.unlearn.data import BatchStream, ClassifierData, LMData, PairedLMData
 from workers.engines.unlearn.engine import UnlearnOutcome, unlearn

@@ -31,6 +31,7 @@ from workers.engines.unlearn.errors import UnlearnError
 IGNORE_INDEX = -100
 MAX_ROWS = 1_000_000
 _INPUT_KEYS = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "inputs")
+_TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass
@@ -186,6 +187,23 @@ class ClassifierData:
 
 
 Data = LMData | ClassifierData
+
+
+def joined(first: ClassifierData, second: ClassifierData) -> ClassifierData:
+    """The rows of `first`, then those of `second` (the same input keys); e.g. retain ∪ learn rows. Token inputs
+    padded to different lengths are right-padded with 0 (masked out by `attention_mask`) to the longer one."""
+    if set(first.inputs) != set(second.inputs):
+        raise UnlearnError(f"rows with inputs {sorted(first.inputs)} and {sorted(second.inputs)} cannot be joined")
+    inputs = {}
+    for key in first.inputs:
+        a, b = first.inputs[key], second.inputs[key]
+        if key in _TOKEN_KEYS and a.ndim == b.ndim == 2 and a.shape[1] != b.shape[1]:
+            width = max(a.shape[1], b.shape[1])
+            a, b = (torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (a, b))
+        if a.shape[1:] != b.shape[1:]:
+            raise UnlearnError(f"{key}: rows shaped {tuple(a.shape[1:])} and {tuple(b.shape[1:])} cannot be joined")
+        inputs[key] = torch.cat([a, b])
+    return ClassifierData(inputs, torch.cat([first.labels, second.labels]))
 
 
 def parse_jsonl(blob: bytes | str, max_rows: int = MAX_ROWS) -> list[dict[str, Any]]:

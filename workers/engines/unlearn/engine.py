@@ -11,6 +11,9 @@
   `ClassifierData.from_safetensors(file_bytes)` (or `.from_tensors(dict)`; `pixel_values` or
   `input_ids`(+`attention_mask`), and `labels`). `evaluation` is the test set
   (classifier: TA and MIA) or held-out rows (causal LM: Min-K% AUC); it is never trained on.
+- `learn`: rows to learn in the same run (`ClassifierData`), for a method that declares the `learn` input
+  (`ug_clu`); the report's before/after then carry `learn_accuracy` and `learn_loss`, and the goal adds "the
+  learn rows are learned" (`goal.py`). Other methods refuse learn rows.
 - `params`: the method's `<Method>Params` (from `app.schemas.unlearn`) or a plain dict; validated again.
 - `goal`: the job's `UnlearnGoal` (or a dict; default goal and guards when None). With `steps` null in the
   params the run is goal-driven, with `lr` null its learning rate comes from a range test (`driver.py`).
@@ -44,14 +47,14 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from app.schemas.unlearn import UNLEARN_FAMILIES, UnlearnGoal, missing_inputs
+from app.schemas.unlearn import UNLEARN_FAMILIES, UnlearnGoal, accepts_learn, missing_inputs
 from workers.engines.registry import get
 from workers.engines.unlearn import driver
 from workers.engines.unlearn.data import ClassifierData, Data, LMData
 from workers.engines.unlearn.errors import MissingInput, NonFinite, UnlearnError, UnsupportedFamily
 from workers.engines.unlearn.goal import GoalCheck
 from workers.engines.unlearn.loop import UnlearnContext
-from workers.engines.unlearn.metrics import evaluate
+from workers.engines.unlearn.metrics import capped, classifier_outputs, evaluate
 from workers.engines.unlearn.standard_metrics import lm_standard
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,7 @@ def unlearn(
     goal: UnlearnGoal | Mapping[str, Any] | None = None,
     device: torch.device | str | None = None,
     autocast: torch.dtype | None = None,
+    learn: Data | None = None,
 ) -> UnlearnOutcome:
     """Unlearn `forget` from `model` with the registered `method`; see the module docstring."""
     entry = get("unlearn", method)
@@ -105,11 +109,13 @@ def unlearn(
         raise UnlearnError(f"invalid {method} params or goal: {error}") from None
     if family not in UNLEARN_FAMILIES.get(method, frozenset()):
         raise UnsupportedFamily(f"{method} does not support {family} models")
-    provided = {name for name, data in (("forget", forget), ("retain", retain)) if data is not None}
+    if learn is not None and not accepts_learn(method):
+        raise UnlearnError(f"{method} takes no learn rows: only methods that learn while forgetting (ug_clu) do")
+    provided = {name for name, data in (("forget", forget), ("retain", retain), ("learn", learn)) if data is not None}
     missing = missing_inputs(method, checked, provided)
     if missing:
         raise MissingInput(f"{method} needs {', '.join(missing)}")
-    for name, data in (("forget", forget), ("retain", retain), ("evaluation", evaluation)):
+    for name, data in (("forget", forget), ("retain", retain), ("evaluation", evaluation), ("learn", learn)):
         _check_data(family, name, data)
     is_peft = _is_peft(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -126,8 +132,8 @@ def unlearn(
             progress(fraction, stage)
 
     report_progress(0.0, "evaluating")
-    before = measure(model, family, forget, retain, evaluation, device, seed)[0]
-    check = GoalCheck.build(model, family, forget, retain, evaluation, aim, seed, device)
+    before = measure(model, family, forget, retain, evaluation, device, seed, learn)[0]
+    check = GoalCheck.build(model, family, forget, retain, evaluation, aim, seed, device, learn=learn)
     start = check.begin(model) if check.measurable else None
     torch.manual_seed(seed)
     ctx = UnlearnContext(
@@ -142,6 +148,7 @@ def unlearn(
         is_peft=is_peft,
         horizon=int(checked.steps or min(aim.max_steps, driver.GOAL_HORIZON)),
         autocast=autocast if autocast is not None and torch.amp.is_autocast_available(device.type) else None,
+        learn=learn,
     )
     report_progress(0.05, "preparing")
     method_started, method_cpu_started = time.perf_counter(), time.process_time()
@@ -162,7 +169,7 @@ def unlearn(
         if not torch.isfinite(parameter).all():
             raise NonFinite(f"parameter {name} is not finite after unlearning")
     report_progress(0.9, "evaluating")
-    after, truth_ratios = measure(model, family, forget, retain, evaluation, device, seed)
+    after, truth_ratios = measure(model, family, forget, retain, evaluation, device, seed, learn)
     verdict = goal_verdict(check, loop, model, is_peft)
     report: dict[str, Any] = {
         "method": method,
@@ -197,10 +204,16 @@ def measure(
     evaluation: Data | None,
     device: torch.device,
     seed: int,
+    learn: Data | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The before/after report of one state: `evaluate`'s figures, and for language models the standard ones
-    (`standard_metrics.lm_standard`); the raw truth ratios beside."""
+    """The before/after report of one state: `evaluate`'s figures (and the learn rows' accuracy and mean CE
+    when the run learns rows), and for language models the standard ones (`standard_metrics.lm_standard`); the
+    raw truth ratios beside."""
     figures = evaluate(model, family, forget, retain, evaluation, device, seed)
+    if isinstance(learn, ClassifierData):
+        outputs = classifier_outputs(model, capped(learn, seed), device)
+        figures["learn_accuracy"] = 100.0 * float(outputs["correct"].float().mean())
+        figures["learn_loss"] = float(outputs["loss"].mean())
     if family == "classifier":
         return figures, {}
     standard, ratios = lm_standard(

@@ -14,6 +14,12 @@ works out which kind of forgetting the job asks for, and measures a model agains
   held-out rows ≤ 0.5 + 2σ₀, σ₀ = √((n_f + n_h + 1)/(12·n_f·n_h)) the AUC's standard deviation when the two
   sets are alike — the retrain-free stopping rule.
 
+A run that also learns rows (`ug_clu`) adds one condition: the learn rows are learned — their accuracy ≥ the
+goal's `learn_accuracy`, or by default ≥ the retain accuracy the run started from − `retain_accuracy_drop` (the
+level the model holds on rows it was trained on; 100 − the drop without retain rows). It enters the conditions
+as `learn_error` = 100 − learn accuracy ≤ 100 − that target, in points like the others. Forgetting is class-wise
+only when neither the retain nor the learn rows carry a forget row's label.
+
 Guards, against the model the run started from: retain accuracy ≥ start − `retain_accuracy_drop` points
 (classifiers), retain NLL ≤ start + `retain_nll_rise` nats (language models). Without retain rows there is no
 guard to measure, and without the rows a goal needs (eval rows for random forgetting and for language
@@ -97,6 +103,7 @@ class _Splits:
     forget: Data | None
     retain: Data | None
     evaluation: Data | None
+    learn: Data | None = None
 
 
 @dataclass
@@ -123,6 +130,7 @@ class GoalCheck:
         goal: UnlearnGoal,
         seed: int,
         device: torch.device,
+        learn: Data | None = None,
     ) -> GoalCheck:
         why_not: str | None = None
         floor, forgotten = 0.0, []
@@ -131,6 +139,8 @@ class GoalCheck:
         elif isinstance(forget, ClassifierData):
             forgotten = sorted(set(forget.labels.tolist()))
             retain_labels = set(retain.labels.tolist()) if isinstance(retain, ClassifierData) else None
+            if retain_labels is not None and isinstance(learn, ClassifierData):
+                retain_labels |= set(learn.labels.tolist())  # the final model keeps what it learns
             if retain_labels is not None and not retain_labels & set(forgotten):
                 kind = "class-wise"
                 classes = _num_classes(model, forget, device)
@@ -150,8 +160,8 @@ class GoalCheck:
             if evaluation is None:
                 why_not = "a language model's goal is measured against held-out (eval) rows; the job has none"
         seed = seed + 7919  # the subsets do not depend on the training batches' order
-        subsets = _Splits(*(_subset(d, goal.eval_rows, seed) for d in (forget, retain, evaluation)))
-        full = _Splits(*(_subset(d, MAX_EVAL_ROWS, seed) for d in (forget, retain, evaluation)))
+        subsets = _Splits(*(_subset(d, goal.eval_rows, seed) for d in (forget, retain, evaluation, learn)))
+        full = _Splits(*(_subset(d, MAX_EVAL_ROWS, seed) for d in (forget, retain, evaluation, learn)))
         return cls(family, goal, device, kind, why_not, subsets, full, floor, forgotten)
 
     @property
@@ -176,6 +186,8 @@ class GoalCheck:
         elif self.kind == "language-model" and "eval_accuracy" in figures:
             conditions.append(("forget_answer_accuracy", figures["forget_accuracy"], figures["eval_accuracy"]))
             conditions.append(("min_k_auc_x100", 100.0 * figures["min_k_auc"], 100.0 * figures["auc_bound"]))
+        if "learn_accuracy" in figures and conditions:
+            conditions.append(("learn_error", 100.0 - figures["learn_accuracy"], 100.0 - self.learn_target(start)))
         guards: list[tuple[str, float, float, str]] = []
         if "retain_accuracy" in figures and self.family == "classifier":
             bound = start["retain_accuracy"] - self.goal.retain_accuracy_drop
@@ -185,6 +197,12 @@ class GoalCheck:
         shortfall = max((value - target for _, value, target in conditions), default=math.inf)
         guards_ok = all((v >= b) if kind == "min" else (v <= b) for _, v, b, kind in guards)
         return Check(figures, conditions, guards, shortfall, self.measurable and shortfall <= 0, guards_ok)
+
+    def learn_target(self, start: dict[str, float]) -> float:
+        """The learn rows' accuracy that counts as learned, in %: see the module docstring."""
+        if self.goal.learn_accuracy is not None:
+            return self.goal.learn_accuracy
+        return start.get("retain_accuracy", 100.0) - self.goal.retain_accuracy_drop
 
     def _figures(self, model: nn.Module, splits: _Splits) -> dict[str, float]:
         was_training = model.training
@@ -197,7 +215,8 @@ class GoalCheck:
 
     def _classifier_figures(self, model: nn.Module, splits: _Splits) -> dict[str, float]:
         out: dict[str, float] = {}
-        for name, data in (("forget", splits.forget), ("retain", splits.retain), ("eval", splits.evaluation)):
+        named = (("forget", splits.forget), ("retain", splits.retain), ("eval", splits.evaluation))
+        for name, data in (*named, ("learn", splits.learn)):
             if isinstance(data, ClassifierData):
                 correct = classifier_outputs(model, data, self.device)["correct"]
                 out[f"{name}_accuracy"] = 100.0 * float(correct.float().mean())
@@ -224,6 +243,7 @@ class GoalCheck:
             "why_not": self.why_not,
             "class_floor": self.floor if self.kind == "class-wise" else None,
             "forgotten_classes": self.forgotten if self.kind == "class-wise" else None,
+            **({"learn_target": self.learn_target(self.start.get("full", {}))} if self.full.learn is not None else {}),
             "start": self.start,
         }
 

@@ -7,7 +7,9 @@ retain loss (each `loss(model, batch, step) -> scalar`) and how they combine:
 - joint (default): one optimiser step per iteration on γ·L_f + α·L_r (the weights live inside the losses);
 - alternating (`forget_every=k`): a forget step every k iterations, then a retain step every iteration,
   each with its own gradient mask and clipping (SFR-on's fast–slow loop; `clip_retain=False` leaves the
-  retain step unclipped as its reference does);
+  retain step unclipped as its reference does); an objective with a `learn_loss` (`ug_clu`) adds to each forget
+  step the gradient of that loss on a batch of `ctx.learn` rows, under the same mask, each of the two
+  gradients clipped to `forget_clip` on its own before they are summed;
 - passes (`passes=True`): one pass of forget batches, then one pass of retain batches, one step per batch
   (SalUn's and random labelling's epochs in `Unlearn-Saliency:Classification/unlearn/RL.py`).
 
@@ -64,6 +66,7 @@ class UnlearnContext:
     is_peft: bool
     horizon: int = 1  # the iterations schedules run over: `steps`, or a goal-driven run's step budget
     autocast: torch.dtype | None = None  # the forward passes' autocast dtype; None: float32, no autocast
+    learn: Data | None = None  # rows to learn in the same run (continual learn-and-unlearn: `ug_clu`)
     _reference: nn.Module | None = None
 
     @contextlib.contextmanager
@@ -93,6 +96,11 @@ class UnlearnContext:
             raise MissingInput("this method needs retain rows")
         return self.retain
 
+    def need_learn(self) -> Data:
+        if self.learn is None:
+            raise MissingInput("this method needs learn rows")
+        return self.learn
+
     def task_loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """The training loss of the family: mean CE (classifier) or mean answer-token NLL (causal LM)."""
         if self.family == "classifier":
@@ -113,6 +121,8 @@ class Objective:
     clip_retain: bool = True  # False: the retain step is not clipped (SFR-on clips only its forget step)
     trainable: list[tuple[str, nn.Parameter]] | None = None  # a subset of ctx.trainable (RMU)
     forget_data: Any = None  # replaces ctx.forget for the forget batches (paired template rows)
+    learn_loss: Loss | None = None  # alternating only: descended on a learn batch in each forget step
+    retain_data: Any = None  # replaces ctx.retain for the retain batches (ug_clu: retain ∪ learn rows)
     edit: Callable[[], dict[str, Any]] | None = None
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -165,6 +175,13 @@ def _masked(names: list[str], grads: list[Tensor], mask: dict[str, Tensor] | Non
     return [g * mask[name] if name in mask else g for name, g in zip(names, grads, strict=True)]
 
 
+def _clipped(grads: list[Tensor], max_norm: float) -> list[Tensor]:
+    """The gradients scaled as `clip_grad_norm_` scales them: by min(1, max_norm / (‖g‖ + 1e-6))."""
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return [g * scale.to(g.dtype) for g in grads]
+
+
 class _Trainer:
     """One optimiser over the objective's parameters at a fixed base learning rate; `step(t)` is iteration t."""
 
@@ -193,7 +210,9 @@ class _Trainer:
         size = int(params.batch_size)
         forget = objective.forget_data if objective.forget_data is not None else ctx.forget
         self.forget = BatchStream(forget, size, generator) if objective.forget_loss and forget else None
-        self.retain = BatchStream(ctx.retain, size, generator) if ctx.retain is not None else None
+        retain = objective.retain_data if objective.retain_data is not None else ctx.retain
+        self.retain = BatchStream(retain, size, generator) if retain is not None else None
+        self.learn = BatchStream(ctx.learn, size, generator) if objective.learn_loss and ctx.learn else None
         self.anchor = anchor
         if objective.restore_outside_mask and objective.forget_mask is not None and anchor is None:
             self.anchor = [p.detach().clone() for p in self.parameters]
@@ -230,15 +249,20 @@ class _Trainer:
             vectors.append(_flat(_masked(self.names, grads, mask)))
         return gu_projection.orthonormal_basis(vectors)
 
+    def _term_grads(
+        self, name: str, loss_fn: Loss | None, batch: dict[str, Tensor], step: int, mask: dict[str, Tensor] | None
+    ) -> list[Tensor]:
+        """The gradient of one term of the objective on `batch`, masked; its value is kept as `<name>_loss`."""
+        if loss_fn is None:
+            raise RuntimeError(f"no {name} loss")
+        with self.ctx.forward():
+            loss = loss_fn(self.ctx.model, batch, step)
+        self.last[f"{name}_loss"] = float(loss.detach())
+        return _masked(self.names, _grads(loss, self.parameters), mask)
+
     def _forget_grads(self, step: int, mask: dict[str, Tensor] | None, retain_batch: Callable[[], Any]) -> list[Tensor]:
         """The forget gradient, masked, then (with GU) projected off the retain basis: mask first, project last."""
-        if self.objective.forget_loss is None:
-            raise RuntimeError("no forget loss")
-        batch = self._batch(self.forget)
-        with self.ctx.forward():
-            loss = self.objective.forget_loss(self.ctx.model, batch, step)
-        self.last["forget_loss"] = float(loss.detach())
-        grads = _masked(self.names, _grads(loss, self.parameters), mask)
+        grads = self._term_grads("forget", self.objective.forget_loss, self._batch(self.forget), step, mask)
         if self.use_gu:
             flat = _flat(grads)
             projected = gu_projection.project_off(flat, self._retain_basis(retain_batch(), mask))
@@ -246,13 +270,11 @@ class _Trainer:
             grads = _unflat(projected, grads)
         return grads
 
+    def _learn_grads(self, step: int, mask: dict[str, Tensor] | None) -> list[Tensor]:
+        return self._term_grads("learn", self.objective.learn_loss, self._batch(self.learn), step, mask)
+
     def _retain_grads(self, step: int, batch: dict[str, Tensor]) -> list[Tensor]:
-        if self.objective.retain_loss is None:
-            raise RuntimeError("no retain loss")
-        with self.ctx.forward():
-            loss = self.objective.retain_loss(self.ctx.model, batch, step)
-        self.last["retain_loss"] = float(loss.detach())
-        return _masked(self.names, _grads(loss, self.parameters), self.objective.retain_mask)
+        return self._term_grads("retain", self.objective.retain_loss, batch, step, self.objective.retain_mask)
 
     def _apply(self, grads: list[Tensor], clip: float | None) -> None:
         for p, g in zip(self.parameters, grads, strict=True):
@@ -296,7 +318,13 @@ class _Trainer:
         else:
             if objective.forget_loss is not None and step % objective.forget_every == 0:
                 grads = self._forget_grads(step, objective.forget_mask, retain_batch)
-                self._apply(grads, objective.forget_clip or clip)
+                if objective.learn_loss is not None:  # each of the two clipped on its own, then summed
+                    limit = objective.forget_clip or clip
+                    learned = _clipped(self._learn_grads(step, objective.forget_mask), limit)
+                    grads = [a + b for a, b in zip(_clipped(grads, limit), learned, strict=True)]
+                    self._apply(grads, None)
+                else:
+                    self._apply(grads, objective.forget_clip or clip)
             if objective.retain_loss is not None:
                 self._apply(self._retain_grads(step, retain_batch()), retain_clip)
         self.count += 1

@@ -34,7 +34,8 @@ MAX_EVAL_ROWS = 2000  # larger splits are measured on a fixed, seeded subset
 MIN_K = 0.4
 
 
-def _capped(data: D, seed: int) -> D:
+def capped(data: D, seed: int) -> D:
+    """At most MAX_EVAL_ROWS rows of `data`: a fixed, seeded subset of a larger split."""
     if len(data) <= MAX_EVAL_ROWS:
         return data
     picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed), device="cpu")[:MAX_EVAL_ROWS]
@@ -82,7 +83,7 @@ def classifier_report(
 ) -> dict[str, float]:
     out: dict[str, float] = {}
     parts = {
-        name: classifier_outputs(model, _capped(data, seed), device)
+        name: classifier_outputs(model, capped(data, seed), device)
         for name, data in (("forget", forget), ("retain", retain), ("test", test))
         if data is not None
     }
@@ -156,7 +157,7 @@ def lm_report(
 ) -> dict[str, float]:
     out: dict[str, float] = {}
     parts = {
-        name: lm_outputs(model, _capped(data, seed), device)
+        name: lm_outputs(model, capped(data, seed), device)
         for name, data in (("forget", forget), ("retain", retain), ("holdout", holdout))
         if data is not None
     }

@@ -12,6 +12,8 @@
   `forget_quality` becomes the KS p-value against the retrained model's truth ratios on the forget rows, and
   `privleak` is measured against the retrained model's Min-K% AUC. `time_vs_reference` is the method's
   `method_seconds` over the retrain's.
+- `learn`: rows a continual job learns (`ug_clu`); the reference then retrains on retain ∪ learn rows (the
+  final data) and is measured on the method's splits, learn rows included.
 - `probes` (`probes.py`): re-measure the first seed's model after weight quantization or relearning, beside
   the after-metrics; `robust` is false when one brings the forgetting back past the goal.
 """
@@ -27,8 +29,8 @@ from pydantic import BaseModel
 from torch import nn
 
 from app.schemas.unlearn import UnlearnGoal
-from workers.engines.unlearn.data import Data
-from workers.engines.unlearn.engine import UnlearnOutcome, unlearn
+from workers.engines.unlearn.data import ClassifierData, Data, joined
+from workers.engines.unlearn.engine import UnlearnOutcome, measure, unlearn
 from workers.engines.unlearn.standard_metrics import avg_gap, forget_quality, privleak
 
 
@@ -50,6 +52,7 @@ def unlearn_job(
     should_cancel: Callable[[], bool] | None = None,
     device: Any = None,
     autocast: Any = None,
+    learn: Data | None = None,
 ) -> UnlearnOutcome:
     """Run `method` once per seed (plus a retrained reference and probes when asked); see the module docstring."""
     raw = params.model_dump(by_alias=True) if isinstance(params, BaseModel) else dict(params)
@@ -79,12 +82,21 @@ def unlearn_job(
     references: list[UnlearnOutcome] = []
     for number, seed in enumerate(seeds):
         subject = model if number == 0 else copy.deepcopy(pristine if pristine is not None else model)
-        outcomes.append(unlearn(subject, family, method, {**raw, "seed": seed}, **common(seed)))
+        outcomes.append(unlearn(subject, family, method, {**raw, "seed": seed}, learn=learn, **common(seed)))
         done[0] += 1
         if reference_model is not None:
             retrained = copy.deepcopy(reference_model)
             settings = {**dict(reference_params or {}), "seed": seed}
-            references.append(unlearn(retrained, family, "retrain", settings, **common(seed)))
+            if isinstance(learn, ClassifierData) and isinstance(retain, ClassifierData):
+                # the oracle of a continual job: trained on the final data, measured on the method's splits
+                final = {**common(seed), "retain": joined(retain, learn)}
+                references.append(unlearn(retrained, family, "retrain", settings, **final))
+                references[-1].report["after"] = measure(
+                    references[-1].model, family, forget, retain, evaluation,
+                    next(references[-1].model.parameters()).device, seed, learn,
+                )[0]
+            else:
+                references.append(unlearn(retrained, family, "retrain", settings, **common(seed)))
             done[0] += 1
             compare(outcomes[-1], references[-1], family)
     first = outcomes[0]

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from app.schemas.unlearn import UNLEARN_FAMILIES
+from app.schemas.unlearn import UNLEARN_FAMILIES, accepts_learn
 from workers.engines.unlearn import unlearn
 
 CASES = sorted((method, family) for method, families in UNLEARN_FAMILIES.items() for family in families)
@@ -24,9 +24,10 @@ def test_unlearning_creates_no_tensor_on_a_default_device(method, family, traine
     else:
         model, data = trained_lm, (lm_data["forget"], lm_data["retain"], lm_data["holdout"])
     plain, strict = copy.deepcopy(model), copy.deepcopy(model)
-    reference = unlearn(plain, family, method, {"steps": 2}, *data, tokenizer=tokenizer, device="cpu")
+    extra = {"learn": digits["test"]} if accepts_learn(method) else {}  # ug_clu: rows to learn
+    reference = unlearn(plain, family, method, {"steps": 2}, *data, tokenizer=tokenizer, device="cpu", **extra)
     with torch.device("meta"):
-        outcome = unlearn(strict, family, method, {"steps": 2}, *data, tokenizer=tokenizer, device="cpu")
+        outcome = unlearn(strict, family, method, {"steps": 2}, *data, tokenizer=tokenizer, device="cpu", **extra)
     for (name, a), b in zip(plain.named_parameters(), strict.parameters(), strict=True):
         assert b.device.type == "cpu"
         assert torch.equal(a, b), name
