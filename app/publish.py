@@ -67,11 +67,12 @@ def publish(
     try:
         digests: dict[str, str] = {}
         for name, content in files.items():
-            key, content_type = key_of(tenant, resource_id, name), _content_type(name)
+            key, content_type = key_of(tenant, resource_id, name), content_type_of(name)
             if isinstance(content, Path):
                 digests[name] = records.storage.upload_path(key, content, content_type)
             elif isinstance(content, Stored):
-                records.storage.copy(content.key, key, content_type)
+                if content.key != key:  # a presigned upload's adapter weights were written where they belong
+                    records.storage.copy(content.key, key, content_type)
                 digests[name] = content.sha256
             else:
                 digests[name] = records.storage.put_bytes(key, content, content_type)
@@ -84,7 +85,7 @@ def publish(
     return published
 
 
-def _content_type(name: str) -> str:
+def content_type_of(name: str) -> str:
     return "application/json" if name.endswith(".json") else "application/octet-stream"
 
 

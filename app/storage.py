@@ -172,9 +172,10 @@ class Storage:
             return self.put_file(key, source, content_type)
 
     # -- multipart uploads a client writes through presigned part URLs (app/upload_sessions.py) --------
-    def start_multipart(self, key: str) -> str:
+    def start_multipart(self, key: str, content_type: str = "application/octet-stream") -> str:
         with _translate():
-            return str(self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"])
+            return str(self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, ContentType=content_type)["UploadId"])
 
     def presign_part(self, key: str, upload_id: str, number: int, expires_in: int) -> str:
         """A URL that lets its holder PUT part `number` of this multipart upload, and nothing else."""

@@ -37,7 +37,7 @@ from app.checks.adapter import parse_config
 from app.checks.model import store_archive
 from app.dataset_store import store_dataset
 from app.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unprocessable, UnsupportedMediaType
-from app.publish import Stored
+from app.publish import Stored, content_type_of
 from app.records import PREFIX, Records, new_id, now, redis_errors
 from app.schemas.uploads import StagedFile, UploadCreate, UploadPart, UploadRecord
 from app.settings import Settings
@@ -58,8 +58,26 @@ def part_size(settings: Settings, size: int) -> int:
     return max(settings.s3_multipart_chunk, math.ceil(size / MAX_PARTS))
 
 
-def _file_key(tenant: str, upload_id: str, index: int) -> str:
-    return keys.upload(tenant, upload_id, f"files/{index}")
+# the kinds whose upload stages a file where it will be published — its parts are written there, so publishing
+# it takes a record, not a copy of its bytes: kind -> (the id prefix reserved, the key builder, those files)
+IN_PLACE: dict[str, tuple[str, Callable[[str, str, str], str], frozenset[str]]] = {
+    "adapter": ("ad", keys.adapter, frozenset({ADAPTER_FILES[1]})),
+}
+
+
+def _file_key(record: UploadRecord, index: int) -> str:
+    return record.files[index].key or keys.upload(record.tenant, record.id, f"files/{index}")
+
+
+def _staging(spec: UploadCreate, tenant: str, upload_id: str) -> tuple[str | None, list[str]]:
+    """The resource id reserved for the upload (None when no file is staged in place) and each file's key."""
+    own = [keys.upload(tenant, upload_id, f"files/{index}") for index in range(len(spec.files))]
+    if spec.kind not in IN_PLACE:
+        return None, own
+    prefix, key_of, names = IN_PLACE[spec.kind]
+    resource_id = new_id(prefix)
+    return resource_id, [key_of(tenant, resource_id, item.name) if item.name in names else key
+                         for item, key in zip(spec.files, own, strict=True)]
 
 
 def _check(spec: UploadCreate, settings: Settings) -> None:
@@ -91,20 +109,21 @@ def create(records: Records, settings: Settings, tenant: str, spec: UploadCreate
         raise Conflict(f"{MAX_OPEN_UPLOADS} uploads are open; complete or delete one first", code="too_many_uploads")
     upload_id, created = new_id("up"), now()
     storage = records.storage
+    resource_id, file_keys = _staging(spec, tenant, upload_id)
     staged: list[StagedFile] = []
     try:
-        for index, item in enumerate(spec.files):
-            multipart_id = storage.start_multipart(_file_key(tenant, upload_id, index))
+        for item, key in zip(spec.files, file_keys, strict=True):
+            multipart_id = storage.start_multipart(key, content_type_of(item.name))
             staged.append(StagedFile(**item.model_dump(), part_size=part_size(settings, item.size),
-                                     multipart_id=multipart_id))
+                                     multipart_id=multipart_id, key=key))
         record = UploadRecord(
             id=upload_id, tenant=tenant, kind=spec.kind, name=spec.name, num_labels=spec.num_labels, files=staged,
-            created_at=created, expires_at=created + timedelta(seconds=UPLOAD_TTL_SECONDS),
+            created_at=created, expires_at=created + timedelta(seconds=UPLOAD_TTL_SECONDS), resource_id=resource_id,
         )
         storage.put_json(keys.upload(tenant, upload_id, RECORD), record.model_dump(mode="json"))
     except BaseException:
-        for index, item in enumerate(staged):
-            storage.abort_multipart(_file_key(tenant, upload_id, index), item.multipart_id)
+        for item, key in zip(staged, file_keys, strict=False):
+            storage.abort_multipart(key, item.multipart_id)
         raise
     return record
 
@@ -114,7 +133,7 @@ def part_urls(records: Records, record: UploadRecord) -> dict[str, list[UploadPa
     seconds = max(1, int((record.expires_at - now()).total_seconds()))
     out: dict[str, list[UploadPart]] = {}
     for index, item in enumerate(record.files):
-        key = _file_key(record.tenant, record.id, index)
+        key = _file_key(record, index)
         out[item.name] = [
             UploadPart(number=n, url=records.storage.presign_part(key, item.multipart_id, n, seconds))
             for n in range(1, math.ceil(item.size / item.part_size) + 1)
@@ -150,10 +169,15 @@ def sweep(records: Records, tenant: str) -> list[UploadRecord]:
 
 
 def discard(records: Records, record: UploadRecord) -> None:
-    """Abort an upload's multipart uploads and remove its staged files and its record."""
+    """Abort an upload's multipart uploads and remove its staged files (those staged in place too: no record
+    names them, so nothing shows them, and this removes them) and its record."""
+    own = keys.upload(record.tenant, record.id)
     for index, item in enumerate(record.files):
-        records.storage.abort_multipart(_file_key(record.tenant, record.id, index), item.multipart_id)
-    records.storage.delete_prefix(keys.upload(record.tenant, record.id))
+        key = _file_key(record, index)
+        records.storage.abort_multipart(key, item.multipart_id)
+        if not key.startswith(own) and record.result_id is None:  # not once it is published
+            records.storage.delete(key)
+    records.storage.delete_prefix(own)
 
 
 def completing_key(upload_id: str) -> str:
@@ -187,7 +211,7 @@ def complete(records: Records, settings: Settings, record: UploadRecord) -> Uplo
 
 def _fetch(records: Records, record: UploadRecord, index: int, scratch: Path) -> Path:
     """Complete one file's multipart upload, then stream it to `scratch`, checking its size and SHA-256."""
-    item, key = record.files[index], _file_key(record.tenant, record.id, index)
+    item, key = record.files[index], _file_key(record, index)
     if records.storage.finish_multipart(key, item.multipart_id) == 0:
         raise BadRequest(f"no parts of {item.name} were uploaded", code="upload_incomplete")
     path, digest, size = scratch / f"file-{index}", hashlib.sha256(), 0
@@ -208,14 +232,15 @@ def _fetch(records: Records, record: UploadRecord, index: int, scratch: Path) ->
 
 
 def _stored(record: UploadRecord, name: str) -> Stored:
-    """A staged file, its SHA-256 checked by `_fetch`: published by a server-side copy, not sent again."""
+    """A staged file, its SHA-256 checked by `_fetch`: published where it is (staged in place) or by a
+    server-side copy, never sent again."""
     index = [item.name for item in record.files].index(name)
-    return Stored(_file_key(record.tenant, record.id, index), record.files[index].sha256)
+    return Stored(_file_key(record, index), record.files[index].sha256)
 
 
 def _adapter(records: Records, settings: Settings, record: UploadRecord, paths: dict[str, Path], _: Path) -> str:
     config = parse_config(paths[ADAPTER_FILES[0]].read_bytes(), settings.max_config_bytes)
-    return store_adapter(records, settings, tenant=record.tenant, adapter_id=new_id("ad"),
+    return store_adapter(records, settings, tenant=record.tenant, adapter_id=record.resource_id or new_id("ad"),
                          name=record.name or "adapter", config=config, weights=paths[ADAPTER_FILES[1]],
                          stored=_stored(record, ADAPTER_FILES[1])).id
 

@@ -56,6 +56,9 @@ class UploadPublic(BaseModel):
 class StagedFile(UploadFileSpec):
     part_size: int
     multipart_id: str
+    # where the parts are written: an adapter's weights at their published key (no copy when published), other
+    # files under the upload's own prefix; None in records made before this was kept (the upload's prefix)
+    key: str | None = None
 
 
 class UploadRecord(BaseModel):
@@ -69,6 +72,7 @@ class UploadRecord(BaseModel):
     created_at: datetime
     expires_at: datetime
     result_id: str | None = None
+    resource_id: str | None = None  # reserved at creation when a file is staged at its published key
 
     def public(self, parts: dict[str, list[UploadPart]] | None = None) -> UploadPublic:
         return UploadPublic(

@@ -38,19 +38,25 @@ def declare(name: str, data: bytes) -> dict:
     return {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def put_parts(client: TestClient, upload: dict, contents: dict[str, bytes]) -> None:
+def put_parts(client: TestClient, upload: dict, contents: dict[str, bytes]) -> set[str]:
+    """PUT every part as a client would; returns the keys the part URLs write to."""
     storage = client.app.state.records.storage
+    written = set()
     for item in upload["files"]:
         data, size = contents[item["name"]], item["part_size"]
         for part in item["parts"]:
             url = urlsplit(part["url"])
             query = parse_qs(url.query)
             bucket, key = unquote(url.path).lstrip("/").split("/", 1)
-            assert bucket == storage.bucket and key.startswith("tenants/tenant-a/uploads/")
+            # an adapter's weights are staged where they will be published; every other file under the upload
+            staging = "adapters/" if (upload["kind"], item["name"]) == ("adapter", FILES[1]) else "uploads/"
+            assert bucket == storage.bucket and key.startswith("tenants/tenant-a/" + staging)
+            written.add(key)
             number = int(query["partNumber"][0])
             assert number == part["number"]
             storage.client.upload_part(Bucket=bucket, Key=key, UploadId=query["uploadId"][0], PartNumber=number,
                                        Body=data[(number - 1) * size: number * size])
+    return written
 
 
 def start(client: TestClient, kind: str, contents: dict[str, bytes], **extra) -> dict:
@@ -73,11 +79,15 @@ def test_adapter_through_presigned_parts_is_registered_and_downloads_identical(a
     contents = adapter_files(adapter_dir)
     upload = start(api, "adapter", contents, name="big")
     assert upload["state"] == "open" and all(item["parts"] for item in upload["files"])
-    put_parts(api, upload, contents)
+    written = put_parts(api, upload, contents)
     done = api.post(f"/v1/uploads/{upload['id']}/complete")
     assert done.status_code == 200, done.text
     assert done.json()["state"] == "completed"
     adapter = api.get(f"/v1/adapters/{done.json()['result_id']}").json()
+    # published where its parts were written: the reserved id, no second copy of the weights
+    assert f"tenants/tenant-a/adapters/{adapter['id']}/{FILES[1]}" in written
+    assert sorted(api.app.state.records.storage.list_keys(f"tenants/tenant-a/adapters/{adapter['id']}/")) == [
+        f"tenants/tenant-a/adapters/{adapter['id']}/{name}" for name in (*FILES, "record.json")]
     assert adapter["name"] == "big" and adapter["sha256"] == hashlib.sha256(contents[FILES[1]]).hexdigest()
     weights = api.get(f"/v1/adapters/{adapter['id']}/files/{FILES[1]}")
     assert weights.content == contents[FILES[1]]
@@ -148,6 +158,7 @@ def test_an_expired_or_deleted_upload_is_aborted(api, adapter_dir, monkeypatch):
     assert api.post(f"/v1/uploads/{upload['id']}/complete").status_code == 404
     assert staged(api) == []
     storage = api.app.state.records.storage
+    assert not list(storage.list_keys("tenants/tenant-a/adapters/"))  # the weights staged in place too
     assert not storage.client.list_multipart_uploads(Bucket=storage.bucket).get("Uploads")
 
 
