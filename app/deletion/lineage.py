@@ -89,8 +89,9 @@ def parents_of(records: Records, job: JobRecord) -> list[Parent]:
         if spec.get(field):
             role = "predecessor" if job.type == "unlearn" and not spec.get("adapter") else field
             parents.append(_artifact(records, tenant, "model", spec[field], role))
-    forget = spec.get("forget") or {}
-    datasets = (("forget", forget.get("dataset")), ("retain", spec.get("retain")), ("eval", spec.get("eval")))
+    forget, learn = spec.get("forget") or {}, spec.get("learn") or {}
+    datasets = (("forget", forget.get("dataset")), ("learn", learn.get("dataset")), ("retain", spec.get("retain")),
+                ("eval", spec.get("eval")))
     for role, dataset in datasets:
         if dataset:
             parents.append(Parent(kind="dataset", id=dataset, role=role))

@@ -13,7 +13,7 @@ ParentKind = Literal["adapter", "model", "dataset", "request"]
 class Parent(BaseModel):
     kind: ParentKind
     id: str
-    role: str = Field(description="input | base_model | model | predecessor | forget | retain | eval | request")
+    role: str = Field(description="input | base_model | model | predecessor | forget | learn | retain | eval | request")
     version_of: str | None = Field(None, description="Adapters and models: the target this id is a version of.")
     version: int | None = Field(None, description="Adapters and models: which version of `version_of` it is.")
 

@@ -50,5 +50,8 @@ def test_a_continual_job_stores_an_adapter_and_an_audit_of_what_it_learned_and_f
     }
     assert manifests[learn][2] == manifests[forget][0]
     assert signed["output"]["id"] == result.adapter_id and signed["method"] == "ug_clu"
+    datasets = [(p["id"], p["role"]) for p in api.get(f"/v1/adapters/{result.adapter_id}").json()["parents"]
+                if p["kind"] == "dataset"]
+    assert datasets == [(forget, "forget"), (learn, "learn"), (retain, "retain")]  # lineage names what it learned
     # a redelivered copy finds everything stored and does not recompute
     assert existing_result(context) == result
