@@ -162,7 +162,8 @@ class UnlearnJobCreate(BaseModel):
     `params` is validated against the method's `<Method>Params` (app/schemas/unlearn.py). With `adapter`,
     that adapter is trained and the output is a new adapter; with output `adapter` and no adapter, a fresh
     LoRA carries the change (`lora` sets its r, alpha and target modules; default r=8, alpha=32, all-linear);
-    output `weights` trains the whole model and registers a new model.
+    output `weights` trains the whole model and registers a new model. `learn` (method `ug_clu` only: continual
+    learn-and-unlearn) names rows to learn in the same job, `{"dataset": id, "rows": [...] | null}` like `forget`.
 
     `goal` sets the goal's guards and the run's budget (app/schemas/unlearn.py `UnlearnGoal`); a job that
     does not meet its goal succeeds with `goal_met: false` and a warning event, or fails with `goal_not_met`
