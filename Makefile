@@ -48,6 +48,7 @@ bench: install
 	$(PY) -m bench.upload_bench
 	$(PY) -m bench.poll_bench
 	$(PY) -m bench.merge_quality
+	$(PY) -m bench.rain_bench
 	$(PY) -m bench.compress_bench
 	$(PY) -m bench.unlearn_bench
 	$(PY) -m bench.deletion_bench
