@@ -6,7 +6,8 @@ small intermediates:
 
 - merge: every adapter's factors (the streaming reader holds a batch at a time, so this is an upper bound)
   plus the merged factors; the `full` space adds T dense m×n updates of the largest module, three times
-  (the updates, the mask, the sum).
+  (the updates, the mask, the sum). A calibrated merge (rain) adds its model's weights twice (the weights, and
+  one forward pass's activations and attention probabilities, counted as one more weights' worth).
 - compress: the adapter's factors three times (input, QR factors, output); `extract` four copies of the
   largest tensor of the two models (it streams one module at a time) plus the extracted factors' bound.
 - unlearn: the model's P parameters — weights 4P; a method that keeps a frozen reference copy
@@ -70,6 +71,11 @@ def merge_need(context: JobContext) -> tuple[int, str]:
     if (spec.get("params") or {}).get("space") == "full":
         need += 3 * len(spec["adapters"]) * largest_dense * FP32
         detail += f", full space over a {largest_dense}-element module"
+    if spec.get("calibration"):  # rain: the base model in float32 and one forward pass's activations
+        count = sum(_elements(shapes) for shapes in _model_shapes(records, job.tenant, spec["calibration"]["model"],
+                                                                   settings))
+        need += 2 * count * FP32
+        detail += f", a calibration model of {count} parameters (weights and one pass's activations)"
     return need + OVERHEAD, detail
 
 

@@ -128,3 +128,16 @@ def test_admission_refuses_a_model_without_tokenizer_and_a_spec_without_calibrat
     response = api.post("/v1/jobs", json={"type": "merge", "adapters": [{"id": adapter}], "method": "rain",
                                           "calibration": {"model": model["id"], "reasoning": rows}})
     assert response.status_code == 422 and response.json()["error"]["code"] == "incompatible_inputs", response.text
+
+
+def test_the_memory_estimate_counts_the_calibration_model(api, tmp_path) -> None:
+    from tests.workers.test_unlearning_pipeline import context_for
+    from workers.jobs.memory import FP32, estimate
+
+    job_id = rain_job(api, tmp_path)
+    need, detail = estimate(context_for(api, job_id))
+    from transformers import LlamaForCausalLM
+
+    parameters = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(tmp_path / "llama").state_dict().values())
+    assert f"a calibration model of {parameters} parameters" in detail
+    assert need >= 2 * parameters * FP32
