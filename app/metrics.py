@@ -104,7 +104,8 @@ def rebuild_counts(client: redis.Redis, job_states: Mapping[tuple[str, str, str,
     method) from the jobs' records, `{(tenant, state, type, method): jobs}`, replacing what Redis held: `amend
     reindex` after Redis was lost. The totals (submitted, finished, the histograms) are Prometheus counters
     and start again from zero, as a counter does after a restart. One transaction, so a scrape sees the old
-    counts or the new ones."""
+    counts or the new ones; a job that changes state while `reindex` reads the records may be counted in its
+    old state until the next reindex (run it with Redis just restored, as `amend reindex` is meant to be)."""
     tenants: dict[str, dict[Any, Any]] = defaultdict(lambda: defaultdict(int))
     running: dict[Any, Any] = defaultdict(int)
     for (tenant, state, job_type, method), jobs in job_states.items():
