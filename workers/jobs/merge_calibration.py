@@ -46,7 +46,8 @@ def load_calibration(context: JobContext, calibration: MergeCalibration, root: P
     import torch
 
     from workers.device import current
-    from workers.engines.merge.rain import InstructionRow, RainCalibration, marker_positions
+    from workers.engines.merge.rain import InstructionRow, RainCalibration
+    from workers.engines.merge.rain_model import marker_positions
     from workers.formats.hf_models import max_tokens, read_rows
 
     records, tenant = context.records, context.job.tenant

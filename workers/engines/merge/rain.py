@@ -1,6 +1,8 @@
 """`rain` — RAIN-Merging (reasoning-aware instruction merging, arXiv 2602.22538, ICLR 2026).
 
 Integrates an instruction-tuned LoRA update into a reasoning model without disturbing its thinking format.
+This module holds the method, the strict projection and stage 2; `rain_code` the code's relaxed constraints and
+their solve; `rain_model` what both read from the model (markers, hooks, attention geometry).
 Spec: `research/seed-methods.md` §1, read from the released code (K1nght/RAIN-Merging @05003cc:
 `nullspace_projection_compute.py`, `qp_true_forward_fast.py`, `unified_model_merge.py`).
 
@@ -58,10 +60,8 @@ does; no chat template is applied (rows are used as uploaded). File names of the
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -69,12 +69,20 @@ from torch import Tensor, nn
 from app.schemas.merge import RainParams
 from workers.engines.merge.core_space import stack_factors
 from workers.engines.merge.errors import MergeInputError
+from workers.engines.merge.rain_code import code_constraints, project_constraints
+from workers.engines.merge.rain_model import (
+    AttentionBlock,
+    attention_of,
+    device_of,
+    eager_attention,
+    hooks,
+    marker_positions,
+    neighbourhoods,
+)
 from workers.engines.merge.tune import lora_applied
 from workers.engines.merge.types import RANK_TOL, MergedModule, MergeJob
 from workers.engines.registry import register
 
-DIRECT_MAX = 4096  # code mode: constraints per module solved by Cholesky up to this many, by CG beyond
-CG_ITERATIONS, CG_TOL = 1000, 1e-8
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -98,61 +106,6 @@ class RainCalibration:
     instruction: list[InstructionRow] = field(default_factory=list)
 
 
-def marker_positions(ids: Tensor, markers: tuple[int, int]) -> tuple[int, int] | None:
-    """(t_s, t_e) when `ids` holds exactly one start and one end marker, the start first; else None."""
-    starts = (ids == markers[0]).nonzero().flatten().tolist()
-    ends = (ids == markers[1]).nonzero().flatten().tolist()
-    if len(starts) != 1 or len(ends) != 1 or starts[0] >= ends[0]:
-        return None
-    return int(starts[0]), int(ends[0])
-
-
-def neighbourhoods(t_s: int, t_e: int, radius: int, length: int) -> tuple[list[int], list[int]]:
-    """N_s = t_s … t_s + radius and N_e = t_e − radius … t_e, within the row."""
-    return list(range(t_s, min(t_s + radius, length - 1) + 1)), list(range(max(t_e - radius, 0), t_e + 1))
-
-
-@contextmanager
-def _hooks(
-    model: nn.Module, pre: dict[str, Callable[..., None]], post: dict[str, Callable[..., None]]
-) -> Iterator[None]:
-    handles = []
-    try:
-        for name, function in pre.items():
-            handles.append(model.get_submodule(name).register_forward_pre_hook(function))
-        for name, function in post.items():
-            handles.append(model.get_submodule(name).register_forward_hook(function))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Attention probabilities are only returned by the eager implementation (SDPA returns none)."""
-    config: Any = getattr(model, "config", None)
-    before = getattr(config, "_attn_implementation", "eager")
-    switch: Any = getattr(model, "set_attn_implementation", None)
-    if before != "eager" and switch is not None:
-        switch("eager")
-    try:
-        yield
-    finally:
-        if before != "eager" and switch is not None:
-            switch(before)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _weight(model: nn.Module, name: str) -> Tensor:
-    weight = getattr(model.get_submodule(name), "weight", None)
-    if not isinstance(weight, Tensor):
-        raise MergeInputError(f"module {name!r} has no weight matrix")
-    return weight.detach().float()
-
 
 # ---------------------------------------------------------------- stage 1, strict: the feature null space
 
@@ -170,8 +123,8 @@ def marker_inputs(model: nn.Module, names: Sequence[str], rows: Sequence[Tensor]
 
         return pre
 
-    device = _device(model)
-    with _hooks(model, {name: grab(name) for name in names}, {}):
+    device = device_of(model)
+    with hooks(model, {name: grab(name) for name in names}, {}):
         for ids in rows:
             found = marker_positions(ids, markers)
             if found is None:
@@ -196,213 +149,6 @@ def project_features(lora_A: Tensor, basis: Tensor) -> Tensor:
     return (a - (a @ basis) @ basis.mT).to(lora_A.dtype)
 
 
-# ---------------------------------------------------------------- stage 1, the code's relaxed constraints
-
-
-def _rotate_half(v: Tensor) -> Tensor:
-    half = v.shape[-1] // 2
-    return torch.cat((-v[..., half:], v[..., :half]), dim=-1)
-
-
-def _rotary(model: nn.Module, length: int, width: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
-    """(cos, sin), each (T, head_dim), of the model's rotary embedding; None when it has none."""
-    rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
-    if rotary is None:
-        return None
-    positions = torch.arange(length, device=device).unsqueeze(0)
-    cos, sin = rotary(torch.zeros(1, length, width, device=device), positions)
-    return cos[0].float(), sin[0].float()
-
-
-def _unit(generator: torch.Generator, count: int, size: int) -> Tensor:
-    c = torch.randn(count, size, generator=generator, dtype=torch.float64)
-    return (c / c.norm(dim=1, keepdim=True)).float()
-
-
-@dataclass
-class _Attention:
-    """One layer's attention geometry and the module names of its projections."""
-
-    layer: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    q: str
-    k: str
-    v: str
-    o: str
-
-
-def _attention_of(model: nn.Module, name: str) -> _Attention | None:
-    """The attention block `name` (a q/k/v/o projection) belongs to, when it is Llama-shaped."""
-    parent, _, kind = name.rpartition(".")
-    if kind not in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        return None
-    try:
-        block = model.get_submodule(parent)
-        for sibling in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            model.get_submodule(f"{parent}.{sibling}")
-    except AttributeError:
-        return None
-    config: Any = getattr(model, "config", None)
-    heads = getattr(config, "num_attention_heads", None)
-    layer = getattr(block, "layer_idx", None)
-    head_dim = getattr(block, "head_dim", None)
-    if not isinstance(heads, int) or not isinstance(layer, int) or not isinstance(head_dim, int):
-        return None
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return _Attention(layer, heads, int(kv_heads), head_dim, *(f"{parent}.{s}" for s in ("q_proj", "k_proj",
-                                                                                         "v_proj", "o_proj")))
-
-
-@torch.no_grad()
-def code_constraints(model: nn.Module, names: Sequence[str], shapes: dict[str, tuple[int, int]],
-                     rows: Sequence[Tensor], markers: tuple[int, int], params: RainParams
-                     ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Each module's constraints (C: N×m readouts, X: N×n inputs), cᵢᵀΔWxᵢ = 0, near the markers."""
-    generator = torch.Generator().manual_seed(params.seed)
-    radius = params.neighbourhood()
-    blocks = {name: _attention_of(model, name) for name in names}
-    attention = {b.layer: b for b in blocks.values() if b is not None}
-    # random unit readouts, fixed per module: o_proj/v_proj read the block's output, others their own output
-    readouts: dict[str, Tensor] = {}
-    for name in sorted(names):
-        block = blocks[name]
-        width = int(_weight(model, block.o).shape[0]) if block is not None else shapes[name][0]
-        readouts[name] = _unit(generator, params.readouts, width)
-    watched = set(names) | {n for b in attention.values() for n in (b.q, b.k, b.o)}
-    ins: dict[str, Tensor] = {}
-    outs: dict[str, Tensor] = {}
-
-    def grab_in(name: str) -> Callable[..., None]:
-        def pre(_: nn.Module, args: tuple[Tensor, ...]) -> None:
-            ins[name] = args[0][0].detach().float()
-
-        return pre
-
-    def grab_out(name: str) -> Callable[..., None]:
-        def post(_: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-            outs[name] = output[0].detach().float()
-
-        return post
-
-    weights_o = {layer: _weight(model, b.o) for layer, b in attention.items()}
-    constraints: dict[str, tuple[list[Tensor], list[Tensor]]] = {name: ([], []) for name in names}
-    device = _device(model)
-    with eager_attention(model), _hooks(model, {n: grab_in(n) for n in watched},
-                                        {n: grab_out(n) for b in attention.values() for n in (b.q, b.k)}):
-        for ids in rows:
-            found = marker_positions(ids, markers)
-            if found is None:
-                raise MergeInputError("a reasoning row lacks exactly one start and one end marker")
-            t_s, t_e = found
-            near_s, near_e = neighbourhoods(t_s, t_e, radius, int(ids.numel()))
-            # query/key pairs with the key never after the query (the code's pairs were causally masked)
-            pairs = [(i, t_s) for i in near_s] + [(t_e, j) for j in near_e]
-            order = torch.randperm(len(pairs), generator=generator).tolist()[: params.pairs]
-            pairs = [pairs[i] for i in order]
-            near = sorted(set(near_s) | set(near_e))
-            picks = torch.randperm(len(near), generator=generator).tolist()[: params.positions]
-            positions = [near[i] for i in sorted(picks)]
-            out = model(ids.unsqueeze(0).to(device), output_attentions=True)
-            for name in names:
-                block = blocks[name]
-                cs, xs = constraints[name]
-                if block is None:  # a random readout of the module's own output at each position
-                    x = ins[name][positions]
-                    for c in readouts[name]:
-                        cs.append(c.to(x.device).expand(len(positions), -1))
-                        xs.append(x)
-                    continue
-                d, h_count, group = block.head_dim, block.heads, block.heads // block.kv_heads
-                x_in = ins[block.q]
-                rot = _rotary(model, int(ids.numel()), d, x_in.device)
-                q = outs[block.q].view(-1, h_count, d)
-                k = outs[block.k].view(-1, block.kv_heads, d)
-                cos: Tensor | None = None
-                sin: Tensor | None = None
-                q_rot, k_rot = q, k
-                if rot is not None:  # (T, d) each
-                    cos, sin = rot
-                    q_rot = q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
-                    k_rot = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
-
-                def back(v: Tensor, p: int, cos: Tensor | None = cos, sin: Tensor | None = sin) -> Tensor:
-                    # R_pᵀ v: the rotation at position p undone (a logit is (R_i q)·(R_j k))
-                    return v if cos is None or sin is None else v * cos[p] - _rotate_half(v) * sin[p]
-
-                kind = name.rpartition(".")[2]
-                m = shapes[name][0]
-                if kind in ("q_proj", "k_proj"):
-                    for i, j in pairs:
-                        for h in range(h_count):
-                            g = h // group
-                            c = torch.zeros(m, device=x_in.device)
-                            if kind == "q_proj":  # the logit's change through q_i: (ΔW_q x_i)_h · R_iᵀR_j k_j
-                                c[h * d:(h + 1) * d] = back(k_rot[j, g], i)
-                                xs.append(x_in[i:i + 1])
-                            else:  # through k_j: (ΔW_k x_j)_g · R_jᵀR_i q_i, every query head of group g
-                                c[g * d:(g + 1) * d] = back(q_rot[i, h], j)
-                                xs.append(x_in[j:j + 1])
-                            cs.append(c.unsqueeze(0))
-                    continue
-                probs = out.attentions[block.layer][0].float()  # (H, T, T)
-                w_o = weights_o[block.layer].to(x_in.device)
-                for t in positions:
-                    for h in range(h_count):
-                        g = h // group
-                        for c_out in readouts[name].to(x_in.device):
-                            c = torch.zeros(m, device=x_in.device)
-                            if kind == "v_proj":  # c·W_O,h (ΔW_v)_g Σ_s A_h[t,s] x_s
-                                c[g * d:(g + 1) * d] = w_o[:, h * d:(h + 1) * d].mT @ c_out
-                                xs.append((probs[h, t] @ x_in).unsqueeze(0))
-                            else:  # o_proj: c·ΔW_O[:, head h] u_{t,h}
-                                c = c_out
-                                x = torch.zeros_like(ins[block.o][t])
-                                x[h * d:(h + 1) * d] = ins[block.o][t, h * d:(h + 1) * d]
-                                xs.append(x.unsqueeze(0))
-                            cs.append(c.unsqueeze(0))
-    return {name: (torch.cat(cs), torch.cat(xs)) for name, (cs, xs) in constraints.items()}
-
-
-def _conjugate_gradient(apply: Callable[[Tensor], Tensor], rhs: Tensor) -> Tensor:
-    z = torch.zeros_like(rhs)
-    r = rhs.clone()
-    p = r.clone()
-    rr = float(r @ r)
-    stop = CG_TOL * CG_TOL * max(rr, 1e-300)
-    for _ in range(CG_ITERATIONS):
-        if rr <= stop:
-            break
-        q = apply(p)
-        step = rr / float(p @ q)
-        z += step * p
-        r -= step * q
-        rr_next = float(r @ r)
-        p = r + (rr_next / rr) * p
-        rr = rr_next
-    return z
-
-
-def project_constraints(lora_A: Tensor, lora_B: Tensor, readouts: Tensor, inputs: Tensor, ridge: float) -> Tensor:
-    """The minimum-norm A' with c̃ᵢᵀA'xᵢ ≈ 0 (c̃ᵢ = Bᵀcᵢ), ridge-regularised: A' = A − C̃ᵀ·diag(z)·X with
-    ((C̃C̃ᵀ)∘(XXᵀ) + λI)z = [c̃ᵢᵀAxᵢ] and λ = ridge·mean(diag). Never forms m×n."""
-    a, x = lora_A.double(), inputs.double().to(lora_A.device)
-    pulled = readouts.double().to(lora_A.device) @ lora_B.double()  # c̃ᵢ = Bᵀcᵢ, (N×K)
-    rhs = ((pulled @ a) * x).sum(1)
-    diag = pulled.square().sum(1) * x.square().sum(1)
-    lam = ridge * float(diag.mean()) if diag.numel() else 0.0
-    if rhs.numel() == 0 or float(diag.max()) == 0.0:
-        return lora_A
-    if rhs.numel() <= DIRECT_MAX:
-        gram = (pulled @ pulled.mT) * (x @ x.mT)
-        gram.diagonal().add_(lam if lam > 0 else float(diag.mean()) * 1e-12)
-        z = torch.linalg.lstsq(gram, rhs.unsqueeze(1)).solution.squeeze(1) if lam == 0 else torch.cholesky_solve(
-            rhs.unsqueeze(1), torch.linalg.cholesky(gram)).squeeze(1)
-    else:
-        z = _conjugate_gradient(lambda v: ((pulled @ (pulled.mT @ (v.unsqueeze(1) * x))) * x).sum(1) + lam * v, rhs)
-    return (a - pulled.mT @ (z.unsqueeze(1) * x)).to(lora_A.dtype)
-
 
 # ---------------------------------------------------------------- stage 2: instruction-attention coefficients
 
@@ -411,7 +157,7 @@ def project_constraints(lora_A: Tensor, lora_B: Tensor, readouts: Tensor, inputs
 def attention_shares(model: nn.Module, rows: Sequence[InstructionRow]) -> tuple[Tensor, Tensor]:
     """(a, u), each (S, L, H): the attention the response rows pay to the instruction (a) and to the
     unrelated tokens (u), summed over the response rows."""
-    device = _device(model)
+    device = device_of(model)
     shares_a, shares_u = [], []
     with eager_attention(model):
         for row in rows:
@@ -438,7 +184,7 @@ def coefficients(before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor], pa
     return alpha.clamp(params.alpha_min, params.alpha_max).float()
 
 
-def scale_module(name: str, lora_A: Tensor, lora_B: Tensor, alpha: Tensor, block: _Attention | None
+def scale_module(name: str, lora_A: Tensor, lora_B: Tensor, alpha: Tensor, block: AttentionBlock | None
                  ) -> tuple[Tensor, Tensor]:
     """Apply α to one module's output rows: head rows of q (α_h), K/V group rows of k and v (the group's mean α),
     the layer's mean α elsewhere in a layer (o_proj included); outside the layers, unchanged."""
@@ -514,7 +260,7 @@ def rain(job: MergeJob, params: RainParams) -> dict[str, MergedModule]:
             after = float(((pulled @ projected[name]) * xd).sum(1).norm())
             residuals[name] = {"constraints": int(c.shape[0]), "residual": after / before if before > 0 else 0.0}
     job.progress(0.6, "rain: projected; instruction coefficients")
-    blocks = {name: _attention_of(model, name) for name in names}
+    blocks = {name: attention_of(model, name) for name in names}
     alpha: Tensor | None = None
     instruction = calibration.instruction[: params.max_rows]
     if params.coefficients and instruction:

@@ -14,13 +14,8 @@ from app.schemas.merge import MergeOutput, RainParams
 from tests.factories import make_adapter, tiny_llama
 from workers.engines.merge.engine import merge_modules
 from workers.engines.merge.errors import MergeInputError
-from workers.engines.merge.rain import (
-    InstructionRow,
-    RainCalibration,
-    attention_shares,
-    coefficients,
-    project_constraints,
-)
+from workers.engines.merge.rain import InstructionRow, RainCalibration, attention_shares, coefficients
+from workers.engines.merge.rain_code import project_constraints
 from workers.engines.merge.types import TaskFactors
 
 START, END = 5, 6
