@@ -205,7 +205,13 @@ class SalunParams(RandomLabelParams):
 class SsdParams(_UnlearnParams):
     """`ssd`: selective synaptic dampening — no training; scales weights specialised to D_f down."""
 
-    alpha: float = Field(10.0, gt=0.0, le=1e6, description="Selection: I_f > α·I_D.")
+    alpha: float | None = Field(
+        None,
+        gt=0.0,
+        le=1e6,
+        description="Selection: I_f > α·I_D. Null: goal-driven — the largest α of a ladder from 10 down to 1.2 whose "
+        "dampening meets the goal keeping the guards (10, the paper's, when the goal cannot be measured).",
+    )
     lambda_: float = Field(1.0, alias="lambda", gt=0.0, le=1e6, description="Dampening: ×min(λ·I_D/I_f, 1).")
     importance_on: Literal["retain", "retain_and_forget"] = Field(
         "retain_and_forget",
@@ -413,7 +419,7 @@ class UnlearnGoal(BaseModel):
     eval_rows: int = Field(256, ge=8, le=10_000, description="Rows per split in the seeded subsets checked in a run.")
     check_every: int = Field(10, ge=1, le=1000, description="Steps between two checks of the goal and guards.")
     max_steps: int = Field(
-        1000, ge=1, le=MAX_STEPS, description="Step budget of a goal-driven run (learning-rate search included)."
+        2000, ge=1, le=MAX_STEPS, description="Step budget of a goal-driven run (learning-rate search included)."
     )
     max_seconds: float = Field(600.0, gt=0.0, le=86_400.0, description="Time budget of a goal-driven run.")
     repair_steps: int = Field(

@@ -23,7 +23,7 @@
   runs existed (with `lr` null, at the rate the range test picks). The goal is measured and reported only.
 - A goal that cannot be measured (no eval rows where it needs them) with `steps` null: `FALLBACK_STEPS`
   steps at `lr` (or `FALLBACK_LR`), reported as not met with the reason.
-- An `edit` objective (SSD) takes no step.
+- An `edit` objective (SSD) takes no step; goal-driven, it is handed a judge of the goal and guards (its α search).
 """
 
 from __future__ import annotations
@@ -129,13 +129,22 @@ def run(
     """Train `objective` (fixed or goal-driven, see the module docstring); returns the loop's report."""
     goal = check.goal
     started = time.perf_counter()
-    if objective.edit is not None:
-        if should_cancel is not None and should_cancel():
-            raise UnlearnCancelled(0)
-        return {"mode": "edit", "steps": 0, "train_seconds": time.perf_counter() - started, **objective.edit()}
     fixed = params.steps is not None
     budget = int(params.steps) if fixed else goal.max_steps
     state = _Run(ctx, objective, params, check, budget, started + goal.max_seconds, progress, should_cancel)
+    if objective.edit is not None:
+        if should_cancel is not None and should_cancel():
+            raise UnlearnCancelled(0)
+        goal_driven = not fixed and check.measurable and start is not None
+        edited = objective.edit((lambda full: state.confirm() if full else state.measure()) if goal_driven else None)
+        return {
+            "mode": "edit",
+            "steps": 0,
+            "train_seconds": time.perf_counter() - started,
+            "checks": state.checks,
+            "check_seconds": state.check_seconds,
+            **edited,
+        }
     state.fixed = fixed
     report: dict[str, Any] = {"mode": "fixed" if fixed else "goal"}
     ctx.model.train()

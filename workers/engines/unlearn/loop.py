@@ -16,7 +16,8 @@ retain loss (each `loss(model, batch, step) -> scalar`) and how they combine:
 Masks multiply gradients; `restore_outside_mask` resets masked-out weights to θ0 after each step (SalUn).
 With `gu`, the (masked) forget gradient is projected off the span of the per-sample gradients of the step's
 retain batch: mask first, project last, so the update applied is orthogonal to the retain gradients.
-An objective with `edit` takes no optimiser step: `edit()` changes the weights and returns its report (SSD).
+An objective with `edit` takes no optimiser step: `edit(judge)` changes the weights and returns its report (SSD);
+`judge(full)` measures the goal on the current weights when the run is goal-driven, else it is None.
 Seeds, gradient clipping and the LR schedule live here; `snapshot`/`restore` copy the trained state.
 Mixed precision: with `ctx.autocast` set (the job's `AMEND_PRECISION`, e.g. bfloat16), every loss of a step is
 computed under `torch.autocast(device type, dtype)` (`ctx.forward()`); gradients are taken outside it, and the
@@ -123,7 +124,8 @@ class Objective:
     forget_data: Any = None  # replaces ctx.forget for the forget batches (paired template rows)
     learn_loss: Loss | None = None  # alternating only: descended on a learn batch in each forget step
     retain_data: Any = None  # replaces ctx.retain for the retain batches (ug_clu: retain ∪ learn rows)
-    edit: Callable[[], dict[str, Any]] | None = None
+    # a one-shot edit (SSD): given a judge of the goal (full splits or not) when the run is goal-driven
+    edit: Callable[[Callable[[bool], Any] | None], dict[str, Any]] | None = None
     report: dict[str, Any] = field(default_factory=dict)
 
 

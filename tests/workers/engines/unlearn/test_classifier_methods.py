@@ -101,3 +101,19 @@ def test_transformers_image_classifier_with_lora(tmp_path):
     assert all(torch.equal(p.detach(), frozen[n]) for n, p in model.named_parameters() if n in frozen)
     model.save_pretrained(tmp_path)
     PeftModel.from_pretrained(ViTForImageClassification(config), tmp_path)
+
+
+def test_ssd_without_alpha_searches_down_to_the_largest_alpha_that_meets_the_goal(mlp, digits):
+    """With the forget rows inside D (|D|/|D_f| ≈ 10) the paper's α = 10 selects nothing; goal-driven, the
+    ladder goes down until the class is forgotten with the retain guard kept."""
+    retain_before = float((mlp(digits["retain"].inputs["inputs"]).argmax(-1) == digits["retain"].labels).float().mean())
+    out = unlearn(mlp, "classifier", "ssd", {}, digits["forget"], digits["retain"], digits["test"])
+    loop = out.report["loop"]
+    search = loop["ssd_alpha_search"]
+    alphas = [row["alpha"] for row in search]
+    assert alphas == sorted(alphas, reverse=True) and loop["ssd_alpha"] == alphas[-1] < 10.0
+    assert all(not (row["shortfall"] <= 0 and row["guards_ok"]) for row in search[:-1])  # none above it met it
+    assert out.report["goal"]["met"] is True and loop["ssd_selected_fraction"] > 0.0
+    forget_acc = mlp(digits["forget"].inputs["inputs"]).argmax(-1).eq(digits["forget"].labels).float().mean()
+    retain_acc = mlp(digits["retain"].inputs["inputs"]).argmax(-1).eq(digits["retain"].labels).float().mean()
+    assert float(forget_acc) <= 0.10 and float(retain_acc) >= retain_before - 0.02
