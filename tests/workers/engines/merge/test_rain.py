@@ -139,8 +139,8 @@ def test_code_mode_solve_equals_a_plain_minimum_norm_correction() -> None:
 
 
 def test_code_mode_holds_its_constraints_with_grouped_query_attention(model) -> None:
-    rows = reasoning_rows(9)
-    modules = adapter_factors(model, 10)
+    rows = reasoning_rows(9, count=1)  # at most 32 constraints per module on 8×n unknowns: not all of A
+    modules = adapter_factors(model, 10, r=8)
     result = merge_modules("rain", modules, RainParams(preserve="code", coefficients=False, ridge=1e-8),
                            MergeOutput(), calibration=RainCalibration(model, rows, (START, END)))
     projection = result.report["rain"]["projection"]
@@ -152,6 +152,7 @@ def test_code_mode_holds_its_constraints_with_grouped_query_attention(model) -> 
         # every query head's constraint of a shared K/V slice sits in one joint solve of that module
         assert projection[name]["constraints"] == expected * len(rows), name
         assert projection[name]["residual"] < 1e-3, name
+        assert dense(result.modules[name]).norm() / dense(modules[name][0]).norm() > 0.5, name  # not emptied
     assert result.report["rain"]["radius"] == 5
 
 
@@ -206,3 +207,47 @@ def test_the_merged_adapter_loads_with_peft_and_keeps_the_markers(model, tmp_pat
         with torch.no_grad():
             assert torch.allclose(merged.get_submodule("base_model.model." + name)(x), expected, atol=1e-5), name
             assert not torch.allclose(plain.get_submodule("base_model.model." + name)(x), expected, atol=1e-3), name
+
+
+@pytest.mark.parametrize("kind", ["q_proj", "k_proj"])
+def test_code_mode_keeps_the_attention_logits_of_its_causal_pairs(model, kind: str) -> None:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from workers.engines.merge.rain_model import neighbourhoods
+
+    rows = reasoning_rows(14, count=1)  # 12 pairs × 4 heads = 48 constraints on 8×32 unknowns: not all of A
+    name = f"model.layers.0.self_attn.{kind}"
+    modules = {name: adapter_factors(model, 15, r=8)[name]}
+    params = RainParams(preserve="code", coefficients=False, ridge=1e-10, pairs=64)
+    merged = merge_modules("rain", modules, params, MergeOutput(),
+                           calibration=RainCalibration(model, rows, (START, END))).modules[name]
+    attention = model.model.layers[0].self_attn
+    heads, d = 4, attention.head_dim
+
+    def logits(ids: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        """(H, T, T) pre-softmax logits of layer 0 with `delta` (m×n) added to the module: plain transformers code."""
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids.unsqueeze(0)))
+        q, k = attention.q_proj(hidden), attention.k_proj(hidden)
+        if delta is not None:
+            change = hidden @ delta.float().mT
+            q, k = (q + change, k) if kind == "q_proj" else (q, k + change)
+        q = q.view(1, -1, heads, d).transpose(1, 2)
+        k = k.view(1, -1, 2, d).transpose(1, 2).repeat_interleave(2, dim=1)  # 2 query heads per K/V head
+        cos, sin = model.model.rotary_emb(hidden, torch.arange(len(ids)).unsqueeze(0))
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return (q @ k.mT)[0] / d**0.5
+
+    moved_plain, moved_rain = [], []
+    with torch.no_grad():
+        for ids in rows:
+            t_s, t_e = markers_of(ids)
+            near_s, near_e = neighbourhoods(t_s, t_e, 5, len(ids))
+            pairs = [(i, t_s) for i in near_s] + [(t_e, j) for j in near_e]
+            assert all(j <= i for i, j in pairs)  # the key never after the query: no masked logit
+            base = logits(ids, None)
+            for delta, moved in ((dense(modules[name][0]), moved_plain), (dense(merged), moved_rain)):
+                change = logits(ids, delta) - base
+                moved.append(torch.stack([change[:, i, j] for i, j in pairs]))
+    plain, kept = torch.cat(moved_plain).norm(), torch.cat(moved_rain).norm()
+    assert kept / plain < 1e-4, (float(kept), float(plain))
+    assert dense(merged).norm() / dense(modules[name][0]).norm() > 0.5  # most of the update is still there
