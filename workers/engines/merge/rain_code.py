@@ -100,49 +100,54 @@ def code_constraints(model: nn.Module, names: Sequence[str], shapes: dict[str, t
                 rot = rotations[d]
                 q = outs[block.q].view(-1, h_count, d)
                 k = outs[block.k].view(-1, block.kv_heads, d)
-                cos: Tensor | None = None
-                sin: Tensor | None = None
                 q_rot, k_rot = q, k
                 if rot is not None:  # (T, d) each
-                    cos, sin = rot
-                    q_rot = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
-                    k_rot = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+                    q_rot = q * rot[0].unsqueeze(1) + rotate_half(q) * rot[1].unsqueeze(1)
+                    k_rot = k * rot[0].unsqueeze(1) + rotate_half(k) * rot[1].unsqueeze(1)
 
-                def back(v: Tensor, p: int, cos: Tensor | None = cos, sin: Tensor | None = sin) -> Tensor:
-                    # R_pᵀ v: the rotation at position p undone (a logit is (R_i q)·(R_j k))
-                    return v if cos is None or sin is None else v * cos[p] - rotate_half(v) * sin[p]
+                def back(v: Tensor, at: Tensor, rot: tuple[Tensor, Tensor] | None = rot) -> Tensor:
+                    # R_pᵀ v for each row's position p: the rotation undone (a logit is (R_i q)·(R_j k))
+                    if rot is None:
+                        return v
+                    cos, sin = rot[0][at].unsqueeze(1), rot[1][at].unsqueeze(1)
+                    return v * cos - rotate_half(v) * sin
 
                 kind = name.rpartition(".")[2]
-                m = shapes[name][0]
-                if kind in ("q_proj", "k_proj"):
-                    for i, j in pairs:
-                        for h in range(h_count):
-                            g = h // group
-                            c = torch.zeros(m, device=x_in.device)
-                            if kind == "q_proj":  # the logit's change through q_i: (ΔW_q x_i)_h · R_iᵀR_j k_j
-                                c[h * d:(h + 1) * d] = back(k_rot[j, g], i)
-                                xs.append(x_in[i:i + 1])
-                            else:  # through k_j: (ΔW_k x_j)_g · R_jᵀR_i q_i, every query head of group g
-                                c[g * d:(g + 1) * d] = back(q_rot[i, h], j)
-                                xs.append(x_in[j:j + 1])
-                            cs.append(c.unsqueeze(0))
+                heads = torch.arange(h_count, device=x_in.device)
+                groups = heads // group
+                if kind in ("q_proj", "k_proj"):  # one constraint per pair and query head, in that order
+                    query = torch.tensor([i for i, _ in pairs], device=x_in.device)
+                    key = torch.tensor([j for _, j in pairs], device=x_in.device)
+                    if kind == "q_proj":  # the logit's change through q_i: (ΔW_q x_i)_h · R_iᵀR_j k_j
+                        c = torch.zeros(len(pairs), h_count, h_count, d, device=x_in.device)
+                        c[:, heads, heads] = back(k_rot[key][:, groups], query)
+                        xs.append(x_in[query].repeat_interleave(h_count, 0))
+                    else:  # through k_j: (ΔW_k x_j)_g · R_jᵀR_i q_i, every query head of group g, jointly
+                        c = torch.zeros(len(pairs), h_count, block.kv_heads, d, device=x_in.device)
+                        c[:, heads, groups] = back(q_rot[query], key)
+                        xs.append(x_in[key].repeat_interleave(h_count, 0))
+                    cs.append(c.reshape(len(pairs) * h_count, -1))
                     continue
-                probs = out.attentions[block.layer][0].float()  # (H, T, T)
-                w_o = weights_o[block.layer].to(x_in.device)
-                for t in positions:
-                    for h in range(h_count):
-                        g = h // group
-                        for c_out in readouts[name].to(x_in.device):
-                            c = torch.zeros(m, device=x_in.device)
-                            if kind == "v_proj":  # c·W_O,h (ΔW_v)_g Σ_s A_h[t,s] x_s
-                                c[g * d:(g + 1) * d] = w_o[:, h * d:(h + 1) * d].mT @ c_out
-                                xs.append((probs[h, t] @ x_in).unsqueeze(0))
-                            else:  # o_proj: c·ΔW_O[:, head h] u_{t,h}
-                                c = c_out
-                                x = torch.zeros_like(ins[block.o][t])
-                                x[h * d:(h + 1) * d] = ins[block.o][t, h * d:(h + 1) * d]
-                                xs.append(x.unsqueeze(0))
-                            cs.append(c.unsqueeze(0))
+                at = torch.tensor(positions, device=x_in.device)
+                c_out = readouts[name].to(x_in.device)  # (R, hidden)
+                count = len(positions) * h_count * len(c_out)  # one per position, query head and readout
+                if kind == "v_proj":  # c·W_O,h (ΔW_v)_g Σ_s A_h[t,s] x_s
+                    w_o = weights_o[block.layer].to(x_in.device)
+                    per_head = torch.einsum("ohd,ro->hrd", w_o.view(w_o.shape[0], h_count, d), c_out)
+                    c = torch.zeros(h_count, len(c_out), block.kv_heads, d, device=x_in.device)
+                    c[heads, :, groups] = per_head
+                    probs = out.attentions[block.layer][0].float()  # (H, T, T)
+                    weighted = (probs[:, at] @ x_in).transpose(0, 1)  # (positions, H, n)
+                    cs.append(c.reshape(1, h_count, len(c_out), -1).expand(len(positions), -1, -1, -1)
+                              .reshape(count, -1))
+                    xs.append(weighted.unsqueeze(2).expand(-1, -1, len(c_out), -1).reshape(count, -1))
+                else:  # o_proj: c·ΔW_O[:, head h] u_{t,h}
+                    u = ins[block.o][at].view(len(positions), h_count, d)
+                    x = torch.zeros(len(positions), h_count, h_count, d, device=x_in.device)
+                    x[:, heads, heads] = u
+                    cs.append(c_out.expand(len(positions), h_count, -1, -1).reshape(count, -1))
+                    xs.append(x.reshape(len(positions), h_count, 1, -1).expand(-1, -1, len(c_out), -1)
+                              .reshape(count, -1))
     return {name: (torch.cat(cs), torch.cat(xs)) for name, (cs, xs) in constraints.items()}
 
 
