@@ -45,7 +45,8 @@ Pass 1 on the base, pass 2 with the projected update added (α = 1); then
 b = Σ_s(Δa − ρΔu), H = S·λ_H + μ·Σ_s u₁, α* = clip((b + λ₂α₀)/(H + λ₂), alpha_min, alpha_max).
 Applied on the output side only: q_proj (head h's rows, α_{l,h}), k_proj/v_proj (K/V group g's rows: the
 mean α of its query heads — one value per shared slice, the GQA fix again), and the layer's mean α for o_proj
-and every other module in a layer; modules outside the layers keep 1. The code scales o_proj's head-h columns
+and every other module in a layer (its block: the first number in its name, `layers.3.` or GPT-2's `h.3.`);
+modules outside the blocks keep 1. The code scales o_proj's head-h columns
 by α_{l,h}; on the input side that would undo the projection (A'·diag(α)·x ≠ 0 though A'x = 0), so o_proj
 takes the layer's mean. Scaling rows of B keeps ΔW'x = 0 at the markers and the rank ≤ Σr. λ (`lambda`)
 multiplies the whole update (the code's optional SCALING_FACTOR γ).
@@ -83,7 +84,7 @@ from workers.engines.merge.tune import lora_applied
 from workers.engines.merge.types import RANK_TOL, MergedModule, MergeJob
 from workers.engines.registry import register
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(\d+)\.")  # a module's block: the first number in its name (layers.3., h.3.)
 
 
 @dataclass(frozen=True)

@@ -251,3 +251,31 @@ def test_code_mode_keeps_the_attention_logits_of_its_causal_pairs(model, kind: s
     plain, kept = torch.cat(moved_plain).norm(), torch.cat(moved_rain).norm()
     assert kept / plain < 1e-4, (float(kept), float(plain))
     assert dense(merged).norm() / dense(modules[name][0]).norm() > 0.5  # most of the update is still there
+
+
+def test_a_gpt2_model_with_fused_conv1d_attention_keeps_its_marker_outputs() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    gpt2.requires_grad_(False)
+    g = torch.Generator().manual_seed(16)
+    names = [f"transformer.h.{i}.attn.c_attn" for i in range(2)] + ["transformer.h.1.mlp.c_proj"]
+    modules = {}
+    for name in names:
+        n, m = gpt2.get_submodule(name).weight.shape  # Conv1D stores (in, out); factors are (out, in)
+        modules[name] = [TaskFactors(torch.randn(3, n, generator=g), torch.randn(m, 3, generator=g) * 0.05)]
+    rows = reasoning_rows(17)
+    result = merge_modules("rain", modules, RainParams(alpha_min=0.3), MergeOutput(),  # no head emptied
+                           calibration=RainCalibration(gpt2, rows, (START, END), instruction_rows(18)))
+    alpha = torch.tensor(result.report["rain"]["alpha"])
+    assert alpha.shape == (2, 4)
+    for name in names:
+        x = module_inputs(gpt2, name, rows, markers_of).double()
+        assert (dense(result.modules[name]) @ x.mT).norm() / (dense(modules[name][0]) @ x.mT).norm() < 1e-5, name
+        # stage 2 reached the block's modules: the layer's mean α (one value: no per-head rows to tell apart)
+        block = int(name.split(".")[2])
+        merged, (task,) = result.modules[name], modules[name]
+        expected = float(alpha[block].mean())
+        ratio = merged.lora_B.double().norm() / task.lora_B.double().norm()
+        assert float(ratio) == pytest.approx(expected, rel=1e-5), name
