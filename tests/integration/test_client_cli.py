@@ -72,7 +72,8 @@ def test_the_cli_uploads_merges_watches_and_downloads(client, amend, adapter_dir
     assert "one" in run("adapters", "list")  # the table
     job = json.loads(run("merge", one["id"], f"{two['id']}:0.5", "--method", "ctm", "--param", "rule=\"ties\"",
                          "--param", "density=0.5", "--rank", "4", "--json"))
-    assert job["spec"]["adapters"][1] == {"id": two["id"], "weight": 0.5, "version": None} and job["spec"]["params"]["density"] == 0.5
+    assert job["spec"]["adapters"][1] == {"id": two["id"], "weight": 0.5, "version": None}
+    assert job["spec"]["params"]["density"] == 0.5
     done = json.loads(run("jobs", "watch", job["id"], "--json"))
     assert done["state"] == "succeeded", done
     assert json.loads(run("jobs", "list", "--state", "succeeded", "--json"))[0]["id"] == job["id"]
