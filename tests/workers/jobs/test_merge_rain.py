@@ -65,12 +65,12 @@ INSTRUCTION = [{"prompt": "answer in caps what is two plus three", "completion":
                {"prompt": "answer in caps ok", "completion": "OK ok"}]
 
 
-def rain_job(api, tmp_path: Path, markers: list[str] | None = None) -> str:
+def rain_job(api, tmp_path: Path, markers: list[str] | None = None, reasoning: list[dict] | None = None) -> str:
     base = llama_dir(tmp_path)
     model = upload_model(api, base)
     response = upload(api, llama_adapter(tmp_path / "instruction", base), "instruction")
     assert response.status_code == 201, response.text
-    calibration = {"model": model["id"], "reasoning": upload_rows(api, REASONING),
+    calibration = {"model": model["id"], "reasoning": upload_rows(api, reasoning or REASONING),
                    "instruction": upload_rows(api, INSTRUCTION)}
     if markers is not None:
         calibration["markers"] = markers
@@ -103,6 +103,14 @@ def test_a_marker_outside_the_vocabulary_fails_the_job_before_compute(api, tmp_p
     assert job.state == "failed"
     assert job.error.code == "invalid_input"
     assert "'<reason>' is not in the vocabulary" in job.error.message
+
+
+def test_reasoning_rows_without_both_markers_fail_the_job(api, tmp_path) -> None:
+    rows = [{"prompt": "what is two plus three", "completion": "<think> two plus three so five five"},  # no end
+            {"prompt": "what is two", "completion": "</think> <think> two </think> five"}]  # end first, two ends
+    job = run_in_process(api, rain_job(api, tmp_path, reasoning=rows))
+    assert job.state == "failed" and job.error.code == "invalid_input"
+    assert "holds exactly one '<think>' followed by one '</think>'" in job.error.message
 
 
 def test_admission_refuses_a_model_without_tokenizer_and_a_spec_without_calibration(api, tmp_path) -> None:
