@@ -4,7 +4,10 @@ Integrates an instruction-tuned LoRA update into a reasoning model without distu
 This module holds the method, the strict projection and stage 2; `rain_code` the code's relaxed constraints and
 their solve; `rain_model` what both read from the model (markers, hooks, attention geometry).
 Spec: `research/seed-methods.md` §1, read from the released code (K1nght/RAIN-Merging @05003cc:
-`nullspace_projection_compute.py`, `qp_true_forward_fast.py`, `unified_model_merge.py`).
+`nullspace_projection_compute.py`, `qp_true_forward_fast.py`, `unified_model_merge.py`; stage 2 re-read here at
+@1ac24aa). Of the paper only the abstract could be read (arxiv.org/html/2602.22538v1): "project the ITM task
+vector onto the null space of forward features at thinking special tokens" is the strict mode below; every
+other detail rests on the code.
 
 Per module the update is ΔW = B·A (the adapters' factors stacked, weight·scaling folded into B, so several
 adapters are summed exactly, as `cat` / task arithmetic; output rank Σr, `output.rank` is not applied).
@@ -25,7 +28,8 @@ adapters are summed exactly, as `cat` / task arithmetic; output rank Σr, `outpu
   ridge-regularised minimum-norm correction A' = A − Σ zᵢ c̃ᵢ xᵢᵀ, (G + λI)z = [c̃ᵢᵀAxᵢ], G = (C̃C̃ᵀ)∘(XXᵀ);
   λ = `ridge`·mean(diag G) (the code's absolute 1e-4 was set for full-weight directions; B rescales the
   A-space Gram, so the ridge is relative here). Direct Cholesky up to `DIRECT_MAX` constraints, CG beyond.
-  Defects of the released code NOT copied: (1) grouped-query attention — every constraint of a module
+  Defects of the released code NOT copied ([unclear] 1, 2): (1) grouped-query attention (the code adds head
+  h's projected K/V slice at kv head h % H_kv, once per query head) — every constraint of a module
   (all query heads of a K/V group) is solved jointly on that module, so a shared K/V slice is projected once,
   not once per query head; (2) causal masking — query/key pairs are (i ≥ t_s, key t_s) and (query t_e,
   j ≤ t_e), key never after query, so no logit read is a masked one; logits include the rotary rotation
@@ -36,8 +40,11 @@ adapters are summed exactly, as `cat` / task arithmetic; output rank Σr, `outpu
 # stage 2: instruction-attention coefficients (only with instruction rows and `coefficients`)
 For each instruction row s (prompt = the instruction I, completion = the response R; U = every other token,
 i.e. BOS and special tokens), layer l and head h: a = Σ_{i∈R} Σ_{j∈I} A_h[i, j] and u = Σ_{i∈R} Σ_{j∈U}
-A_h[i, j], response tokens as the query rows. [unclear 3] the code reads instruction rows against response
-columns, which causal masking zeroes; response → instruction is what can be read, and it is what we read.
+A_h[i, j], response tokens as the query rows. [unclear 3] the code (qp_true_forward_fast.py @1ac24aa,
+`compute_align_leak_vectors_instruction_wise`) takes the instruction tokens as query rows: its a reads
+them against the instruction and response spans, its u against "unrelated response spans" — response columns,
+which causal masking zeroes (u ≈ 0, a ≈ the instruction's self-attention). Response → instruction is what can
+be read, and it is what we read; uploaded rows carry no span annotations, hence U = the prompt's special tokens.
 Sums over the query rows divided by the span count (1 per row) keep the code's scale, for which its defaults
 (ρ, λ_H, μ, λ₂, α₀, box) were chosen. [unclear 6] with those defaults α is about the mean per-row Δa and may be
 well below 1; the report holds the whole α table so a user sees it, and `coefficients: false` skips the stage.
@@ -50,6 +57,9 @@ modules outside the blocks keep 1. The code scales o_proj's head-h columns
 by α_{l,h}; on the input side that would undo the projection (A'·diag(α)·x ≠ 0 though A'x = 0), so o_proj
 takes the layer's mean. Scaling rows of B keeps ΔW'x = 0 at the markers and the rank ≤ Σr. λ (`lambda`)
 multiplies the whole update (the code's optional SCALING_FACTOR γ).
+
+[unclear 5] attention probabilities come from the eager implementation (switched on for the passes and back);
+a model that returns none is refused rather than read as zeros.
 
 # other decisions ([unclear] 4, 7 and the data)
 Rows are tokenized once by the job (prompt with special tokens, completion without, as every LM job here),
