@@ -68,5 +68,25 @@ def publish_adapter(context: JobContext, directory: Path, name: str, report: dic
         parents=parents_of(records, job),  # lineage: what the job's spec made it from
     )
     return JobResult(
-        adapter_id=adapter_id, adapter_ids=[adapter_id], report=report.get("summary"), report_key=report_key(job)
+        adapter_id=adapter_id,
+        adapter_ids=[adapter_id],
+        report=report.get("summary"),
+        report_key=report_key(job),
+        warnings=merge_warnings(report.get("summary") or {}),
     )
+
+
+# a merge whose output keeps less than this fraction of the plain sum's norm is all but the base model
+VANISHED_UPDATE = 0.05
+
+
+def merge_warnings(summary: dict[str, Any]) -> list[str]:
+    """The warning a succeeded merge carries when its output all but vanished (see `VANISHED_UPDATE`)."""
+    kept = summary.get("output_norm_fraction_total")
+    if kept is None or kept >= VANISHED_UPDATE:
+        return []
+    return [
+        f"the merged update keeps {100 * kept:.1f}% of the size of the inputs' plain sum (λ·Σ w_t·ΔW_t): the "
+        "result is all but the base model (rain: the projection or the coefficients removed the update; see "
+        "the report)"
+    ]

@@ -65,7 +65,8 @@ INSTRUCTION = [{"prompt": "answer in caps what is two plus three", "completion":
                {"prompt": "answer in caps ok", "completion": "OK ok"}]
 
 
-def rain_job(api, tmp_path: Path, markers: list[str] | None = None, reasoning: list[dict] | None = None) -> str:
+def rain_job(api, tmp_path: Path, markers: list[str] | None = None, reasoning: list[dict] | None = None,
+             params: dict | None = None) -> str:
     base = llama_dir(tmp_path)
     model = upload_model(api, base)
     response = upload(api, llama_adapter(tmp_path / "instruction", base), "instruction")
@@ -75,7 +76,7 @@ def rain_job(api, tmp_path: Path, markers: list[str] | None = None, reasoning: l
     if markers is not None:
         calibration["markers"] = markers
     body = {"type": "merge", "adapters": [{"id": response.json()["id"]}], "method": "rain",
-            "params": {"alpha_min": 0.5}, "calibration": calibration}
+            "params": params or {"alpha_min": 0.5}, "calibration": calibration}
     response = api.post("/v1/jobs", json=body)
     assert response.status_code == 202, response.text
     return response.json()["id"]
@@ -96,6 +97,19 @@ def test_a_rain_job_merges_and_reports_the_projection_and_the_coefficients(api, 
         assert entry["constraints"] == 4 and entry["residual"] < 1e-5  # two rows, two markers each
     adapter = api.get(f"/v1/adapters/{job.result.adapter_id}")
     assert adapter.status_code == 200, adapter.text
+    # the update survived the projection and the coefficients: no warning
+    assert job.result.report["output_norm_fraction_total"] > 0.3 and job.result.warnings == []
+
+
+def test_a_rain_merge_that_all_but_removes_the_update_succeeds_with_a_warning(api, tmp_path) -> None:
+    """Coefficients capped at 0.01 leave about 1% of the update: the job says the result is the base model."""
+    job = run_in_process(api, rain_job(api, tmp_path, params={"alpha_max": 0.01}))
+    assert job.state == "succeeded", job.error
+    kept = job.result.report["output_norm_fraction_total"]
+    assert 0.0 < kept < 0.05
+    assert len(job.result.warnings) == 1 and "all but the base model" in job.result.warnings[0]
+    events = api.get(f"/v1/jobs/{job.id}/events").json()["items"]
+    assert any("all but the base model" in json.dumps(event) for event in events)
 
 
 def test_a_marker_outside_the_vocabulary_fails_the_job_before_compute(api, tmp_path) -> None:

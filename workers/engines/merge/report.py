@@ -13,7 +13,10 @@ and per module:
 - `deviation_from_sum` ‖ΔW − λΣ_tΔW_t‖/‖λΣ_tΔW_t‖ (how far the rule moves from plain task arithmetic);
 - `compression_error` ‖ΔW − R‖/‖R‖, R the same rule's uncompressed merge (stated by the method: the merged
   core before truncation for merge-then-compress and KnOTS, the core-space merge of the full cores for CtM);
-- `effective_rank` of ΔW: exp of the entropy of its normalised singular values (Roy & Vetterli, 2007).
+- `effective_rank` of ΔW: exp of the entropy of its normalised singular values (Roy & Vetterli, 2007);
+- `output_norm` ‖ΔW‖, and in the totals `output_norm_fraction_total` = sqrt(Σ‖ΔW‖²/Σ‖λΣ_tΔW_t‖²): how much
+  of the plain sum's size the output keeps (near 0: the merge gave back the base model, e.g. a `rain` whose
+  projection or coefficients annihilated the update).
 Totals weight modules by their norms. Everything uses trace identities on small Gram matrices, e.g.
 ‖B_sA_s‖² = Σ (B_sᵀB_s)∘(A_sA_sᵀ) and ⟨B_oA_o, B_sA_s⟩ = Σ (B_oᵀB_s)∘(A_oA_sᵀ).
 """
@@ -143,6 +146,7 @@ def module_report(
         "input_ranks": {str(t): r for t, r in zip(tasks, ranks, strict=True)},
         "deviation_from_sum": deviation,
         "sum_norm": math.sqrt(ref_sq),
+        "output_norm": math.sqrt(out_sq),
         "deviation_norm": math.sqrt(err_sq),
         "compression_error": compression,
         "uncompressed_norm": math.sqrt(unc_sq) if unc_sq is not None else None,
@@ -198,6 +202,7 @@ def summarize(modules: dict[str, dict[str, Any]], num_tasks: int) -> dict[str, A
         "sign_conflict_per_task": [conflict[t] / weighed[t] if weighed[t] > 0 else None for t in range(num_tasks)],
         "deviation_from_sum_mean": _mean([rep["deviation_from_sum"] for rep in modules.values()]),
         "deviation_from_sum_total": _total(modules, "deviation_norm", "sum_norm"),
+        "output_norm_fraction_total": _total(modules, "output_norm", "sum_norm"),
         "compression_error_mean": _mean([rep["compression_error"] for rep in modules.values()]),
         "compression_error_total": _total(modules, "compression_error_norm", "uncompressed_norm"),
         "effective_rank_mean": _mean([rep["effective_rank"] for rep in modules.values()]),

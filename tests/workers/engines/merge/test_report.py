@@ -50,6 +50,9 @@ def test_mtc_ties_compression_error_is_against_uncompressed_core_ties() -> None:
     assert rep["compression_error"] == pytest.approx(float((out - uncompressed).norm() / uncompressed.norm()), abs=1e-6)
     total = lam * sum(delta(f) for f in tasks)
     assert rep["deviation_from_sum"] == pytest.approx(float((out - total).norm() / total.norm()), abs=1e-6)
+    assert rep["output_norm"] == pytest.approx(float(out.norm()), rel=1e-6)
+    kept = res.report["summary"]["output_norm_fraction_total"]
+    assert kept == pytest.approx(float(out.norm() / total.norm()), rel=1e-6)
     # at full rank nothing is compressed, but TIES still deviates from the sum
     full = run("ties", tasks, rank=8, density=0.4).report["modules"]["m"]
     assert full["compression_error"] < 1e-6 and full["deviation_from_sum"] > 0.1
