@@ -308,3 +308,11 @@ def test_reference_seeds_and_probes_reach_the_summary_and_the_report(api, text_j
     assert set(summary["probes"]) == {"quantize", "relearn"} and "robust" in summary
     report = context.records.storage.get_json(result.report_key)
     assert report["reference"]["method"] == "retrain" and report["probes"]["quantize"]["int8"]["after"]
+
+
+def test_ssd_into_a_fresh_lora_is_refused_at_submission(api, text_job):
+    """ssd only scales weights down; a fresh LoRA's update is zero, so the job could change nothing."""
+    ssd = {**text_job, "method": "ssd", "params": {}}
+    response = api.post("/v1/jobs", json=ssd)
+    assert response.status_code == 422 and "a fresh LoRA's update is zero" in response.text, response.text
+    assert api.post("/v1/jobs", json={**ssd, "output": "weights"}).status_code == 202
