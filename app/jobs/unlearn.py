@@ -23,6 +23,12 @@ def check(records: Records, settings: Settings, tenant: str, spec: UnlearnJobCre
             f"{', '.join(sorted(UNLEARN_FAMILIES[spec.method]))})",
             code="unsupported_family",
         )
+    if spec.method == "ssd" and spec.output == "adapter" and spec.adapter is None:
+        raise Unprocessable(
+            "ssd only scales existing weights down, and a fresh LoRA's update is zero (B = 0): use output "
+            "'weights', or name the adapter to dampen",
+            code="incompatible_inputs",
+        )
     params = UNLEARN_PARAMS[spec.method].model_validate(spec.params)
     provided = {"forget"} | ({"retain"} if spec.retain else set()) | ({"learn"} if spec.learn else set())
     missing = missing_inputs(spec.method, params, provided)

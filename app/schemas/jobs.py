@@ -225,11 +225,6 @@ class UnlearnJobCreate(BaseModel):
             raise ValueError("unlearning through an adapter yields a new adapter: use output 'adapter'")
         if self.lora is not None and (self.adapter is not None or self.output != "adapter"):
             raise ValueError("'lora' configures the fresh LoRA of output 'adapter' without an input adapter")
-        if self.method == "ssd" and self.output == "adapter" and self.adapter is None:
-            raise ValueError(
-                "ssd only scales existing weights down, and a fresh LoRA's update is zero (B = 0): use output "
-                "'weights', or name the adapter to dampen"
-            )
         return self
 
     def input_adapter_ids(self) -> list[str]:
