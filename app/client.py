@@ -171,8 +171,10 @@ class Client:
             raise
         return str(done["result_id"])
 
-    def adapter(self, adapter_id: str) -> AdapterPublic:
-        return AdapterPublic.model_validate(self._request("GET", f"/v1/adapters/{adapter_id}").json())
+    def adapter(self, adapter_id: str, version: int | None = None) -> AdapterPublic:
+        """An adapter: its current version, or the `version` pinned."""
+        params = {"version": version} if version is not None else {}
+        return AdapterPublic.model_validate(self._request("GET", f"/v1/adapters/{adapter_id}", params=params).json())
 
     def adapters(self, limit: int = 50) -> Iterator[AdapterPublic]:
         """Every adapter of the tenant, newest first (pages fetched as needed)."""
@@ -182,12 +184,14 @@ class Client:
     def delete_adapter(self, adapter_id: str) -> None:
         self._request("DELETE", f"/v1/adapters/{adapter_id}")
 
-    def download(self, adapter_id: str, directory: str | Path) -> Path:
-        """Both files of an adapter into `directory` (streamed); returns the directory."""
+    def download(self, adapter_id: str, directory: str | Path, version: int | None = None) -> Path:
+        """Both files of an adapter (its current version, or the `version` pinned) into `directory` (streamed);
+        returns the directory."""
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
+        params = {"version": version} if version is not None else {}
         for name in ADAPTER_FILES:
-            with self.http.stream("GET", f"/v1/adapters/{adapter_id}/files/{name}") as response:
+            with self.http.stream("GET", f"/v1/adapters/{adapter_id}/files/{name}", params=params) as response:
                 if not response.is_success:
                     response.read()
                     _raise_for(response)
@@ -203,15 +207,23 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return JobPublic.model_validate(self._request("POST", "/v1/jobs", json=spec, headers=headers).json())
 
-    def merge(self, adapters: list[str | tuple[str, float]], method: str = "ctm", params: dict[str, Any] | None = None,
-              output: dict[str, Any] | None = None, webhook_url: str | None = None,
-              idempotency_key: str | None = None) -> JobPublic:
-        """Merge adapters (ids, or `(id, weight)` pairs) with a method and its params."""
-        items = [{"id": a, "weight": 1.0} if isinstance(a, str) else {"id": a[0], "weight": a[1]} for a in adapters]
+    def merge(self, adapters: list[str | tuple[str, float] | dict[str, Any]], method: str = "ctm",
+              params: dict[str, Any] | None = None, output: dict[str, Any] | None = None,
+              webhook_url: str | None = None, idempotency_key: str | None = None,
+              tune: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None) -> JobPublic:
+        """Merge adapters — ids, `(id, weight)` pairs, or `{"id", "weight", "version"}` items (a version pin) —
+        with a method and its params; `tune` (a grid search on validation rows) and `calibration` (rain's base
+        model, rows and markers) are passed as the job's blocks of those names (see the README)."""
+        items = [
+            {"id": a, "weight": 1.0} if isinstance(a, str) else dict(a) if isinstance(a, dict)
+            else {"id": a[0], "weight": a[1]}
+            for a in adapters
+        ]
         spec: dict[str, Any] = {"type": "merge", "adapters": items, "method": method, "params": params or {},
                                 "output": output or {}}
-        if webhook_url:
-            spec["webhook_url"] = webhook_url
+        for name, block in (("webhook_url", webhook_url), ("tune", tune), ("calibration", calibration)):
+            if block:
+                spec[name] = block
         return self.submit(spec, idempotency_key)
 
     def compress(self, adapter: str, method: str, params: dict[str, Any] | None = None,

@@ -42,6 +42,15 @@ def test_upload_merge_wait_download_with_the_client(amend, adapter_dir, tmp_path
     assert load_file(folder / "adapter_model.safetensors")
     assert next(amend.jobs(state="succeeded")).id == job.id
     assert amend.events(job.id)[-1]["stage"] == "succeeded"
+    # version pins: every adapter is its own version 1; a version it does not have is a 404
+    assert amend.adapter(one.id, version=1).sha256 == one.sha256
+    with pytest.raises(NotFound):
+        amend.adapter(one.id, version=2)
+    with pytest.raises(NotFound):
+        amend.download(one.id, tmp_path / "v2", version=2)
+    pinned = amend.merge([{"id": one.id, "weight": 1.0, "version": 1}, two.id], method="cat")
+    assert pinned.spec["adapters"][0] == {"id": one.id, "weight": 1.0, "version": 1}
+    assert amend.wait(pinned.id, timeout=120, poll=0.2).state == "succeeded"
 
     with pytest.raises(NotFound) as missing:
         amend.job("jb_0123456789abcdef01234567")
