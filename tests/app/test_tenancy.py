@@ -364,6 +364,38 @@ def test_other_tenants_records_cannot_be_job_inputs(tenants):
     assert _snapshot(client) == before
 
 
+def test_other_tenants_models_and_datasets_cannot_tune_or_calibrate_a_merge(tenants):
+    """A merge's `tune` (model, validation rows) and rain's `calibration` (model, reasoning and instruction rows)
+    name models and datasets too: B naming A's is a 404, as for every other job input."""
+    client = tenants.client
+    client.headers.update(tenants.a)
+    ctx = SimpleNamespace(adapter_dir=tenants.adapter_dir)
+    a_model, a_dataset = _upload_model(client, ctx)[0], _upload_dataset(client, ctx)[0]
+    b_adapter = _upload_adapter(client, ctx, tenants.b)[0]
+    b_model = client.post("/v1/models", files={"archive": ("model.tar.gz", tiny_model_tar())}, data={"name": "m"},
+                          headers=tenants.b).json()["id"]
+    rows = b"".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}).encode() + b"\n" for i in range(3))
+    b_dataset = client.post("/v1/datasets", files={"file": ("rows.jsonl", rows)}, data={"name": "d"},
+                            headers=tenants.b).json()["id"]
+    merge = {"type": "merge", "adapters": [{"id": b_adapter}], "method": "task_arithmetic", "params": {}}
+    rain = {"type": "merge", "adapters": [{"id": b_adapter}], "method": "rain"}
+    bodies = [
+        merge | {"tune": {"model": a_model, "validation": [{"adapter": 0, "dataset": b_dataset}],
+                          "search": {"lambda": [0.5, 1.0]}}},
+        merge | {"tune": {"model": b_model, "validation": [{"adapter": 0, "dataset": a_dataset}],
+                          "search": {"lambda": [0.5, 1.0]}}},
+        rain | {"calibration": {"model": a_model, "reasoning": b_dataset}},
+        rain | {"calibration": {"model": b_model, "reasoning": a_dataset}},
+        rain | {"calibration": {"model": b_model, "reasoning": b_dataset, "instruction": a_dataset}},
+    ]
+    for body in bodies:
+        response = client.post("/v1/jobs", json=body, headers=tenants.b)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", (body, response.text)
+    # the same jobs with B's own inputs pass admission: the 404s above are about whose ids they are
+    own = rain | {"calibration": {"model": b_model, "reasoning": b_dataset, "instruction": b_dataset}}
+    assert client.post("/v1/jobs", json=own, headers=tenants.b).status_code == 202
+
+
 def test_idempotency_keys_are_per_tenant(tenants):
     client = tenants.client
     client.headers.update(tenants.a)
