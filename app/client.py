@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -207,7 +207,7 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return JobPublic.model_validate(self._request("POST", "/v1/jobs", json=spec, headers=headers).json())
 
-    def merge(self, adapters: list[str | tuple[str, float] | dict[str, Any]], method: str = "ctm",
+    def merge(self, adapters: Sequence[str | tuple[str, float] | dict[str, Any]], method: str = "ctm",
               params: dict[str, Any] | None = None, output: dict[str, Any] | None = None,
               webhook_url: str | None = None, idempotency_key: str | None = None,
               tune: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None) -> JobPublic:
