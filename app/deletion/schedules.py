@@ -102,7 +102,10 @@ def register(celery: Celery, record: ScheduleRecord) -> None:
         entry_name(record.id), FIRE_TASK, rrule("SECONDLY", dtstart=slot, count=1, app=celery),
         args=[record.tenant, record.id, slot.isoformat()], options={"queue": FIRE_QUEUE}, app=celery,
     )
-    entry.last_run_at = slot - timedelta(seconds=1)  # due at the slot, even if the slot is already past
+    # redbeat files the entry as due at last_run_at + (next occurrence − now): last_run_at must be now for that
+    # to be the slot (slot − 1 s put a slot 10 minutes ahead at 20 minutes); a slot already past (a beat that
+    # was down) keeps one occurrence after last_run_at, so it is overdue and due at once
+    entry.last_run_at = min(datetime.now(UTC), slot - timedelta(seconds=1))
     with redis_errors():
         entry.save()
 

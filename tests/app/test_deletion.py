@@ -164,6 +164,26 @@ def test_schedule_entry_timing_pause_at_risk_and_reindex(api, redis_client):
     assert schedules.registered_slot(celery, schedule["id"]) is None
 
 
+def test_the_beat_entry_is_due_at_its_slot_not_later(api, redis_client):
+    """redbeat puts an entry in its due-set at last_run_at + (next occurrence − now): the entry must be due at
+    the slot itself (a slot 10 minutes ahead was due 20 minutes ahead), and at once when the slot is past."""
+    from redbeat.schedulers import RedBeatConfig, RedBeatSchedulerEntry
+
+    celery = api.app.state.celery
+    schedule = pending_schedule(api, interval_seconds=600)
+    slot = datetime.fromisoformat(schedule["next_run_at"])
+    key = RedBeatSchedulerEntry.generate_key(celery, schedules.entry_name(schedule["id"]))
+    due_set = RedBeatConfig(celery).schedule_key
+    assert abs(redis_client.zscore(due_set, key) - slot.timestamp()) < 2
+
+    record = schedules.get(api.records, "tenant-a", schedule["id"])
+    record.next_run_at = datetime.now(UTC) - timedelta(minutes=5)  # a beat that was down: fire it now
+    schedules.register(celery, record)
+    assert redis_client.zscore(due_set, key) <= datetime.now(UTC).timestamp()
+    entry = RedBeatSchedulerEntry.from_key(key, app=celery)
+    assert entry.is_due().is_due
+
+
 def test_any_job_spec_is_submitted_as_is(api):
     body = {"name": "retrain", "run_at": (datetime.now(UTC) + timedelta(days=1)).isoformat(),
             "job": {"type": "unlearn", "model": api.ids["model"], "forget": {"dataset": api.ids["data"]},
