@@ -48,6 +48,26 @@ def bind(**values: str | None) -> None:
         current.update({key: value for key, value in values.items() if value})
 
 
+# the job context a job's message carries in its `kwargsrepr` (`app.queue.enqueue`)
+_RECEIVED_KEYS = ("job_id", "tenant", "request_id")
+
+
+def _received_context(record: logging.LogRecord) -> dict[str, str]:
+    """Celery's "received" line (logger `celery.worker.strategy`, its context in `record.data`) is written by
+    the worker's main process before any job context exists: its job context comes from the message's
+    `kwargsrepr`. Anything else, or a kwargsrepr that is not that JSON, adds nothing."""
+    data = getattr(record, "data", None)
+    if record.name != "celery.worker.strategy" or not isinstance(data, dict):
+        return {}
+    try:
+        carried = json.loads(str(data.get("kwargs") or ""))
+    except ValueError:
+        return {}
+    if not isinstance(carried, dict):
+        return {}
+    return {key: str(carried[key]) for key in _RECEIVED_KEYS if isinstance(carried.get(key), str)}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -57,6 +77,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update(_context.get() or {})
+        entry.update(_received_context(record))
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)

@@ -112,5 +112,12 @@ def route(celery: Celery, job_type: str) -> str:
     return queue_for(job_type, gpu_only=gpu)
 
 
-def enqueue(celery: Celery, job_id: str, job_type: str) -> None:
-    celery.send_task(RUN_JOB, args=[job_id], queue=route(celery, job_type))
+def enqueue(
+    celery: Celery, job_id: str, job_type: str, tenant: str | None = None, request_id: str | None = None
+) -> None:
+    """Send the job's message. Its `kwargsrepr` (shown only in logs; the task takes no kwargs) is the job's log
+    context as JSON, so the worker's "received" line — written before the job's record is read — carries
+    `job_id`, `tenant` and `request_id` like every later line of the job (`app.logs.JsonFormatter`)."""
+    context = {"job_id": job_id, "tenant": tenant, "request_id": request_id}
+    kwargsrepr = json.dumps({key: value for key, value in context.items() if value})
+    celery.send_task(RUN_JOB, args=[job_id], kwargsrepr=kwargsrepr, queue=route(celery, job_type))

@@ -118,5 +118,5 @@ def submit(
         if idempotency_key:
             records.release_idempotency_key(tenant, idempotency_key)
         raise
-    enqueue(celery, record.id, record.type)
+    enqueue(celery, record.id, record.type, record.tenant, record.request_id)
     return Submitted(record, created=True)

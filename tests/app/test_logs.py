@@ -76,3 +76,21 @@ def test_a_jobs_lines_in_a_worker_carry_its_id_and_tenant(captured):
                                     "job_id": "jb_1", "request_id": "celery-message-id", "tenant": "tenant-a",
                                     "attempt": 1}
     assert "job_id" not in outside and "tenant" not in outside
+
+
+def test_celerys_received_line_takes_the_job_context_its_message_carries():
+    """The worker's main process logs "received" before any job context exists: the context comes from the
+    message's kwargsrepr (app.queue.enqueue); a kwargsrepr that is not that JSON, or another logger, adds nothing."""
+    formatter = logs.JsonFormatter()
+
+    def line(name: str, kwargs: str) -> dict:
+        record = logging.LogRecord(name, logging.INFO, "", 0, "Task %(name)s[%(id)s] received", None, None)
+        record.data = {"id": "t1", "name": "amend.run_job", "args": "['jb_1']", "kwargs": kwargs}
+        return json.loads(formatter.format(record))
+
+    carried = json.dumps({"job_id": "jb_1", "tenant": "tenant-a", "request_id": "req_1"})
+    entry = line("celery.worker.strategy", carried)
+    assert (entry["job_id"], entry["tenant"], entry["request_id"]) == ("jb_1", "tenant-a", "req_1")
+    for name, kwargs in (("celery.worker.strategy", "{}"), ("celery.worker.strategy", "{'a': 1}"),
+                         ("celery.worker.strategy", "[1]"), ("other.logger", carried)):
+        assert not {"job_id", "tenant", "request_id"} & set(line(name, kwargs)), (name, kwargs)

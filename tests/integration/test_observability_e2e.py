@@ -46,6 +46,8 @@ def test_a_jobs_lines_in_the_worker_carry_the_submitting_requests_id(stack, clie
     lines = worker_lines(stack, job_id)
     assert {"job started", "job succeeded"} <= {line["message"] for line in lines}, lines
     assert any(line["logger"] == "celery.app.trace" for line in lines)  # Celery's own "succeeded" line too
+    # and its "received" line, written by the worker's main process before the job's record is read
+    assert any(line["logger"] == "celery.worker.strategy" for line in lines), lines
     for line in lines:  # every line, not only the pipeline's own
         assert line["request_id"] == trace and line["tenant"] == "tenant-a", line
     others = worker_lines(stack, other.json()["id"])

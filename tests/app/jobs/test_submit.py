@@ -3,6 +3,8 @@ nothing left behind when a check refuses."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from app.errors import Conflict, NotFound, QuotaExceeded
@@ -16,9 +18,11 @@ class SentTasks:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, list, str]] = []
+        self.log_context: list[dict] = []  # what each message's kwargsrepr carries for the worker's log lines
 
-    def send_task(self, name: str, args: list, queue: str) -> None:
+    def send_task(self, name: str, args: list, queue: str, kwargsrepr: str = "") -> None:
         self.sent.append((name, args, queue))
+        self.log_context.append(json.loads(kwargsrepr))
 
 
 @pytest.fixture
@@ -36,6 +40,7 @@ def test_submit_creates_queues_and_is_idempotent(api, spec):
     assert first.created and first.job.state == "queued" and first.job.events[-1].stage == "queued"
     assert records.get_job(first.job.id, "tenant-a").state == "queued"
     assert celery.sent == [("workers.run_job", [first.job.id], "amend.merge")]
+    assert celery.log_context == [{"job_id": first.job.id, "tenant": "tenant-a"}]  # no request outside the API
     again = submit(records, settings, celery, "tenant-a", spec, idempotency_key="k1")
     assert not again.created and again.job.id == first.job.id and len(celery.sent) == 1
     other = spec.model_copy(update={"method": "cat", "params": {}})
