@@ -79,7 +79,11 @@ def _print_json(value: Any) -> None:
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     table = Table()
     for column in columns:
-        table.add_column(column, overflow="fold")  # ids wrap instead of being cut short
+        if column == "id":  # whole on one line, so it can be copied; the other columns wrap around it
+            width = max((len(_cell(row.get(column))) for row in rows), default=2)
+            table.add_column(column, no_wrap=True, min_width=width)
+        else:
+            table.add_column(column, overflow="fold")  # long values wrap instead of being cut short
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     console.print(table)
