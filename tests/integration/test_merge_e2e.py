@@ -15,9 +15,10 @@ from tests.integration.conftest import upload_dir, wait_for_job
 pytestmark = pytest.mark.integration
 
 
-def dense_merge_model(adapters: list[tuple[object, float]]):
-    """The reference: base weights plus Σ w_t·s_t·B_t·A_t, written plainly."""
-    model = tiny_llama(0)
+def dense_merge_model(adapters: list[tuple[object, float]], **model_overrides):
+    """The reference: base weights plus Σ w_t·s_t·B_t·A_t, written plainly (the tiny Llama built with
+    `model_overrides`)."""
+    model = tiny_llama(0, **model_overrides)
     modules = dict(model.named_modules())
     for directory, weight in adapters:
         config = json.loads((directory / "adapter_config.json").read_text())

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.factories import make_adapter, tiny_llama
 from tests.integration.conftest import upload_dir, wait_for_job
+from tests.integration.test_merge_e2e import dense_merge_model
 from tests.integration.test_unlearn_e2e import PEOPLE, VALUES, register, upload_rows, word_tokenizer
 
 pytestmark = pytest.mark.integration
@@ -25,19 +25,7 @@ LAMBDAS = [0.0, 0.5, 1.0, 2.0, 4.0]
 
 def with_adapters(adapters: list[tuple[Path, float]]):
     """The tiny Llama with base weights plus Σ c_t·s_t·B_t·A_t (dense, written plainly)."""
-    model = tiny_llama(0, **MODEL)
-    modules = dict(model.named_modules())
-    for directory, coefficient in adapters:
-        config = json.loads((directory / "adapter_config.json").read_text())
-        scaling = config["lora_alpha"] / config["r"]
-        tensors = load_file(directory / "adapter_model.safetensors")
-        for name, lora_a in tensors.items():
-            if ".lora_A." in name:
-                lora_b = tensors[name.replace(".lora_A.", ".lora_B.")]
-                module = modules[name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")]
-                with torch.no_grad():
-                    module.weight += coefficient * scaling * lora_b @ lora_a
-    return model
+    return dense_merge_model(adapters, **MODEL)
 
 
 def encode(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
