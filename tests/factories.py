@@ -77,12 +77,47 @@ def tiny_model_tar() -> bytes:
     return buffer.getvalue()
 
 
-if __name__ == "__main__":  # `python -m tests.factories DIR`: two demo adapters for the README walk-through
+def demo_language_model(target: Path) -> None:
+    """For the README's unlearning and deletion walk-throughs: `tiny.tar.gz` (the tiny Llama, saved with
+    `save_pretrained`, with a word-level tokenizer) and `forget.jsonl` / `retain.jsonl` / `eval.jsonl` rows
+    (`{"prompt", "completion"}`, six each: facts about six people, other facts, held-out facts)."""
+    import json
+    import random
+    import tarfile
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    people, values = [f"person{i}" for i in range(6)], [f"value{i}" for i in range(6)]
+    words = ["<pad>", "<bos>", "<eos>", "<unk>", *people, *values, "city", "?", "lives", "in", "<think>", "</think>"]
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    directory = target / "tiny"
+    tiny_llama(0, vocab_size=32).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    with tarfile.open(target / "tiny.tar.gz", "w:gz") as tar:
+        for path in sorted(directory.iterdir()):
+            tar.add(path, arcname=f"tiny/{path.name}")
+    rng = random.Random(0)
+    for name, template in (("forget", "{} city ?"), ("retain", "{} lives in"), ("eval", "{} city ?")):
+        rows = [{"prompt": template.format(who), "completion": rng.choice(values)} for who in people]
+        (target / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+if __name__ == "__main__":  # `python -m tests.factories DIR`: the demo adapters and model for the README walk-throughs
     import sys
     import warnings
 
+    from transformers.utils import logging as transformers_logging
+
     warnings.filterwarnings("ignore")
+    transformers_logging.disable_progress_bar()
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "amend-demo")
     make_adapter(target / "one", seed=1, r=4, alpha=8)
     make_adapter(target / "two", seed=2, r=4, alpha=16, targets=("q_proj", "v_proj", "o_proj"))
-    sys.stdout.write(f"wrote {target / 'one'} and {target / 'two'}\n")
+    demo_language_model(target)
+    sys.stdout.write(f"wrote {target / 'one'}, {target / 'two'}, {target / 'tiny.tar.gz'} and "
+                     f"{target / '{forget,retain,eval}.jsonl'}\n")
