@@ -121,9 +121,12 @@ def for_id(records: Records, tenant: str, kind: str, record_id: str) -> TargetVe
     """The versions of an adapter or model by its id, for the routes (the caller has checked it exists)."""
     try:
         return documents.get(records, KIND, TargetVersions, tenant, record_id)
-    except NotFound:
+    except NotFound:  # never unlearned: version 1 alone, made and current since the record was (as _initial)
+        created = (records.get_adapter(tenant, record_id) if kind == "adapter"
+                   else records.get_resource("models", tenant, record_id)).created_at
         first = TargetVersion(version=1, model_id=record_id if kind == "model" else None,
-                              adapter_id=record_id if kind == "adapter" else None, created_at=now())
+                              adapter_id=record_id if kind == "adapter" else None, created_at=created,
+                              promoted_at=created)
         target = Target(model=record_id) if kind == "model" else Target(model=record_id, adapter=record_id)
         return TargetVersions(id=record_id, tenant=tenant, kind=kind, target=target, current=1,  # type: ignore[arg-type]
                               versions=[first])

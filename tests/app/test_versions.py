@@ -226,3 +226,19 @@ def test_a_model_target_rebuilds_from_new_weights_and_refuses_from_an_adapter(ap
     assert done["stale_descendants"] == [from_other] and done["rebuild_jobs"] == {}
     assert "unlearned into an adapter" in done["rebuild_refused"][from_other]
     assert api.get(f"/v1/adapters/{from_other}/versions").json()["current"] == 1
+
+
+def test_an_id_never_unlearned_lists_version_1_as_registered(api, adapter_dir):  # noqa: F811
+    """Before any run an id's versions are version 1 alone, made and current since the record was: the same
+    answer on every read (not the time of the read), as once a run has added a version."""
+    adapter_id, _ = _adapter(api, adapter_dir, "plain", seed=3)
+    created = api.get(f"/v1/adapters/{adapter_id}").json()["created_at"]
+    model = api.ids["model"]
+    model_created = api.get(f"/v1/models/{model}").json()["created_at"]
+    reads = ((f"/v1/adapters/{adapter_id}/versions", created), (f"/v1/models/{model}/versions", model_created))
+    for path, when in reads:
+        first = api.get(path).json()
+        (version,) = first["versions"]
+        assert version["version"] == 1 and first["current"] == 1
+        assert version["created_at"] == when and version["promoted_at"] == when, version
+        assert api.get(path).json() == first
