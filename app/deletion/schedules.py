@@ -267,7 +267,12 @@ def fire(
 
 
 def idempotency_key(schedule_id: str, slot: datetime) -> str:
-    return f"schedule:{schedule_id}:{slot.astimezone(UTC).isoformat()}"
+    return f"{schedule_key_prefix(schedule_id)}{slot.astimezone(UTC).isoformat()}"
+
+
+def schedule_key_prefix(schedule_id: str) -> str:
+    """How every idempotency key of a schedule's jobs begins (`GET /v1/jobs?schedule=` finds them by it)."""
+    return f"schedule:{schedule_id}:"
 
 
 def _run_job(

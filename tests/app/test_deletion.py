@@ -164,6 +164,21 @@ def test_schedule_entry_timing_pause_at_risk_and_reindex(api, redis_client):
     assert schedules.registered_slot(celery, schedule["id"]) is None
 
 
+def test_jobs_are_listed_by_the_schedule_that_made_them(api):
+    schedule, other = pending_schedule(api), pending_schedule(api)
+    ask(api, [0, 1])
+    run = fire(api, schedule["id"], datetime(2030, 1, 1, 3, 0, tzinfo=UTC))
+    assert run is not None and run.job_id
+    by_hand = api.post("/v1/jobs", json={"type": "unlearn", "model": api.ids["model"], "method": "grad_diff",
+                                         "forget": {"dataset": api.ids["data"]}, "retain": api.ids["other_data"],
+                                         "params": {"steps": 1}})
+    assert by_hand.status_code == 202, by_hand.text
+    listed = api.get("/v1/jobs", params={"schedule": schedule["id"]}).json()["items"]
+    assert [job["id"] for job in listed] == [run.job_id]
+    assert api.get("/v1/jobs", params={"schedule": other["id"]}).json()["items"] == []
+    assert len(api.get("/v1/jobs").json()["items"]) == 2
+
+
 def test_the_beat_entry_is_due_at_its_slot_not_later(api, redis_client):
     """redbeat puts an entry in its due-set at last_run_at + (next occurrence − now): the entry must be due at
     the slot itself (a slot 10 minutes ahead was due 20 minutes ahead), and at once when the slot is past."""

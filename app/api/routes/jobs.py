@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from app import audit, logs
 from app.api.deps import CeleryDep, JobDep, Reader, RecordsDep, SettingsDep, Writer
+from app.deletion.schedules import schedule_key_prefix
 from app.errors import IndexUnavailable, NotFound, Unprocessable
 from app.jobs import lifecycle
 from app.jobs.submit import submit
@@ -122,8 +123,8 @@ async def list_jobs(
                                          description="Jobs that read this adapter or produced it.")] = None,
     created_after: Annotated[datetime | None, Query(description="Exclusive; ISO 8601 with a time zone.")] = None,
     created_before: Annotated[datetime | None, Query(description="Exclusive; ISO 8601 with a time zone.")] = None,
-    schedule: Annotated[str | None, Query(max_length=64, description="Reserved: jobs made by this schedule. "
-                                          "No job comes from a schedule yet, so the page is empty.")] = None,
+    schedule: Annotated[str | None, Query(max_length=64, description="Jobs this schedule submitted (its runs' "
+                                          "jobs; not the rebuilds a promotion starts).")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=128)] = None,
     if_none_match: IfNoneMatch = None,
@@ -154,15 +155,16 @@ def _page_body(
             return False
         if adapter and adapter not in record.input_adapter_ids() and not _produced(record, adapter):
             return False
+        if schedule and not (record.idempotency_key or "").startswith(schedule_key_prefix(schedule)):
+            return False
         return True
 
     items: list[JobRecord] = []
     next_cursor: str | None = None
-    if schedule is None:  # reserved: no job comes from a schedule yet
-        items, next_cursor = records.list_jobs(
-            tenant, limit, cursor, state=state, job_type=type, keep=keep if method or adapter else None,
-            created_after=created_after, created_before=created_before,
-        )
+    items, next_cursor = records.list_jobs(
+        tenant, limit, cursor, state=state, job_type=type, keep=keep if method or adapter or schedule else None,
+        created_after=created_after, created_before=created_before,
+    )
     # the Page[JobPublic] JSON, each item dumped straight from its record (no second model per job)
     body = b'{"items":[' + b",".join(public_json(item) for item in items) + b'],"next_cursor":'
     return body + json.dumps(next_cursor).encode() + b"}"
