@@ -62,7 +62,7 @@ def test_filters(api, adapters):
     assert ids(api.get("/v1/jobs", params={"created_before": middle})) == [ta]
     future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     assert ids(api.get("/v1/jobs", params={"created_before": future, "created_after": created[ta]})) == [only_one, cat]
-    assert ids(api.get("/v1/jobs", params={"schedule": "sc_0123456789abcdef01234567"})) == []  # reserved
+    assert ids(api.get("/v1/jobs", params={"schedule": "sc_0123456789abcdef01234567"})) == []  # none from it
     naive = api.get("/v1/jobs", params={"created_after": "2026-01-01T00:00:00"})
     assert naive.status_code == 422, naive.text
     assert api.get("/v1/jobs", params={"method": "Robert'); DROP"}).status_code == 422
