@@ -104,6 +104,10 @@ def _show(value: Any, as_json: bool, columns: list[str]) -> None:
         return
     rows = _plain(value)
     _table(rows if isinstance(rows, list) else [rows], columns)
+    result = rows.get("result") if isinstance(rows, dict) else None
+    output = (result.get("adapter_id") or result.get("model_id")) if isinstance(result, dict) else None
+    if output:  # one job that produced something: the id to download or to use next, on a line of its own
+        console.print(f"output: {output}", soft_wrap=True)
 
 
 ADAPTER_COLUMNS = ["id", "name", "rank", "n_modules", "size_bytes", "created_at"]

@@ -28,3 +28,15 @@ def test_ids_are_never_wrapped_in_an_80_column_terminal(monkeypatch, row, column
     text = console.export_text()
     assert row["id"] in text, text
     assert all(len(line) <= 80 for line in text.splitlines())
+
+
+def test_one_finished_job_is_shown_with_the_id_of_its_output(monkeypatch) -> None:
+    """`amend merge --watch`, `amend jobs get` / `watch`: the merged adapter's id follows the table, whole."""
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    monkeypatch.setattr(commands, "console", console)
+    job = JOB | {"result": {"adapter_id": "ad_066197313a223b8b17245a72", "model_id": None}}
+    commands._show(job, False, [*commands.JOB_COLUMNS, "finished_at"])
+    assert "output: ad_066197313a223b8b17245a72" in console.export_text().splitlines()
+    commands._show(JOB | {"result": None}, False, commands.JOB_COLUMNS)  # a job still running: no such line
+    commands._show([job, job], False, commands.JOB_COLUMNS)  # a list: the table only
+    assert "output:" not in console.export_text()
