@@ -30,6 +30,12 @@ def reinitialize(model: nn.Module, is_peft: bool) -> None:
                     for adapter in list(adapters.keys()):
                         reset(adapter, True)
         elif callable(init := getattr(model, "_init_weights", None)):
+            # transformers 5 marks every tensor `from_pretrained` loaded (and its modules) `_is_hf_initialized`,
+            # and its initialisers skip what is marked: unmarked, the loaded weights are drawn afresh
+            items: tuple[Any, ...] = (*model.modules(), *model.parameters(), *model.buffers())
+            for item in items:
+                if getattr(item, "_is_hf_initialized", False):
+                    item._is_hf_initialized = False
             model.apply(init)
         else:
             for module in model.modules():
