@@ -72,7 +72,7 @@ def publish_adapter(context: JobContext, directory: Path, name: str, report: dic
         adapter_ids=[adapter_id],
         report=report.get("summary"),
         report_key=report_key(job),
-        warnings=merge_warnings(report.get("summary") or {}),
+        warnings=output_warnings(report.get("summary") or {}),
     )
 
 
@@ -80,13 +80,25 @@ def publish_adapter(context: JobContext, directory: Path, name: str, report: dic
 VANISHED_UPDATE = 0.05
 
 
-def merge_warnings(summary: dict[str, Any]) -> list[str]:
-    """The warning a succeeded merge carries when its output all but vanished (see `VANISHED_UPDATE`)."""
+# a compressed adapter whose update is this far from its input's (relative Frobenius error) keeps little of it
+FAR_FROM_INPUT = 0.5
+
+
+def output_warnings(summary: dict[str, Any]) -> list[str]:
+    """The warnings a succeeded merge or compression carries when its output is all but useless: a merged
+    update that all but vanished (`VANISHED_UPDATE`), a compressed one far from its input (`FAR_FROM_INPUT`)."""
+    warnings = []
     kept = summary.get("output_norm_fraction_total")
-    if kept is None or kept >= VANISHED_UPDATE:
-        return []
-    return [
-        f"the merged update keeps {100 * kept:.1f}% of the size of the inputs' plain sum (λ·Σ w_t·ΔW_t): the "
-        "result is all but the base model (rain: the projection or the coefficients removed the update; see "
-        "the report)"
-    ]
+    if kept is not None and kept < VANISHED_UPDATE:
+        warnings.append(
+            f"the merged update keeps {100 * kept:.1f}% of the size of the inputs' plain sum (λ·Σ w_t·ΔW_t): the "
+            "result is all but the base model (rain: the projection or the coefficients removed the update; see "
+            "the report)"
+        )
+    error = summary.get("rel_error")
+    if error is not None and error > FAR_FROM_INPUT:
+        warnings.append(
+            f"the compressed update is far from the input's (rel_error {error:.2f} > {FAR_FROM_INPUT}): it keeps "
+            "little of what the adapter did; see the report's per-module errors (sparsify_quantize: a higher density)"
+        )
+    return warnings

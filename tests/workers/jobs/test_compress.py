@@ -262,3 +262,17 @@ def test_compressing_an_unlearned_adapter_rechecks_its_forgetting(api, tmp_path)
     assert forgetting["compressed"]["forget_accuracy"] == 100.0 and forgetting["kept_fraction"] == 0.0
     assert "retain_accuracy" in forgetting["compressed"]
     assert output_adapter_id(truncated.id) == truncated.result.adapter_id
+
+
+def test_sparsify_quantize_defaults_keep_the_update_and_a_far_result_is_warned_about(api, adapter_dir):
+    """With params {} the output is close to its input (int8 of every entry) and carries no warning; at
+    ComPEFT's full-task-vector density on LoRA factors it is far from it, and the job says so."""
+    adapter_id = upload(api, adapter_dir("in", seed=3, r=8)).json()["id"]
+    default = run_job(api, {"type": "compress", "adapter": adapter_id, "method": "sparsify_quantize", "params": {}})
+    assert default.state == "succeeded", default.error
+    assert default.result.report["rel_error"] < 0.05 and default.result.report["ratio"] > 2
+    assert default.result.warnings == []
+    sparse = run_job(api, {"type": "compress", "adapter": adapter_id, "method": "sparsify_quantize",
+                           "params": {"density": 0.1, "bits": "ternary"}})
+    assert sparse.state == "succeeded" and sparse.result.report["rel_error"] > 0.5
+    assert len(sparse.result.warnings) == 1 and "far from the input's" in sparse.result.warnings[0]
