@@ -578,14 +578,20 @@ LM_METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def lm_bench(quick: bool) -> dict[str, bool]:
+def lm_world(quick: bool) -> tuple[int, int, Any, dict[str, LMData], LMData]:
+    """The language-model scenario both LM benches share: (people, training steps, the word tokenizer, the
+    forget / retain / holdout rows, and the rows the original model trains on: forget ∪ retain)."""
     n_people = 120 if quick else 300
     train_steps = 600 if quick else 1500
     world = fact_world(n_people)
     words = sorted({w for rows in world.values() for r in rows for w in (r["prompt"] + " " + r["completion"]).split()})
     tokenizer = word_tokenizer([*words, "I", "don't", "know."])
     data = {name: LMData.from_rows(rows, tokenizer) for name, rows in world.items()}
-    train_rows = LMData.from_rows(world["forget"] + world["retain"], tokenizer)
+    return n_people, train_steps, tokenizer, data, LMData.from_rows(world["forget"] + world["retain"], tokenizer)
+
+
+def lm_bench(quick: bool) -> dict[str, bool]:
+    n_people, train_steps, tokenizer, data, train_rows = lm_world(quick)
     say(
         f"\n== (b) language model: 2-layer Llama hidden 128, {len(tokenizer)} word tokens; {n_people} people: "
         f"{len(data['forget'])} forget rows, {len(data['retain'])} retain rows, {len(data['holdout'])} held-out rows"

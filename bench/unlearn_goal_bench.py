@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.engines.unlearn import ClassifierData, LMData, unlearn
+from workers.engines.unlearn import ClassifierData, unlearn
 from workers.engines.unlearn.engine import measure
 from workers.engines.unlearn.metrics import classifier_report
 from workers.engines.unlearn.protocol import compare, unlearn_job
@@ -240,15 +240,9 @@ def classifier_goal(quick: bool) -> dict[str, bool]:
 
 
 def lm_goal(quick: bool) -> dict[str, bool]:
-    from bench.unlearn_bench import LM_TRAIN, fact_world, tiny_llama, word_tokenizer
+    from bench.unlearn_bench import LM_TRAIN, lm_world, tiny_llama
 
-    n_people = 120 if quick else 300
-    train_steps = 600 if quick else 1500
-    world = fact_world(n_people)
-    words = sorted({w for rows in world.values() for r in rows for w in (r["prompt"] + " " + r["completion"]).split()})
-    tokenizer = word_tokenizer([*words, "I", "don't", "know."])
-    data = {name: LMData.from_rows(rows, tokenizer) for name, rows in world.items()}
-    train_rows = LMData.from_rows(world["forget"] + world["retain"], tokenizer)
+    n_people, train_steps, tokenizer, data, train_rows = lm_world(quick)
     say(
         f"\n== (d) goal-driven, params {{}}: 2-layer Llama hidden 128; {n_people} people: {len(data['forget'])} forget "
         f"rows, {len(data['retain'])} retain rows, {len(data['holdout'])} held-out (eval) rows"
