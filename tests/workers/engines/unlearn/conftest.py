@@ -24,6 +24,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from workers.engines.unlearn import ClassifierData, LMData
+from workers.engines.unlearn.loop import UnlearnContext
 from workers.engines.unlearn.losses import classifier_logits, compute_batch_nll, mean_token_nll, per_sample_ce
 
 torch.set_num_threads(1)
@@ -152,3 +153,14 @@ def trained_mlp(digits) -> MLP:
 @pytest.fixture
 def mlp(trained_mlp) -> MLP:
     return copy.deepcopy(trained_mlp)
+
+
+def cpu_context(model: nn.Module, forget, retain=None, tokenizer=None, family: str = "classifier",
+                **extra) -> UnlearnContext:
+    """What a method builds its objective from, as the tests build it: on the CPU, the generator seeded 0, every
+    parameter that requires a gradient trainable, no PEFT; `extra` sets the optional fields (horizon, learn)."""
+    return UnlearnContext(
+        model=model, family=family, forget=forget, retain=retain, tokenizer=tokenizer,
+        generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+        trainable=[(name, p) for name, p in model.named_parameters() if p.requires_grad], is_peft=False, **extra,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tests.workers.engines.unlearn.conftest import cpu_context
 from workers.engines.unlearn import unlearn
 from workers.engines.unlearn.gu import kept_fraction, orthonormal_basis, project_off
 
@@ -52,22 +53,11 @@ def test_the_loop_steps_orthogonally_to_every_retain_sample(lm, lm_data, tokeniz
     row of the step's retain batch (4 rows, gu_retain_samples=4), taken in train mode as the reference does."""
     from app.schemas.unlearn import NpoParams
     from workers.engines.registry import get
-    from workers.engines.unlearn.loop import UnlearnContext, _flat, _grads, _Trainer
+    from workers.engines.unlearn.loop import _flat, _grads, _Trainer
 
     retain = lm_data["retain"].subset(range(4))
     params = NpoParams(lr=1e-3, steps=1, gu=True, gu_retain_samples=4)
-    trainable = [(n, p) for n, p in lm.named_parameters() if p.requires_grad]
-    ctx = UnlearnContext(
-        lm,
-        "causal_lm",
-        lm_data["forget"],
-        retain,
-        tokenizer,
-        torch.Generator().manual_seed(0),
-        torch.device("cpu"),
-        trainable,
-        False,
-    )
+    ctx = cpu_context(lm, lm_data["forget"], retain, tokenizer, "causal_lm")
     trainer = _Trainer(ctx, get("unlearn", "npo").function(ctx, params), params, lr=1e-3, horizon=1)
     lm.train()
     batch = retain.collate(range(4))

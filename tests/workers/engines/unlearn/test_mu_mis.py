@@ -8,23 +8,14 @@ import pytest
 import torch
 
 from app.schemas.unlearn import MuMisParams
+from tests.workers.engines.unlearn.conftest import cpu_context
 from workers.engines.unlearn import ClassifierData, UnsupportedFamily, unlearn
 from workers.engines.unlearn.loop import UnlearnContext, _Trainer
 from workers.engines.unlearn.mu_mis import mu_mis, sensitivity_gap_loss
 
 
 def context(model, forget) -> UnlearnContext:
-    return UnlearnContext(
-        model=model,
-        family="classifier",
-        forget=forget,
-        retain=None,
-        tokenizer=None,
-        generator=torch.Generator().manual_seed(0),
-        device=torch.device("cpu"),
-        trainable=list(model.named_parameters()),
-        is_peft=False,
-    )
+    return cpu_context(model, forget)
 
 
 def plain_loss(model, x, y):

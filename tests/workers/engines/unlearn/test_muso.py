@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from app.schemas.unlearn import MusoParams
+from tests.workers.engines.unlearn.conftest import cpu_context
 from workers.engines.unlearn import unlearn
-from workers.engines.unlearn.loop import UnlearnContext, _Trainer
+from workers.engines.unlearn.loop import _Trainer
 from workers.engines.unlearn.muso import muso, relabel, soft_targets
 
 
@@ -53,17 +54,7 @@ def test_soft_targets_clip_and_normalise():
 def test_objective_loss_and_one_step_match_a_plain_kernel_regression(mlp, digits):
     forget, retain = digits["forget"], digits["retain"]
     plain_model = copy.deepcopy(mlp)
-    ctx = UnlearnContext(
-        model=mlp,
-        family="classifier",
-        forget=forget,
-        retain=retain,
-        tokenizer=None,
-        generator=torch.Generator().manual_seed(0),
-        device=torch.device("cpu"),
-        trainable=list(mlp.named_parameters()),
-        is_peft=False,
-    )
+    ctx = cpu_context(mlp, forget, retain)
     params = MusoParams(lr=0.05, relabel_rows=5000, ridge=1e-3)  # m ≥ |D_r|: every retain row
     objective = muso(ctx, params)
     # plain: features relu(W1 x + b1) and a bias column, kernel ridge on one-hot retain labels

@@ -9,23 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from app.schemas.unlearn import NatmuParams
+from tests.workers.engines.unlearn.conftest import cpu_context
 from workers.engines.unlearn import ClassifierData, UnsupportedFamily, unlearn
 from workers.engines.unlearn.loop import UnlearnContext
 from workers.engines.unlearn.natmu import natmu, natmu_masks, pick_targets, rebalance
 
 
 def context(model, forget, retain) -> UnlearnContext:
-    return UnlearnContext(
-        model=model,
-        family="classifier",
-        forget=forget,
-        retain=retain,
-        tokenizer=None,
-        generator=torch.Generator().manual_seed(0),
-        device=torch.device("cpu"),
-        trainable=list(model.named_parameters()),
-        is_peft=False,
-    )
+    return cpu_context(model, forget, retain)
 
 
 def test_masks_are_tent_and_v_profiles():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.schemas.unlearn import FlatParams, GradAscentParams
+from tests.workers.engines.unlearn.conftest import cpu_context
 from workers.engines.registry import get
 from workers.engines.unlearn import ClassifierData, LMData, unlearn
 from workers.engines.unlearn.data import TemplatedLMData
@@ -33,18 +34,7 @@ from workers.engines.unlearn.metrics import lm_report
 
 
 def context(model, forget, retain, tokenizer=None, family="classifier") -> UnlearnContext:
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return UnlearnContext(
-        model,
-        family,
-        forget,
-        retain,
-        tokenizer,
-        torch.Generator().manual_seed(0),
-        torch.device("cpu"),
-        trainable,
-        False,
-    )
+    return cpu_context(model, forget, retain, tokenizer, family)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from workers.engines.unlearn.loop import UnlearnContext, _Trainer
 from workers.engines.unlearn.protocol import unlearn_job
 from workers.engines.unlearn.ug_clu import ug_clu
 
-from .conftest import MLP, fit_mlp
+from .conftest import MLP, cpu_context, fit_mlp
 
 EPS = 1e-15
 
@@ -50,11 +50,7 @@ def model(trained_without_nines) -> MLP:
 
 
 def context(model, rows, horizon: int = 1) -> UnlearnContext:
-    return UnlearnContext(
-        model=model, family="classifier", forget=rows["forget"], retain=rows["retain"], tokenizer=None,
-        generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
-        trainable=list(model.named_parameters()), is_peft=False, horizon=horizon, learn=rows["learn"],
-    )
+    return cpu_context(model, rows["forget"], rows["retain"], horizon=horizon, learn=rows["learn"])
 
 
 def plain_fisher(model, data: ClassifierData, batch: int, cap: int = 64) -> list[torch.Tensor]:
