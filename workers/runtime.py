@@ -3,7 +3,9 @@
 Call `configure()` before torch is imported (this module does not import it):
 
 - OpenMP threads wait passively: threads that spin while waiting make torch several times slower whenever
-  the cores are shared (measured 4-6× on 2 cores).
+  the cores are shared (measured 4-6× on 2 cores). The price is paid by LAPACK on small matrices (many
+  short parallel regions, each waking a sleeping thread: a batched 128×128 eigh 7× slower on two threads
+  than on one), so those run on one-thread workers side by side (`workers/engines/linalg_pool.py`).
 - glibc malloc keeps freed blocks for reuse (blocks up to 32 MiB come from the heap, and up to 256 MiB of
   freed heap stays mapped). A merge streams batches of modules whose buffers have the same sizes batch
   after batch; without this each batch gets fresh pages from the kernel, and first-touch page faults cost

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from workers.engines import linalg_pool
 from workers.engines.merge.types import RANK_TOL, ModuleGrams, RankTarget, TaskFactors
 
 # Eigenvalues of a float32 Gram below this fraction of the largest are unreliable: redo in float64.
@@ -124,7 +125,7 @@ def gram(x: Tensor, rows: bool, dtype: torch.dtype) -> Tensor:
 
 def _eig_basis(grams: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """From PSD Grams (G,K,K) float64 = Z S² Zᵀ: (Z, S, S⁺, ranks), eigenvalues sorted descending."""
-    lam, z = torch.linalg.eigh(grams)
+    lam, z = linalg_pool.eigh(grams)
     lam, z = lam.flip(-1), z.flip(-1)
     top = lam[:, :1].clamp(min=torch.finfo(torch.float64).tiny)
     keep = lam > top * _EIG_TOL
@@ -139,7 +140,7 @@ def _basis(mats: list[Tensor], rows: bool) -> tuple[Tensor, Tensor, Tensor, Tens
     The Gram is one float32 GEMM; modules whose spectrum reaches below float32's resolution are redone in
     float64 (near rank-deficient stacks), so kept directions are accurate and null directions are dropped.
     """
-    grams = torch.stack([gram(x, rows, torch.float32) for x in mats]).double()
+    grams = torch.stack(linalg_pool.map_each(lambda x: gram(x, rows, torch.float32), mats)).double()
     z, s, s_inv, ranks = _eig_basis(grams)
     smallest = s[:, -1].square() if s.shape[-1] else s[:, 0]
     top = s[:, 0].square().clamp(min=torch.finfo(torch.float64).tiny)
@@ -160,7 +161,7 @@ def _cholesky_basis(grams: Tensor) -> tuple[Tensor, Tensor, list[int]] | None:
     this threshold): Cholesky's pivots do not reveal it — a rank-3 4×4 float32 Gram had pivots
     [1.0, 0.99, 5e-4, 3e-3] and eigenvalues down to 5e-8, and its noise became a spurious 4th direction.
     """
-    spectrum = torch.linalg.eigvalsh(grams.float())
+    spectrum = linalg_pool.eigvalsh(grams.float())
     if bool((spectrum[:, 0] < spectrum[:, -1] * _FP32_RELIABLE).any()):
         return None
     chol, info = torch.linalg.cholesky_ex(grams)
@@ -181,8 +182,8 @@ def core_bases(stacks: Sequence[StackedFactors], singular: bool = True) -> CoreB
     """
     mats_B, mats_A = [s.lora_B for s in stacks], [s.lora_A for s in stacks]
     if not singular:
-        gram_B = torch.stack([gram(x, False, torch.float32) for x in mats_B]).double()
-        gram_A = torch.stack([gram(x, True, torch.float32) for x in mats_A]).double()
+        gram_B = torch.stack(linalg_pool.map_each(lambda x: gram(x, False, torch.float32), mats_B)).double()
+        gram_A = torch.stack(linalg_pool.map_each(lambda x: gram(x, True, torch.float32), mats_A)).double()
         tri_B, tri_A = _cholesky_basis(gram_B), _cholesky_basis(gram_A)
         if tri_B is not None and tri_A is not None:
             return CoreBasis(
@@ -233,7 +234,7 @@ def truncate(core: Tensor, targets: Sequence[RankTarget], isotropic: bool = Fals
     come from the symmetric eigendecomposition of CCᵀ (float64), and Yᵀ = Σ⁻¹XᵀC for the kept ones.
     `isotropic` replaces the k kept singular values by their mean (`isotropize`, Iso-C's flattening).
     """
-    lam, x = torch.linalg.eigh(core @ core.mT)
+    lam, x = linalg_pool.eigh(core @ core.mT)
     s = lam.flip(-1).clamp(min=0).sqrt()
     x = x.flip(-1)
     out = []
@@ -257,7 +258,7 @@ def compression(left: Tensor, right: Tensor, reference: Tensor) -> tuple[float, 
 
 def isotropic(core: Tensor) -> Tensor:
     """Each matrix (…, p, q) with its non-zero singular values replaced by their mean (Iso-C's flattening)."""
-    x, s, yh = torch.linalg.svd(core, full_matrices=False)
+    x, s, yh = linalg_pool.svd(core)
     keep = s > s[..., :1] * RANK_TOL
     mean = (s * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp(min=1)
     return x @ ((mean * keep).unsqueeze(-1) * yh)

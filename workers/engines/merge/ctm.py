@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from app.schemas.merge import CtmParams
+from workers.engines import linalg_pool
 from workers.engines.merge.core_space import (
     CoreBasis,
     batches,
@@ -86,7 +87,7 @@ def _transpose(cores: Factored) -> Factored:
 
 def _top_eig(sym: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """Top-r eigenpairs of symmetric PSD matrices (G, K, K): (vectors (G,K,r), values (G,r)), descending."""
-    values, vectors = torch.linalg.eigh(sym)
+    values, vectors = linalg_pool.eigh(sym)
     return vectors[..., -r:].flip(-1), values[..., -r:].flip(-1)
 
 
@@ -193,7 +194,7 @@ def tucker_rank(target: RankTarget, balanced: Factored, i: int, rank_B: int, ran
         one = (balanced[0][i : i + 1], balanced[1][i : i + 1])
         ranks = []
         for gram in (_mode_gram(one)[0], _mode_gram(_transpose(one))[0]):
-            values = torch.linalg.eigvalsh(gram).flip(-1).clamp(min=0)
+            values = linalg_pool.eigvalsh(gram).flip(-1).clamp(min=0)
             ranks.append(RankTarget(rank=gram.shape[-1], energy=target.energy).choose(values.sqrt()))
         r = max(ranks)
     return max(1, min(r, rank_B)), max(1, min(r, rank_A))
@@ -249,7 +250,7 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
             if params.isotropize:
                 merged = isotropic(merged)
             # 6. output factors in weight space
-            svd = torch.linalg.svd(merged, full_matrices=False) if params.balanced else None
+            svd = linalg_pool.svd(merged) if params.balanced else None
             for j, i in enumerate(idx):
                 if svd is not None:
                     x, s, yh = svd[0][j], svd[1][j], svd[2][j]

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from app.schemas.merge import KnotsParams
+from workers.engines import linalg_pool
 from workers.engines.merge.core_space import batches, compression, core_bases, cores, stack_factors, truncate
 from workers.engines.merge.core_space import isotropic as isotropic_core
 from workers.engines.merge.rules import RULES, RuleOptions, apply_rule
@@ -73,7 +74,7 @@ def _align(name: str, job: MergeJob) -> _Aligned:
     m_t = cores(basis, stack.ranks)[0]  # (T, K, K)
     t, d_B, d_A = m_t.shape
     # SVD of [M_1 … M_T] (d_B × T·d_A) = SVD of [ΔW_1 … ΔW_T] in core coordinates
-    x, s, yh = torch.linalg.svd(m_t.permute(1, 0, 2).reshape(d_B, t * d_A), full_matrices=False)
+    x, s, yh = linalg_pool.svd(m_t.permute(1, 0, 2).reshape(d_B, t * d_A))
     k = max(1, int((s > s[0] * RANK_TOL).sum()))
     u = stack.lora_B @ (basis.lift_B[0] @ x[:, :k]).to(stack.lora_B.dtype)
     # per-task blocks Σ·V_tᵀ = Σ·Y_tᵀ·V_refᵀ = (Σ·Y_tᵀ·lift_A)·A_s (k × n)

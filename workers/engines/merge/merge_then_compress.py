@@ -20,8 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from app.schemas.merge import (
     BreadcrumbsParams,
     DareLinearParams,
@@ -34,6 +32,7 @@ from app.schemas.merge import (
     TiesParams,
     TsvParams,
 )
+from workers.engines import linalg_pool
 from workers.engines.merge.core_space import (
     batches,
     compression,
@@ -77,7 +76,7 @@ def merge_in_space(
             merged = lambda_ * (basis.coords_B @ basis.coords_A)
             uncompressed = merged
         elif spectral:  # whole-matrix rule on the cores, to the rank the target picks on the sum's spectrum
-            sums = torch.linalg.svdvals(basis.coords_B @ basis.coords_A)
+            sums = linalg_pool.svdvals(basis.coords_B @ basis.coords_A)
             ranks = [target.choose(sums[i]) for i, target in enumerate(targets)]
             m_t = cores(basis, stacks[0].ranks)
             merged = lambda_ * merge_matrices(rule, m_t, options, batch, ranks)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from workers.engines import linalg_pool
 from workers.engines.merge.core_space import StackedFactors, spans
 from workers.engines.merge.types import RANK_TOL, MergedModule, ModuleGrams
 
@@ -51,7 +52,7 @@ def factor_grams(stack: StackedFactors, lora_B: Tensor, lora_A: Tensor) -> Modul
 def _orth_coeffs(gram: Tensor, cross: Tensor) -> Tensor:
     """Coordinates of the stacked inputs in an orthonormal basis of the output's span: with the output's
     Gram Z S² Zᵀ, the basis is out·Z S⁻¹, so the coordinates are S⁻¹ Zᵀ cross."""
-    lam, z = torch.linalg.eigh(gram)
+    lam, z = linalg_pool.eigh(gram)
     keep = lam > lam[-1:].clamp(min=torch.finfo(torch.float64).tiny) * RANK_TOL**2
     inv = torch.where(keep, 1.0 / lam.clamp(min=torch.finfo(torch.float64).tiny).sqrt(), 0.0)
     return (inv.unsqueeze(-1) * z.mT) @ cross
@@ -60,7 +61,7 @@ def _orth_coeffs(gram: Tensor, cross: Tensor) -> Tensor:
 def _frame(gram: Tensor) -> tuple[Tensor, Tensor]:
     """For a factor X with Gram G = XᵀX = ZΛZᵀ: (R = Λ^½Zᵀ, W = ZΛ^-½), so X = Q·R with Q = X·W orthonormal
     (null directions dropped)."""
-    lam, z = torch.linalg.eigh(gram)
+    lam, z = linalg_pool.eigh(gram)
     keep = lam > lam[-1:].clamp(min=torch.finfo(torch.float64).tiny) * RANK_TOL**2
     lam, z = lam[keep], z[:, keep]
     root = lam.sqrt()
@@ -73,7 +74,7 @@ def _sign_conflict(grams: ModuleGrams, span: slice) -> float | None:
     r_A, w_A = _frame(grams.gram_A[span, span])  # A_tᵀ = Q_A R_A
     if r_B.shape[0] == 0 or r_A.shape[0] == 0:
         return None
-    x, s, yh = torch.linalg.svd(r_B @ r_A.mT, full_matrices=False)  # ΔW_t = (Q_B X) Σ (Q_A Y)ᵀ
+    x, s, yh = linalg_pool.svd(r_B @ r_A.mT)  # ΔW_t = (Q_B X) Σ (Q_A Y)ᵀ
     # Q_BᵀΔW Q_A = W_BᵀB_tᵀ(B_oA_o)A_tᵀW_A, with B_tᵀB_o = cross_Bᵀ and A_oA_tᵀ = cross_A (task columns)
     along = (w_B.mT @ grams.cross_B[:, span].mT) @ (grams.cross_A[:, span] @ w_A)
     d = ((x.mT @ along) * yh).sum(-1)  # u_iᵀ ΔW v_i
@@ -85,7 +86,7 @@ def _sign_conflict(grams: ModuleGrams, span: slice) -> float | None:
 def _effective_rank(grams: ModuleGrams) -> float:
     """exp(−Σ p_i log p_i), p_i = σ_i/Σσ over the output's singular values (from its two k×k Grams)."""
     r_B, _ = _frame(grams.out_B)
-    sq = torch.linalg.eigvalsh(r_B @ grams.out_A @ r_B.mT).clamp(min=0)
+    sq = linalg_pool.eigvalsh(r_B @ grams.out_A @ r_B.mT).clamp(min=0)
     sigma = sq.sqrt()
     sigma = sigma[sigma > sigma.max().clamp(min=torch.finfo(torch.float64).tiny) * RANK_TOL]
     if sigma.numel() == 0:

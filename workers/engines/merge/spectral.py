@@ -40,11 +40,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from workers.engines import linalg_pool
 from workers.engines.merge.types import RANK_TOL
 
 
 def _svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.linalg.svd(x, full_matrices=False)
+    return linalg_pool.svd(x)
 
 
 def _nonzero(s: Tensor, scale: float) -> int:
