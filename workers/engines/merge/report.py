@@ -68,6 +68,37 @@ def _frame(gram: Tensor) -> tuple[Tensor, Tensor]:
     return root.unsqueeze(-1) * z.mT, z / root
 
 
+def _frames(grams: Tensor) -> tuple[Tensor, Tensor]:
+    """`_frame` for a batch of Grams (…, r, r) of the same size: null directions are kept as zero rows of R
+    and zero columns of W instead of being dropped, which leaves every product below unchanged."""
+    lam, z = linalg_pool.eigh(grams)
+    keep = lam > lam[..., -1:].clamp(min=torch.finfo(torch.float64).tiny) * RANK_TOL**2
+    root = torch.where(keep, lam.clamp(min=0).sqrt(), 0.0)
+    inv = torch.where(keep, 1.0 / root.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    return root.unsqueeze(-1) * z.mT, z * inv.unsqueeze(-2)
+
+
+def _sign_conflicts(grams: ModuleGrams, slices: Sequence[slice]) -> list[float | None]:
+    """`_sign_conflict` of every task, batched over the tasks when their ranks agree (the usual case)."""
+    sizes = {s.stop - s.start for s in slices}
+    if len(sizes) != 1:
+        return [_sign_conflict(grams, s) for s in slices]
+    idx = torch.stack([torch.arange(s.start, s.stop, device=grams.gram_B.device) for s in slices])  # (T, r)
+    diag_B = grams.gram_B[idx.unsqueeze(-1), idx.unsqueeze(-2)]  # (T, r, r) diagonal blocks
+    diag_A = grams.gram_A[idx.unsqueeze(-1), idx.unsqueeze(-2)]
+    r_B, w_B = _frames(diag_B)
+    r_A, w_A = _frames(diag_A)
+    x, s, yh = linalg_pool.svd(r_B @ r_A.mT)
+    cross_B = grams.cross_B[:, idx].permute(1, 0, 2)  # (T, k, r): B_oᵀB_t
+    cross_A = grams.cross_A[:, idx].permute(1, 0, 2)  # (T, k, r): A_oA_tᵀ
+    along = (w_B.mT @ cross_B.mT) @ (cross_A @ w_A)
+    d = ((x.mT @ along) * yh).sum(-1)  # (T, r): u_iᵀ ΔW v_i
+    energy = s.square()
+    total = energy.sum(-1)
+    against = (energy * (d < 0)).sum(-1)
+    return [a / t if t > 0 else None for t, a in zip(total.tolist(), against.tolist(), strict=True)]
+
+
 def _sign_conflict(grams: ModuleGrams, span: slice) -> float | None:
     """Σ_i σ_i²·[u_iᵀΔW v_i < 0] / Σ_i σ_i² over task t's singular triplets (u_i, σ_i, v_i), from Grams."""
     r_B, w_B = _frame(grams.gram_B[span, span])  # B_t = Q_B R_B
@@ -129,19 +160,21 @@ def module_report(
     coef_A = _orth_coeffs(grams.out_A, grams.cross_A)
     per_task: list[dict[str, Any]] = [{"task": t, "present": False} for t in range(num_tasks)]
     cosine: list[list[float | None]] = [[None] * num_tasks for _ in range(num_tasks)]
+    conflicts = _sign_conflicts(grams, sl) if out_sq > 0 else [None] * len(tasks)
+    kept_all = [float((coef_B[:, s] @ coef_A[:, s].mT).square().sum()) for s in sl]
+    inner_list, norms_list = inner.tolist(), norms_sq.tolist()
     for i, t in enumerate(tasks):
-        kept = float((coef_B[:, sl[i]] @ coef_A[:, sl[i]].mT).square().sum())
-        norm_sq = float(norms_sq[i])
+        norm_sq = norms_list[i]
         per_task[t] = {
             "task": t,
             "present": True,
             "norm": math.sqrt(norm_sq),
-            "energy_kept_fraction": min(kept / norm_sq, 1.0) if norm_sq > 0 else None,
-            "sign_conflict": _sign_conflict(grams, sl[i]) if out_sq > 0 else None,
+            "energy_kept_fraction": min(kept_all[i] / norm_sq, 1.0) if norm_sq > 0 else None,
+            "sign_conflict": conflicts[i],
         }
         for j, other in enumerate(tasks):
-            denom = math.sqrt(float(norms_sq[i]) * float(norms_sq[j]))
-            cosine[t][other] = float(inner[i, j]) / denom if denom > 0 else None
+            denom = math.sqrt(norms_list[i] * norms_list[j])
+            cosine[t][other] = inner_list[i][j] / denom if denom > 0 else None
     return {
         "rank": merged.rank,
         "input_ranks": {str(t): r for t, r in zip(tasks, ranks, strict=True)},
