@@ -290,6 +290,20 @@ def lifted_grams(basis: CoreBasis, i: int, left: Tensor, right: Tensor) -> Modul
     )
 
 
+def lift_all(
+    stacks: Sequence[StackedFactors], basis: CoreBasis, parts: Sequence[tuple[Tensor, Tensor]]
+) -> list[tuple[Tensor, Tensor, ModuleGrams]]:
+    """`lift` and `lifted_grams` of every module of a batch (parts[i] = (left, right) of module i), the
+    modules side by side on one-thread pool workers: each lift is two thin products too small to keep two
+    threads busy on its own. Returns (lora_B, lora_A, grams) per module."""
+
+    def one(i: int) -> tuple[Tensor, Tensor, ModuleGrams]:
+        left, right = parts[i]
+        return (*lift(stacks[i], basis, i, left, right), lifted_grams(basis, i, left, right))
+
+    return linalg_pool.map_each(one, range(len(stacks)))
+
+
 def batches(modules: Mapping[str, Sequence[TaskFactors | None]], chunk: int = 32) -> list[list[str]]:
     """Module names in batches whose present tasks and ranks agree (so their cores share K, and their
     singular bases min(m, K) and min(n, K)), ≤ `chunk` per batch, so only one batch of stacked factors is

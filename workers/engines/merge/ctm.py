@@ -30,8 +30,7 @@ from workers.engines.merge.core_space import (
     core_bases,
     cores,
     isotropic,
-    lift,
-    lifted_grams,
+    lift_all,
     spans,
     stack_factors,
 )
@@ -246,6 +245,8 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
             tucker_rank(job.targets[name], balanced, i, basis.rank_B[i], basis.rank_A[i])
             for i, name in enumerate(batch)
         ]
+        parts: dict[int, tuple[Tensor, Tensor]] = {}
+        notes: dict[int, dict[str, float | int]] = {}
         for r in sorted(set(ranks)):
             idx = [i for i, ri in enumerate(ranks) if ri == r]
             sub = (balanced[0][idx], balanced[1][idx])
@@ -272,19 +273,22 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
                     right = (root.unsqueeze(-1) * yh[:k]) @ q[j].mT
                 else:
                     left, right = lam * (p[j] @ merged[j]), q[j].mT
-                stack = stacks[i]
-                lora_B, lora_A = lift(stack, basis, i, left, right)
-                out[stack.name] = MergedModule(
-                    lora_A=lora_A,
-                    lora_B=lora_B,
-                    compression=compression(left, right, uncompressed[i]),
-                    grams=lifted_grams(basis, i, left, right),
-                    report={
-                        "hooi_sweeps": sweeps[j],
-                        "tucker_fit_start": float(start[j] / fit_total[j]),
-                        "tucker_fit": float(final[j] / fit_total[j]),
-                    },
-                )
+                parts[i] = (left, right)
+                notes[i] = {
+                    "hooi_sweeps": sweeps[j],
+                    "tucker_fit_start": float(start[j] / fit_total[j]),
+                    "tucker_fit": float(final[j] / fit_total[j]),
+                }
+        ordered = [parts[i] for i in range(len(stacks))]
+        lifted = lift_all(stacks, basis, ordered)
+        for i, (stack, (lora_B, lora_A, grams)) in enumerate(zip(stacks, lifted, strict=True)):
+            out[stack.name] = MergedModule(
+                lora_A=lora_A,
+                lora_B=lora_B,
+                compression=compression(*ordered[i], uncompressed[i]),
+                grams=grams,
+                report=notes[i],
+            )
         job.progress(len(out) / total, "compress-then-merge")
         del stacks, basis  # before the next batch is loaded, so its buffers reuse this batch's memory
     return out

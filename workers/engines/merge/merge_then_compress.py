@@ -38,8 +38,7 @@ from workers.engines.merge.core_space import (
     compression,
     core_bases,
     cores,
-    lift,
-    lifted_grams,
+    lift_all,
     stack_factors,
     truncate,
 )
@@ -92,13 +91,13 @@ def merge_in_space(
             uncompressed = isotropic_core(uncompressed)
         # exact rank-r truncation on the K×K core
         parts = truncate(merged, targets, isotropic=isotropic)
-        for i, (stack, (left, right)) in enumerate(zip(stacks, parts, strict=True)):
-            lora_B, lora_A = lift(stack, basis, i, left, right)
+        lifted = lift_all(stacks, basis, parts)
+        for i, (stack, (left, right), (lora_B, lora_A, grams)) in enumerate(zip(stacks, parts, lifted, strict=True)):
             out[stack.name] = MergedModule(
                 lora_A=lora_A,
                 lora_B=lora_B,
                 compression=compression(left, right, uncompressed[i]),
-                grams=lifted_grams(basis, i, left, right),
+                grams=grams,
             )
         job.progress(len(out) / total, "merging (core space)")
         del stacks, basis  # before the next batch is loaded, so its buffers reuse this batch's memory
