@@ -12,7 +12,7 @@ import torch
 
 from workers.engines.merge.core_space import compression
 from workers.engines.merge.core_space import isotropic as isotropic_core
-from workers.engines.merge.rules import RuleOptions, apply_rule, is_spectral, merge_matrices
+from workers.engines.merge.rules import RuleOptions, apply_rule, is_spectral, merge_matrices_at
 from workers.engines.merge.types import MergedModule, RankTarget, TaskFactors
 
 
@@ -36,8 +36,9 @@ def merge_full(
         # a spectral rule on the dense matrices (per-task SVDs, as the reference code does)
         stack = dense.double().unsqueeze(0)
         rank = target.choose(torch.linalg.svdvals(stack[0].sum(0)))
-        merged = lambda_ * merge_matrices(rule, stack, options, [name], [rank])[0]
-        uncompressed = lambda_ * merge_matrices(rule, stack, options, [name], [min(m, n)])[0]
+        merged, uncompressed = (
+            lambda_ * x[0] for x in merge_matrices_at(rule, stack, options, [name], [[rank], [min(m, n)]])
+        )
         target = RankTarget(rank=rank)
     else:
         # merge entrywise with the rule, then λ

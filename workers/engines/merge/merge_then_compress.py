@@ -44,7 +44,7 @@ from workers.engines.merge.core_space import (
 )
 from workers.engines.merge.core_space import isotropic as isotropic_core
 from workers.engines.merge.full_space import merge_full
-from workers.engines.merge.rules import RuleOptions, apply_rule, is_spectral, is_sum, merge_matrices
+from workers.engines.merge.rules import RuleOptions, apply_rule, is_spectral, is_sum, merge_matrices_at
 from workers.engines.merge.types import MergedModule, MergeJob, RankTarget
 from workers.engines.registry import register
 
@@ -78,10 +78,11 @@ def merge_in_space(
             sums = linalg_pool.svdvals(basis.coords_B @ basis.coords_A)
             ranks = [target.choose(sums[i]) for i, target in enumerate(targets)]
             m_t = cores(basis, stacks[0].ranks)
-            merged = lambda_ * merge_matrices(rule, m_t, options, batch, ranks)
+            # and uncompressed: the rule at the full core rank (the core-space code's result)
+            merged, uncompressed = (
+                lambda_ * m for m in merge_matrices_at(rule, m_t, options, batch, [ranks, [max(d_B, d_A)] * g])
+            )
             targets = [RankTarget(rank=r) for r in ranks]
-            # uncompressed: the rule at the full core rank (the core-space code's result)
-            uncompressed = lambda_ * merge_matrices(rule, m_t, options, batch, [max(d_B, d_A)] * g)
         else:
             m_t = cores(basis, stacks[0].ranks)
             outcome = apply_rule(rule, m_t.reshape(g, len(stacks[0].ranks), d_B * d_A), options, batch)

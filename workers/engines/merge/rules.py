@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
+from workers.engines import linalg_pool
 from workers.engines.merge import spectral
 from workers.engines.merge.sparsify import (
     SignMethod,
@@ -27,7 +28,7 @@ from workers.engines.merge.sparsify import (
     sparsify,
 )
 
-SpectralRule = Callable[[Tensor, int, "RuleOptions"], Tensor]
+SpectralRule = Callable[[spectral.TaskMatrices, int, "RuleOptions"], Tensor]
 
 
 @dataclass(frozen=True)
@@ -112,11 +113,27 @@ def is_spectral(name: str) -> bool:
 def merge_matrices(name: str, mats: Tensor, options: RuleOptions, keys: list[str], ranks: list[int]) -> Tensor:
     """Merge task matrices `mats` (G, T, p, q) with rule `name` into (G, p, q): entrywise rules on the
     flattened entries, spectral rules per group to that group's output rank `ranks[g]` (float64)."""
+    return merge_matrices_at(name, mats, options, keys, [ranks])[0]
+
+
+def merge_matrices_at(
+    name: str, mats: Tensor, options: RuleOptions, keys: list[str], rank_lists: list[list[int]]
+) -> list[Tensor]:
+    """`merge_matrices` at several output ranks per group (one merge per list in `rank_lists`): a spectral rule
+    decomposes each group's matrices once for all of them; an entrywise rule does not depend on the rank."""
     rule = RULES[name]
     g, t, p, q = mats.shape
     if rule.spectral is None:
-        return apply_rule(name, mats.reshape(g, t, p * q), options, keys).merged.reshape(g, p, q)
-    return torch.stack([rule.spectral(mats[i].double(), ranks[i], options) for i in range(g)]).to(mats.dtype)
+        merged = apply_rule(name, mats.reshape(g, t, p * q), options, keys).merged.reshape(g, p, q)
+        return [merged for _ in rank_lists]
+    spectral_rule = rule.spectral
+
+    def one(i: int) -> list[Tensor]:  # one group per one-thread pool worker: each is a few K×K SVDs
+        task_matrices = spectral.TaskMatrices(mats[i].double())
+        return [spectral_rule(task_matrices, ranks[i], options) for ranks in rank_lists]
+
+    per_group = linalg_pool.map_each(one, range(g))
+    return [torch.stack([group[j] for group in per_group]).to(mats.dtype) for j in range(len(rank_lists))]
 
 
 def apply_rule(

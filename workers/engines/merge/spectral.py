@@ -43,9 +43,46 @@ from torch import Tensor
 from workers.engines import linalg_pool
 from workers.engines.merge.types import RANK_TOL
 
+SVD = tuple[Tensor, Tensor, Tensor]
 
-def _svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+
+def _svd(x: Tensor) -> SVD:
     return linalg_pool.svd(x)
+
+
+class TaskMatrices:
+    """One module's present tasks' matrices (T, p, q), float64, with the SVDs the rules take computed once,
+    when first asked: a rule evaluated at two ranks (a compressed merge and its uncompressed reference)
+    shares them."""
+
+    def __init__(self, mats: Tensor) -> None:
+        self.mats = mats
+        self._tasks: SVD | None = None
+        self._sum: SVD | None = None
+        self._residuals: dict[int, SVD] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.mats.shape[1]), int(self.mats.shape[2])
+
+    def tasks_svd(self) -> SVD:
+        """SVD of each task's matrix, batched: (U (T,p,d), S (T,d), Vᴴ (T,d,q))."""
+        if self._tasks is None:
+            self._tasks = _svd(self.mats)
+        return self._tasks
+
+    def sum_svd(self) -> SVD:
+        """SVD of the plain sum Σ_t M_t."""
+        if self._sum is None:
+            self._sum = _svd(self.mats.sum(dim=0))
+        return self._sum
+
+    def residuals_svd(self, common: int) -> SVD:
+        """SVD of each task's matrix with the sum's top `common` left singular directions projected out."""
+        if common not in self._residuals:
+            u_c = self.sum_svd()[0][:, :common]
+            self._residuals[common] = _svd(self.mats - u_c @ (u_c.mT @ self.mats))
+        return self._residuals[common]
 
 
 def _nonzero(s: Tensor, scale: float) -> int:
@@ -71,11 +108,11 @@ def _orthogonal_merge(
     return (polar(u) * s) @ polar(v).mT
 
 
-def tsv(mats: Tensor, rank: int) -> Tensor:
+def tsv(mats: TaskMatrices, rank: int) -> Tensor:
     """TSV-Merge of one module's task matrices (T, p, q): each task's top ⌊rank/T⌋ triplets, orthogonalised."""
-    t = mats.shape[0]
+    t = mats.mats.shape[0]
     k = max(1, rank // t)
-    u, s, vh = _svd(mats)
+    u, s, vh = mats.tasks_svd()
     scale = float(s.max()) if s.numel() else 0.0
     us, ss, vs = [], [], []
     for i in range(t):
@@ -83,15 +120,15 @@ def tsv(mats: Tensor, rank: int) -> Tensor:
         us.append(u[i, :, :keep])
         ss.append(s[i, :keep])
         vs.append(vh[i, :keep].mT)
-    return _orthogonal_merge(us, ss, vs, (mats.shape[1], mats.shape[2]), iso=False)
+    return _orthogonal_merge(us, ss, vs, mats.shape, iso=False)
 
 
-def iso_c(mats: Tensor, rank: int) -> Tensor:
+def iso_c(mats: TaskMatrices, rank: int) -> Tensor:
     """Iso-C: the sum's top-`rank` singular directions, each with the mean of those singular values."""
-    u, s, vh = _svd(mats.sum(dim=0))
+    u, s, vh = mats.sum_svd()
     k = min(rank, _nonzero(s, float(s[0]) if s.numel() else 0.0))
     if k == 0:
-        return torch.zeros_like(mats[0])
+        return torch.zeros_like(mats.mats[0])
     return (u[:, :k] * s[:k].mean()) @ vh[:k]
 
 
@@ -104,18 +141,17 @@ def common_split(rank: int, tasks: int, fraction: float) -> tuple[int, int]:
     return rank - specific, specific // tasks
 
 
-def iso_cts(mats: Tensor, rank: int, fraction: float = 0.8) -> Tensor:
+def iso_cts(mats: TaskMatrices, rank: int, fraction: float = 0.8) -> Tensor:
     """Iso-CTS: common subspace of the sum plus each task's own directions, orthogonalised, isotropic."""
-    t = mats.shape[0]
-    u, s, vh = _svd(mats.sum(dim=0))
+    t = mats.mats.shape[0]
+    u, s, vh = mats.sum_svd()
     scale = float(s[0]) if s.numel() else 0.0
     common, per_task = common_split(rank, t, fraction)
     common = min(common, _nonzero(s, scale))
     u_c, s_c, v_c = u[:, :common], s[:common], vh[:common].mT
     us, ss, vs = [], [], []
     if per_task > 0:
-        residual = mats - u_c @ (u_c.mT @ mats)  # each task with the common directions projected out
-        u_t, s_t, vh_t = _svd(residual)
+        u_t, s_t, vh_t = mats.residuals_svd(common)  # each task with the common directions projected out
         top = max(scale, float(s_t.max()) if s_t.numel() else 0.0)
         for i in range(t):
             keep = min(per_task, _nonzero(s_t[i], top))
@@ -125,4 +161,4 @@ def iso_cts(mats: Tensor, rank: int, fraction: float = 0.8) -> Tensor:
     us.append(u_c)
     ss.append(s_c)
     vs.append(v_c)
-    return _orthogonal_merge(us, ss, vs, (mats.shape[1], mats.shape[2]), iso=True)
+    return _orthogonal_merge(us, ss, vs, mats.shape, iso=True)
