@@ -221,6 +221,28 @@ def task_cores(basis: CoreBasis, span: slice) -> Tensor:
     return basis.coords_B[:, :, span] @ basis.coords_A[:, span, :]
 
 
+Factored = tuple[Tensor, Tensor]
+
+
+def factored_cores(coords_B: Tensor, coords_A: Tensor, ranks: list[int]) -> Factored:
+    """The cores as low-rank factors M_t = L_t·R_t: L (G,T,d_B,ρ) with L_t = U_refᵀB_t, R (G,T,ρ,d_A) with
+    R_t = A_tV_ref, ρ = max r_t (smaller ranks zero-padded, which leaves every product unchanged).
+
+    HOOI only ever multiplies cores by thin matrices, so it works on these factors: T·d·ρ·r flops per
+    product instead of T·d²·r, and no (G,T,d,d) stack is formed.
+    """
+    g, d_B, _ = coords_B.shape
+    d_A = coords_A.shape[-1]
+    rho = max(ranks)
+    left = coords_B.new_zeros(g, len(ranks), d_B, rho)
+    right = coords_A.new_zeros(g, len(ranks), rho, d_A)
+    for t, span in enumerate(spans(ranks)):
+        r = span.stop - span.start
+        left[:, t, :, :r] = coords_B[:, :, span]
+        right[:, t, :r, :] = coords_A[:, span, :]
+    return left, right
+
+
 def cores(basis: CoreBasis, ranks: Sequence[int]) -> Tensor:
     """Per-task cores M_t = (U_refᵀB_t)(A_tV_ref), shape (G, T, K, K), float64."""
     return torch.stack([task_cores(basis, span) for span in spans(ranks)], dim=1)

@@ -25,16 +25,16 @@ from app.schemas.merge import CtmParams
 from workers.engines import linalg_pool
 from workers.engines.merge.core_space import (
     CoreBasis,
+    Factored,
     batches,
     compression,
     core_bases,
-    cores,
+    factored_cores,
     isotropic,
     lift_all,
-    spans,
     stack_factors,
 )
-from workers.engines.merge.rules import RuleOptions, is_spectral, is_sum, merge_matrices
+from workers.engines.merge.rules import RuleOptions, is_spectral, is_sum, merge_matrices, merge_matrices_at
 from workers.engines.merge.types import MergedModule, MergeJob, RankTarget
 from workers.engines.registry import register
 
@@ -43,26 +43,6 @@ HOOI_TOL = 1e-6
 EIG_DTYPE = torch.float64
 
 
-Factored = tuple[Tensor, Tensor]
-
-
-def factored_cores(coords_B: Tensor, coords_A: Tensor, ranks: list[int]) -> Factored:
-    """The cores as low-rank factors M_t = L_t·R_t: L (G,T,d_B,ρ) with L_t = U_refᵀB_t, R (G,T,ρ,d_A) with
-    R_t = A_tV_ref, ρ = max r_t (smaller ranks zero-padded, which leaves every product unchanged).
-
-    HOOI only ever multiplies cores by thin matrices, so it works on these factors: T·d·ρ·r flops per
-    product instead of T·d²·r, and no (G,T,d,d) stack is formed.
-    """
-    g, d_B, _ = coords_B.shape
-    d_A = coords_A.shape[-1]
-    rho = max(ranks)
-    left = coords_B.new_zeros(g, len(ranks), d_B, rho)
-    right = coords_A.new_zeros(g, len(ranks), rho, d_A)
-    for t, span in enumerate(spans(ranks)):
-        r = span.stop - span.start
-        left[:, t, :, :r] = coords_B[:, :, span]
-        right[:, t, :r, :] = coords_A[:, span, :]
-    return left, right
 
 
 def core_norms(cores: Factored) -> Tensor:
@@ -220,7 +200,9 @@ def _uncompressed(
         merged = basis.coords_B @ basis.coords_A
     else:
         d = max(basis.coords_B.shape[1], basis.coords_A.shape[2])
-        merged = merge_matrices(params.rule, cores(basis, ranks), options, keys, [d] * len(keys))
+        merged = merge_matrices_at(
+            params.rule, factored_cores(basis.coords_B, basis.coords_A, ranks), options, keys, [[d] * len(keys)]
+        )[0]
     return params.lambda_ * (isotropic(merged) if params.isotropize else merged)
 
 

@@ -38,6 +38,7 @@ from workers.engines.merge.core_space import (
     compression,
     core_bases,
     cores,
+    factored_cores,
     lift_all,
     stack_factors,
     truncate,
@@ -77,10 +78,10 @@ def merge_in_space(
         elif spectral:  # whole-matrix rule on the cores, to the rank the target picks on the sum's spectrum
             sums = linalg_pool.svdvals(basis.coords_B @ basis.coords_A)
             ranks = [target.choose(sums[i]) for i, target in enumerate(targets)]
-            m_t = cores(basis, stacks[0].ranks)
+            task_cores = factored_cores(basis.coords_B, basis.coords_A, list(stacks[0].ranks))
             # and uncompressed: the rule at the full core rank (the core-space code's result)
             merged, uncompressed = (
-                lambda_ * m for m in merge_matrices_at(rule, m_t, options, batch, [ranks, [max(d_B, d_A)] * g])
+                lambda_ * m for m in merge_matrices_at(rule, task_cores, options, batch, [ranks, [max(d_B, d_A)] * g])
             )
             targets = [RankTarget(rank=r) for r in ranks]
         else:

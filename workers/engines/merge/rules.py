@@ -117,23 +117,35 @@ def merge_matrices(name: str, mats: Tensor, options: RuleOptions, keys: list[str
 
 
 def merge_matrices_at(
-    name: str, mats: Tensor, options: RuleOptions, keys: list[str], rank_lists: list[list[int]]
+    name: str,
+    mats: Tensor | tuple[Tensor, Tensor],
+    options: RuleOptions,
+    keys: list[str],
+    rank_lists: list[list[int]],
 ) -> list[Tensor]:
     """`merge_matrices` at several output ranks per group (one merge per list in `rank_lists`): a spectral rule
-    decomposes each group's matrices once for all of them; an entrywise rule does not depend on the rank."""
+    decomposes each group's matrices once for all of them; an entrywise rule does not depend on the rank.
+    `mats` may be given as low-rank factors (left (G,T,p,ρ), right (G,T,ρ,q)): spectral rules then decompose
+    them from the factors (`spectral.TaskMatrices`); entrywise rules multiply them out."""
     rule = RULES[name]
-    g, t, p, q = mats.shape
     if rule.spectral is None:
-        merged = apply_rule(name, mats.reshape(g, t, p * q), options, keys).merged.reshape(g, p, q)
+        dense = mats if isinstance(mats, Tensor) else mats[0] @ mats[1]
+        g, t, p, q = dense.shape
+        merged = apply_rule(name, dense.reshape(g, t, p * q), options, keys).merged.reshape(g, p, q)
         return [merged for _ in rank_lists]
     spectral_rule = rule.spectral
+    dtype = mats.dtype if isinstance(mats, Tensor) else mats[0].dtype
 
     def one(i: int) -> list[Tensor]:  # one group per one-thread pool worker: each is a few K×K SVDs
-        task_matrices = spectral.TaskMatrices(mats[i].double())
+        if isinstance(mats, Tensor):
+            task_matrices = spectral.TaskMatrices(mats[i].double())
+        else:
+            task_matrices = spectral.TaskMatrices(factors=(mats[0][i].double(), mats[1][i].double()))
         return [spectral_rule(task_matrices, ranks[i], options) for ranks in rank_lists]
 
-    per_group = linalg_pool.map_each(one, range(g))
-    return [torch.stack([group[j] for group in per_group]).to(mats.dtype) for j in range(len(rank_lists))]
+    groups = len(keys)
+    per_group = linalg_pool.map_each(one, range(groups))
+    return [torch.stack([group[j] for group in per_group]).to(dtype) for j in range(len(rank_lists))]
 
 
 def apply_rule(

@@ -50,38 +50,70 @@ def _svd(x: Tensor) -> SVD:
     return linalg_pool.svd(x)
 
 
-class TaskMatrices:
-    """One module's present tasks' matrices (T, p, q), float64, with the SVDs the rules take computed once,
-    when first asked: a rule evaluated at two ranks (a compressed merge and its uncompressed reference)
-    shares them."""
+def _factored_svd(left: Tensor, right: Tensor) -> SVD:
+    """SVD of each product left_t·right_t (left (T,p,ρ), right (T,ρ,q)) from the factors: QRs of the thin
+    factors and an SVD of the small ρ×ρ middle, instead of an SVD of each p×q product (min(p, q, ρ) triplets;
+    the ones a dense SVD adds are zero)."""
+    q_l, r_l = torch.linalg.qr(left)
+    q_r, r_r = torch.linalg.qr(right.mT)
+    x, s, yh = _svd(r_l @ r_r.mT)
+    return q_l @ x, s, (q_r @ yh.mT).mT
 
-    def __init__(self, mats: Tensor) -> None:
-        self.mats = mats
+
+class TaskMatrices:
+    """One module's present tasks' matrices (T, p, q), float64 — dense, or as low-rank factors (left (T,p,ρ),
+    right (T,ρ,q), e.g. a module's cores M_t = (U_refᵀB_t)(A_tV_ref)) — with the SVDs the rules take computed
+    once, when first asked: a rule evaluated at two ranks (a compressed merge and its uncompressed reference)
+    shares them. From factors the per-task SVDs cost ρ×ρ work, not p×q."""
+
+    def __init__(self, mats: Tensor | None = None, factors: tuple[Tensor, Tensor] | None = None) -> None:
+        if (mats is None) == (factors is None):
+            raise ValueError("give the task matrices either dense or as factors")
+        self._mats, self._factors = mats, factors
         self._tasks: SVD | None = None
         self._sum: SVD | None = None
         self._residuals: dict[int, SVD] = {}
 
     @property
+    def count(self) -> int:
+        return int((self._mats if self._mats is not None else self._factors[0]).shape[0])  # type: ignore[index]
+
+    @property
     def shape(self) -> tuple[int, int]:
-        return int(self.mats.shape[1]), int(self.mats.shape[2])
+        if self._mats is not None:
+            return int(self._mats.shape[1]), int(self._mats.shape[2])
+        left, right = self._factors  # type: ignore[misc]
+        return int(left.shape[1]), int(right.shape[2])
+
+    def dense(self) -> Tensor:
+        """The matrices (T, p, q)."""
+        if self._mats is None:
+            left, right = self._factors  # type: ignore[misc]
+            self._mats = left @ right
+        return self._mats
 
     def tasks_svd(self) -> SVD:
         """SVD of each task's matrix, batched: (U (T,p,d), S (T,d), Vᴴ (T,d,q))."""
         if self._tasks is None:
-            self._tasks = _svd(self.mats)
+            self._tasks = _svd(self.dense()) if self._factors is None else _factored_svd(*self._factors)
         return self._tasks
 
     def sum_svd(self) -> SVD:
         """SVD of the plain sum Σ_t M_t."""
         if self._sum is None:
-            self._sum = _svd(self.mats.sum(dim=0))
+            self._sum = _svd(self.dense().sum(dim=0))
         return self._sum
 
     def residuals_svd(self, common: int) -> SVD:
         """SVD of each task's matrix with the sum's top `common` left singular directions projected out."""
         if common not in self._residuals:
             u_c = self.sum_svd()[0][:, :common]
-            self._residuals[common] = _svd(self.mats - u_c @ (u_c.mT @ self.mats))
+            if self._factors is None:
+                mats = self.dense()
+                self._residuals[common] = _svd(mats - u_c @ (u_c.mT @ mats))
+            else:
+                left, right = self._factors
+                self._residuals[common] = _factored_svd(left - u_c @ (u_c.mT @ left), right)
         return self._residuals[common]
 
 
@@ -110,7 +142,7 @@ def _orthogonal_merge(
 
 def tsv(mats: TaskMatrices, rank: int) -> Tensor:
     """TSV-Merge of one module's task matrices (T, p, q): each task's top ⌊rank/T⌋ triplets, orthogonalised."""
-    t = mats.mats.shape[0]
+    t = mats.count
     k = max(1, rank // t)
     u, s, vh = mats.tasks_svd()
     scale = float(s.max()) if s.numel() else 0.0
@@ -128,7 +160,7 @@ def iso_c(mats: TaskMatrices, rank: int) -> Tensor:
     u, s, vh = mats.sum_svd()
     k = min(rank, _nonzero(s, float(s[0]) if s.numel() else 0.0))
     if k == 0:
-        return torch.zeros_like(mats.mats[0])
+        return u.new_zeros(mats.shape)
     return (u[:, :k] * s[:k].mean()) @ vh[:k]
 
 
@@ -143,7 +175,7 @@ def common_split(rank: int, tasks: int, fraction: float) -> tuple[int, int]:
 
 def iso_cts(mats: TaskMatrices, rank: int, fraction: float = 0.8) -> Tensor:
     """Iso-CTS: common subspace of the sum plus each task's own directions, orthogonalised, isotropic."""
-    t = mats.mats.shape[0]
+    t = mats.count
     u, s, vh = mats.sum_svd()
     scale = float(s[0]) if s.numel() else 0.0
     common, per_task = common_split(rank, t, fraction)
