@@ -36,7 +36,7 @@ from workers.engines.merge.engine import merge_modules
 from workers.engines.merge.errors import MergeInputError
 from workers.engines.merge.types import TaskFactors, finite
 from workers.formats.prefetch import Prefetching
-from workers.formats.tensor_files import DTYPES, TensorFile, write_tensors
+from workers.formats.tensor_files import DTYPES, Arrival, TensorFile, write_tensors
 
 PREFIX = "base_model.model."
 READ_AHEAD = 32  # modules read ahead of the merge (one engine batch)
@@ -154,6 +154,43 @@ def read_adapter_factors(config: dict, weights_path: Path, weight: float) -> dic
     return factors
 
 
+def shapes_only(shapes: Sequence[Mapping[str, tuple[int, int, int, str]]]) -> dict[str, list[TaskFactors | None]]:
+    """Every module's factors (`adapter_shapes` per adapter) as shape-only float32 tensors (device "meta"),
+    modules in the order of first appearance."""
+    names = list(dict.fromkeys(name for per_adapter in shapes for name in per_adapter))
+    modules: dict[str, list[TaskFactors | None]] = {}
+    for name in names:
+        row: list[TaskFactors | None] = []
+        for per_adapter in shapes:
+            if name not in per_adapter:
+                row.append(None)
+                continue
+            m, n, r, _ = per_adapter[name]
+            lora_A, lora_B = (torch.empty(shape, device="meta") for shape in ((r, n), (m, r)))
+            row.append(TaskFactors(lora_A=lora_A, lora_B=lora_B))
+        modules[name] = row
+    return modules
+
+
+def read_order(shapes: Sequence[Mapping[str, tuple[int, int, int, str]]]) -> list[str]:
+    """The order in which `merge_adapter_files` reads modules (the engine's batches): what a download that
+    feeds the merge as it arrives (`workers/jobs/streamed_inputs.py`) fetches first."""
+    return [name for batch in batches(shapes_only(shapes)) for name in batch]
+
+
+def read_spans(paths: Sequence[Path]) -> list[list[tuple[int, int]]]:
+    """Each weights file's tensor byte spans (absolute offsets) in the order `merge_adapter_files` reads them:
+    module by module (`read_order`), lora_B then lora_A. Only the headers are read."""
+    shapes = [adapter_shapes(path) for path in paths]
+    order = read_order(shapes)
+    spans = []
+    for path in paths:
+        with TensorFile(Path(path)) as handle:
+            pairs = _pairs(handle.keys(), Path(path).name)
+            spans.append([handle.span(pairs[name][side]) for name in order if name in pairs for side in "BA"])
+    return spans
+
+
 class _StackedReader:
     """The engine's `loader` for a file-to-file merge: reads one module's factors for all adapters, on each
     call, straight into one float32 buffer per side (B_s = [B_1 … B_T], A_s = [A_1; …; A_T]) so the engine
@@ -165,10 +202,10 @@ class _StackedReader:
     """
 
     def __init__(self, inputs: Sequence[tuple[dict, Path, float]], shapes: list[dict[str, tuple[int, int, int, str]]],
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", arrivals: Sequence[Arrival | None] | None = None):
         self._shapes = shapes
+        self._arrivals = list(arrivals) if arrivals is not None else [None] * len(inputs)
         self._device = torch.device(device)
-        self._names = list(dict.fromkeys(name for per_adapter in shapes for name in per_adapter))
         # every scaling before any tensor is read (a config whose r disagrees with the weights is refused here)
         self._scales: list[dict[str, float]] = []
         for (config, _, weight), per_adapter in zip(inputs, shapes, strict=True):
@@ -184,8 +221,8 @@ class _StackedReader:
 
     def __enter__(self) -> _StackedReader:
         try:
-            for path in self._paths:
-                self._handles.append(TensorFile(path))
+            for path, arrival in zip(self._paths, self._arrivals, strict=True):
+                self._handles.append(TensorFile(path, arrival))
                 self._pairs.append(_pairs(self._handles[-1].keys(), path.name))
         except BaseException:
             self.__exit__()
@@ -199,18 +236,7 @@ class _StackedReader:
     def shapes_only(self) -> dict[str, list[TaskFactors | None]]:
         """Every module's factors as shape-only float32 tensors (device "meta"): what the engine validates
         and plans batches with before any data is read."""
-        modules: dict[str, list[TaskFactors | None]] = {}
-        for name in self._names:
-            row: list[TaskFactors | None] = []
-            for per_adapter in self._shapes:
-                if name not in per_adapter:
-                    row.append(None)
-                    continue
-                m, n, r, _ = per_adapter[name]
-                lora_A, lora_B = (torch.empty(shape, device="meta") for shape in ((r, n), (m, r)))
-                row.append(TaskFactors(lora_A=lora_A, lora_B=lora_B))
-            modules[name] = row
-        return modules
+        return shapes_only(self._shapes)
 
     def __call__(self, name: str) -> list[TaskFactors | None]:
         present = [t for t, per_adapter in enumerate(self._shapes) if name in per_adapter]
@@ -294,10 +320,13 @@ def merge_adapter_files(
     device: torch.device | str = "cpu",
     read_ahead: int = READ_AHEAD,
     calibration: Any = None,
+    arrivals: Sequence[Arrival | None] | None = None,
 ) -> dict:
     """Merge PEFT adapters file to file: inputs are (adapter_config, adapter_model.safetensors, weight).
     The factors are read on the CPU and each batch is moved to `device`, where the merge computes; up to
-    `read_ahead` modules are read on a second thread ahead of the merge (0: read when asked).
+    `read_ahead` modules are read on a second thread ahead of the merge (0: read when asked). `arrivals`
+    (one per input, or None): the weights files are still arriving, and each tensor read first waits for its
+    bytes (`TensorFile`'s `arrival`); the headers must be complete when this is called.
 
     Writes `out_dir/adapter_model.safetensors`, `adapter_config.json` and `merge_report.json`; returns
     the report. Refuses (MergeInputError / AdapterFormatError) before any compute when the parameters,
@@ -330,9 +359,9 @@ def merge_adapter_files(
     dtypes = {dtype for per_module in shapes for (_, _, _, dtype) in per_module.values()}
     # merge, reading each module's factors when the method asks for them; then write
     # (a second thread reads the next modules while the current batch merges: workers/formats/prefetch.py)
-    with _StackedReader(inputs, shapes, device) as reader:
+    with _StackedReader(inputs, shapes, device, arrivals) as reader:
         planned = reader.shapes_only()
-        order = [name for batch in batches(planned) for name in batch]
+        order = read_order(shapes)
         if read_ahead <= 0:
             result = merge_modules(method, planned, checked, spec, progress, loader=reader, calibration=calibration)
         else:

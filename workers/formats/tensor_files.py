@@ -3,6 +3,9 @@
 `TensorFile` reads one tensor at a time with `readinto`, optionally straight into a caller's buffer (e.g. a
 slice of a stacked factor matrix), so the file's pages are never mapped into the process and no temporary
 tensor is allocated. `write_tensors` writes the header, then each tensor's bytes from its own memory.
+A file still being downloaded can be read as it arrives: `TensorFile(path, arrival=wait)` calls `wait(start,
+end)` with a tensor's absolute byte range before reading it (it returns once those bytes are in the file, or
+raises why they never will be: `workers/jobs/streamed_inputs.py`).
 Both follow the safetensors format: an 8-byte little-endian header length, a JSON header (space-padded to
 8 bytes) mapping names to dtype, shape and data offsets, then the tensors' bytes back to back.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import torch
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 2**20
+Arrival = Callable[[int, int], None]  # wait(start, end): returns once bytes start..end-1 of the file are there
 
 
 class TensorFileError(ValueError):
@@ -30,8 +34,9 @@ class TensorFileError(ValueError):
 class TensorFile:
     """One safetensors file open for reading; use as a context manager or call `close`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, arrival: Arrival | None = None) -> None:
         self.path = Path(path)
+        self._arrival = arrival
         self._file = self.path.open("rb")
         try:
             self._entries = self._header()
@@ -41,12 +46,16 @@ class TensorFile:
         self._base = self._file.tell()
 
     def _header(self) -> dict[str, dict[str, Any]]:
+        if self._arrival is not None:
+            self._arrival(0, 8)
         raw = self._file.read(8)
         if len(raw) != 8:
             raise TensorFileError(f"{self.path.name}: not a safetensors file (no header length)")
         (length,) = struct.unpack("<Q", raw)
         if length > MAX_HEADER_BYTES:
             raise TensorFileError(f"{self.path.name}: header of {length} bytes is larger than allowed")
+        if self._arrival is not None:
+            self._arrival(8, 8 + length)
         try:
             header = json.loads(self._file.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -76,6 +85,11 @@ class TensorFile:
     def dtype(self, key: str) -> torch.dtype:
         return DTYPES[self._entries[key]["dtype"]]
 
+    def span(self, key: str) -> tuple[int, int]:
+        """Tensor `key`'s bytes in the file: (start, end), absolute offsets."""
+        start, end = self._entries[key]["data_offsets"]
+        return self._base + start, self._base + end
+
     def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor `key`. With `out` (contiguous, the tensor's dtype and number of elements) the bytes are read
         straight into it and `out` is returned, reshaped to the tensor's shape."""
@@ -86,6 +100,8 @@ class TensorFile:
             out = torch.empty(shape, dtype=dtype, device="cpu")  # a file read lands in host memory
         elif out.dtype != dtype or out.numel() != math.prod(shape) or not out.is_contiguous():
             raise ValueError(f"buffer for {key!r} must be a contiguous {dtype} tensor of {math.prod(shape)} elements")
+        if self._arrival is not None:
+            self._arrival(self._base + start, self._base + end)
         self._file.seek(self._base + start)
         if self._file.readinto(out.reshape(-1).view(torch.uint8).numpy().data) != end - start:
             raise TensorFileError(f"{self.path.name}: tensor {key!r} is truncated")

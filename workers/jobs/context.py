@@ -64,14 +64,15 @@ class JobContext:
     _last_event: float = 0.0
     _last_event_fraction: float = 0.0
 
-    def progress(self, fraction: float, stage: str) -> None:
+    def progress(self, fraction: float, stage: str, force: bool = False) -> None:
         """Report progress (cheap: Redis only, throttled) and stop here if the job was cancelled. The stage
         text carries the numbers (`step 40/200, loss 2.31`, `module 12/30`); a tick also goes to the job's
-        event log every `EVENT_TICK_SECONDS` or each tenth of the way, whichever comes first after the other."""
+        event log every `EVENT_TICK_SECONDS` or each tenth of the way, whichever comes first after the other.
+        `force`: a phase boundary (fetching, merging, storing), shown at once rather than throttled."""
         self.check_cancelled()
         current = time.monotonic()
         fraction = min(max(fraction, 0.0), 1.0)
-        if current - self._last_write > 0.25 or fraction >= 1.0:
+        if current - self._last_write > 0.25 or fraction >= 1.0 or force:
             self._last_write = current
             self.records.set_progress(self.job.id, fraction, stage, self.job.tenant)
         if fraction < 1.0 and (current - self._last_event > EVENT_TICK_SECONDS

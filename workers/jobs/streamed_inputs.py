@@ -1,0 +1,265 @@
+"""Merge inputs that stream into the merge: the adapters' weights are downloaded by parallel ranged GETs in
+the order the merge reads them, and the merge reads each tensor as soon as its bytes have arrived, so
+fetching and merging overlap instead of running one after the other.
+
+Guarantees kept from `workers/jobs/inputs.py`: each file is SHA-256-checked against its record — hashed in
+file order while it arrives, never read a second time — and `StreamedAdapters.verify` (called before
+anything is published, and before a failed merge's error is reported) raises `InputCorrupted` when one does
+not match, so a changed input ends the job `input_corrupted` with no output. Memory stays bounded: chunks go
+to the job's scratch files as they arrive (at most one chunk per download thread, plus one being hashed, is
+in memory). A failed download fails every pending read with its error (a read never hangs on bytes that
+will not come); leaving the context stops the downloads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from app.records import Records
+from app.schemas.adapters import AdapterRecord
+from app.storage import Storage, keys
+from workers.jobs.context import InputCorrupted
+from workers.jobs.inputs import fetch_adapter_config
+
+CHUNK = 16 * 2**20  # bytes per ranged GET (on SeaweedFS, 8 threads × 16 MiB: ~1.4 GB/s on loopback)
+HEAD = 2**20  # the first GET of each file: its header (~50 KiB for a 7B model's LoRA) and the first tensors
+THREADS = 8  # parallel GETs: I/O-bound, they leave the merge its core
+WEIGHTS = "adapter_model.safetensors"
+# the byte spans of each file's tensors in the order the merge reads them (`workers.formats.lora.read_spans`)
+ReadSpans = Callable[[Sequence[Path]], list[list[tuple[int, int]]]]
+
+
+class DownloadStopped(Exception):
+    """The downloads were stopped (the job ended) before these bytes arrived."""
+
+
+class ArrivingFile:
+    """A local file filled in fixed-size chunks, in any order, by download threads: `wait(start, end)` blocks
+    until those bytes are written (or raises why they never will be); the SHA-256 of the whole file is
+    computed in file order as the chunks arrive — from the arriving chunk itself when it is the next one,
+    else from the page cache — so the file is never read back for its hash alone."""
+
+    def __init__(self, path: Path, size: int, sha256: str, what: str, chunk: int = CHUNK, head: int = HEAD) -> None:
+        self.path, self.size, self.what = Path(path), size, what
+        self._expected = sha256
+        # chunk i holds bytes bounds[i]..bounds[i+1]-1: a short first one (the header arrives fast), then `chunk`
+        self._bounds = [0, *range(min(head, size), size, chunk), size] if size > head else [0, size]
+        self.count = len(self._bounds) - 1
+        self._arrived = [False] * self.count
+        self._pending = self.count
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._hash = hashlib.sha256()
+        self._hashed = 0  # chunks hashed so far, in file order
+        self._hashing = threading.Lock()
+        self.digest: str | None = None  # hex SHA-256, once every chunk has arrived
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, size)
+
+    def chunk_range(self, index: int) -> tuple[int, int]:
+        return self._bounds[index], self._bounds[index + 1]
+
+    def arrived(self, index: int) -> bool:
+        return self._arrived[index]
+
+    def header_end(self) -> int:
+        """Where the safetensors header ends (its first 8 bytes must have arrived)."""
+        return 8 + int.from_bytes(os.pread(self._fd, 8, 0), "little")
+
+    def chunks(self, start: int, end: int) -> range:
+        """The chunks holding bytes start..end-1."""
+        if end <= start:
+            return range(0)
+        first = bisect.bisect_right(self._bounds, start) - 1
+        return range(first, min(self.count, bisect.bisect_left(self._bounds, end)))
+
+    def write(self, index: int, data: bytes) -> None:
+        """Chunk `index` arrived: write it, hash what is now contiguous, wake readers waiting for it."""
+        start, end = self.chunk_range(index)
+        if len(data) != end - start:
+            raise InputCorrupted(f"{self.what} is not the size it was stored with")
+        os.pwrite(self._fd, data, start)
+        with self._changed:
+            self._arrived[index] = True
+        self._advance_hash(index, data)
+        with self._changed:
+            self._pending -= 1
+            self._changed.notify_all()
+
+    def _advance_hash(self, index: int, data: bytes) -> None:
+        with self._hashing:
+            while self._hashed < self.count and self._arrived[self._hashed]:
+                if self._hashed == index:
+                    piece = data
+                else:
+                    start, end = self.chunk_range(self._hashed)
+                    piece = os.pread(self._fd, end - start, start)
+                self._hash.update(piece)
+                self._hashed += 1
+            if self._hashed == self.count and self.digest is None:
+                self.digest = self._hash.hexdigest()
+
+    def fail(self, error: BaseException) -> None:
+        """Nothing more will arrive: pending and future waits raise `error` (the first one given)."""
+        with self._changed:
+            if self._error is None:
+                self._error = error
+            self._changed.notify_all()
+
+    def wait(self, start: int, end: int) -> None:
+        """Return once bytes start..end-1 are in the file; raise the download's error if they never will be."""
+        needed = self.chunks(start, end)
+        with self._changed:
+            while not all(self._arrived[i] for i in needed):
+                if self._error is not None:
+                    raise self._error
+                self._changed.wait()
+
+    def complete(self) -> None:
+        """Wait for every chunk (raising a failed download's error)."""
+        with self._changed:
+            while self._pending:
+                if self._error is not None:
+                    raise self._error
+                self._changed.wait()
+
+    def check(self) -> None:
+        """Wait for every chunk, then refuse a file whose SHA-256 is not the recorded one."""
+        self.complete()
+        if self.digest != self._expected:
+            raise InputCorrupted(f"{self.what} does not match its recorded SHA-256")
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class StreamedAdapters:
+    """The merge's adapters, streaming into `into/<id>/` (use as a context manager; leaving it stops the
+    downloads). On entry: each config is fetched and checked, each weights file's size is checked against its
+    record and its header fetched; the other chunks are then fetched in the background by `threads` ranged
+    GETs, in the order `read_spans` says the merge reads them (module by module, all adapters of a module
+    together).
+
+    `inputs(weights)` are the merge's (config, weights path, weight) triples and `arrivals` the waits to hand
+    `merge_adapter_files`; `verify()` must be called before anything made from the inputs is published."""
+
+    def __init__(self, records: Records, adapters: Sequence[AdapterRecord], into: Path, read_spans: ReadSpans,
+                 threads: int = THREADS, chunk: int = CHUNK) -> None:
+        self._storage: Storage = records.storage
+        self._records, self._adapters, self._into = records, list(adapters), Path(into)
+        self._read_spans, self._threads, self._chunk = read_spans, threads, chunk
+        self.configs: list[dict[str, Any]] = []
+        self.files: list[ArrivingFile] = []
+        self._queue: list[tuple[int, int]] = []  # (file, chunk) in download order
+        self._next = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
+
+    def _key(self, adapter: AdapterRecord) -> str:
+        return keys.adapter(adapter.tenant, adapter.id, WEIGHTS)
+
+    def __enter__(self) -> StreamedAdapters:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
+        directory = self._into
+        for adapter in self._adapters:
+            self.files.append(ArrivingFile(directory / adapter.id / WEIGHTS, adapter.size_bytes, adapter.sha256,
+                                           f"adapter {adapter.id}", self._chunk))
+        # the configs and the headers first (the merge plans from them): the first chunk of each file (whose
+        # response also tells the object's size), and more for a long header
+        with ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="amend-fetch") as pool:
+            configs = pool.map(lambda a: fetch_adapter_config(self._records, a, directory / a.id), self._adapters)
+            headers = pool.map(self._fetch_header, range(len(self.files)))
+            self.configs = list(configs)
+            list(headers)
+        wanted: list[tuple[int, int]] = []
+        try:
+            spans = self._read_spans([file.path for file in self.files])
+        except Exception:  # noqa: BLE001 - a header the merge will refuse too: fetch in file order, so that
+            spans = []  # `verify` can still tell a changed input (input_corrupted) from a malformed one
+        for position in range(max((len(per_file) for per_file in spans), default=0)):
+            for t, per_file in enumerate(spans):
+                if position < len(per_file):
+                    wanted += [(t, i) for i in self.files[t].chunks(*per_file[position])]
+        wanted += [(t, i) for t, file in enumerate(self.files) for i in range(file.count)]  # the rest: the hash
+        seen = {(t, i) for t, file in enumerate(self.files) for i in range(file.count) if file.arrived(i)}
+        for item in wanted:
+            if item not in seen:
+                seen.add(item)
+                self._queue.append(item)
+        for number in range(min(self._threads, len(self._queue))):
+            worker = threading.Thread(target=self._download, name=f"amend-fetch-{number}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+
+    def _fetch(self, t: int, index: int) -> None:
+        file = self.files[t]
+        start, end = file.chunk_range(index)
+        if end > start:
+            file.write(index, self._storage.get_range(self._key(self._adapters[t]), start, end - start))
+        else:
+            file.write(index, b"")
+
+    def _fetch_header(self, t: int) -> None:
+        file = self.files[t]
+        start, end = file.chunk_range(0)
+        data, size = self._storage.get_range_and_size(self._key(self._adapters[t]), start, max(1, end - start))
+        if size != file.size:  # the hash would catch it too; this says it before any more is fetched
+            raise InputCorrupted(f"{file.what} is not the size it was stored with")
+        file.write(0, data[: end - start])
+        if file.size >= 8:
+            for index in file.chunks(0, min(file.header_end(), file.size))[1:]:
+                self._fetch(t, index)
+
+    def _download(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if self._next >= len(self._queue):
+                    return
+                t, index = self._queue[self._next]
+                self._next += 1
+            try:
+                self._fetch(t, index)
+            except BaseException as error:  # every pending read raises it; the job reports it
+                self._stop.set()
+                for file in self.files:
+                    file.fail(error)
+                return
+
+    @property
+    def arrivals(self) -> list[Callable[[int, int], None]]:
+        return [file.wait for file in self.files]
+
+    def inputs(self, weights: Sequence[float]) -> list[tuple[dict[str, Any], Path, float]]:
+        return [(config, file.path, w) for config, file, w in zip(self.configs, self.files, weights, strict=True)]
+
+    def verify(self) -> None:
+        """Wait for every file; raise `InputCorrupted` if one does not match its recorded SHA-256 (a failed
+        download's error if one failed)."""
+        for file in self.files:
+            file.check()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        stopped = DownloadStopped("the job ended before its inputs were downloaded")
+        for file in self.files:
+            file.fail(stopped)
+        for worker in self._workers:
+            worker.join()
+        for file in self.files:
+            file.close()
