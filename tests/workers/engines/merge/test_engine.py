@@ -8,8 +8,18 @@ import math
 import pytest
 import torch
 
-from app.schemas.merge import CatParams, CtmParams, KnotsParams, MergeOutput, TaskArithmeticParams, TiesParams
-from tests.workers.engines.merge.helpers import delta, dense, make_tasks
+from app.schemas.merge import (
+    CatParams,
+    CtmParams,
+    IsoCtsParams,
+    KnotsParams,
+    MergeOutput,
+    MergeThenCompressParams,
+    TaskArithmeticParams,
+    TiesParams,
+    TsvParams,
+)
+from tests.workers.engines.merge.helpers import delta, dense, make_tasks, rel
 from workers.engines.merge.engine import merge_modules
 from workers.engines.merge.errors import MergeInputError, MergeNumericError
 from workers.engines.merge.types import TaskFactors
@@ -133,3 +143,30 @@ def test_report_records_params_and_output() -> None:
     assert res.report["params"]["density"] == 0.5 and res.report["params"]["lambda"] == 1.0
     assert res.report["output"]["rank"] == 2
     json.dumps(res.report)
+
+
+def test_two_threads_with_the_linalg_pool_give_the_one_thread_result() -> None:
+    """On two threads the small decompositions are split over the one-thread pool (workers/engines/linalg_pool.py):
+    the merge and its report must not change (a batch large enough to take the pool: 8 modules, K = 48)."""
+    modules = {f"layers.{i}.q": make_tasks(300 + i, 64, 72, [8] * 6) for i in range(8)}
+    cases = [
+        ("ctm", CtmParams(rule="ties", density=0.5, beta=0.5)),
+        ("tsv", TsvParams()),
+        ("iso_cts", IsoCtsParams()),
+        ("merge_then_compress", MergeThenCompressParams(rule="ties", space="core", density=0.5)),
+    ]
+    before = torch.get_num_threads()
+    try:
+        for method, params in cases:
+            results = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                results.append(merge_modules(method, modules, params, MergeOutput(rank=8)))
+            one, two = results
+            for name in modules:
+                assert rel(dense(two.modules[name]), dense(one.modules[name])) < 1e-9, (method, name)
+            for key in ("energy_kept_fraction_mean", "deviation_from_sum_total", "compression_error_total"):
+                a, b = one.report["summary"][key], two.report["summary"][key]
+                assert (a is None and b is None) or abs(a - b) < 1e-9, (method, key)
+    finally:
+        torch.set_num_threads(before)
