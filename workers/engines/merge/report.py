@@ -161,7 +161,13 @@ def module_report(
     per_task: list[dict[str, Any]] = [{"task": t, "present": False} for t in range(num_tasks)]
     cosine: list[list[float | None]] = [[None] * num_tasks for _ in range(num_tasks)]
     conflicts = _sign_conflicts(grams, sl) if out_sq > 0 else [None] * len(tasks)
-    kept_all = [float((coef_B[:, s] @ coef_A[:, s].mT).square().sum()) for s in sl]
+    if len({s.stop - s.start for s in sl}) == 1:  # equal ranks: every task's block in one batched product
+        k_B, k_A, r = coef_B.shape[0], coef_A.shape[0], sl[0].stop - sl[0].start
+        per_B = coef_B[:, : len(sl) * r].reshape(k_B, len(sl), r).transpose(0, 1)
+        per_A = coef_A[:, : len(sl) * r].reshape(k_A, len(sl), r).transpose(0, 1)
+        kept_all = (per_B @ per_A.mT).square().sum(dim=(1, 2)).tolist()
+    else:
+        kept_all = [float((coef_B[:, s] @ coef_A[:, s].mT).square().sum()) for s in sl]
     inner_list, norms_list = inner.tolist(), norms_sq.tolist()
     for i, t in enumerate(tasks):
         norm_sq = norms_list[i]
