@@ -19,10 +19,11 @@ from app.schemas.merge import MergeOutput
 from workers.engines import registry
 from workers.engines.merge.core_space import stack_factors
 from workers.engines.merge.errors import MergeInputError, MergeNumericError
-from workers.engines.merge.report import factor_grams, module_report, summarize
-from workers.engines.merge.types import MergeJob, MergeResult, RankTarget, TaskFactors, finite
+from workers.engines.merge.report import factor_grams, module_reports, shape_key, summarize
+from workers.engines.merge.types import MergeJob, MergeResult, ModuleGrams, RankTarget, TaskFactors, finite
 
 MAX_TASKS = 64
+REPORT_BATCH = 32  # modules whose reports are computed together (their Grams are stacked)
 
 
 def _params(model: type[BaseModel], params: BaseModel | Mapping[str, Any]) -> BaseModel:
@@ -154,16 +155,28 @@ def merge_modules(
     except torch.linalg.LinAlgError as exc:  # only reachable with non-finite intermediates (overflow)
         raise MergeNumericError(f"{method}: a factorisation failed on non-finite values ({exc})") from None
     lambda_ = float(getattr(checked, "lambda_", 1.0))
-    per_module: dict[str, dict[str, Any]] = {}
+    # reports of modules with the same tasks, ranks and Gram shapes are computed together
+    groups: dict[tuple[object, ...], list[tuple[str, ModuleGrams, list[int], list[int]]]] = {}
     for name, result in merged.items():
         if not (finite(result.lora_A) and finite(result.lora_B)):
             raise MergeNumericError(f"module {name!r}: the merged factors contain NaN or Inf")
         tasks = [t for t, f in enumerate(job.modules[name]) if f is not None]
         ranks = [f.rank for f in job.modules[name] if f is not None]
         grams = result.grams or factor_grams(stack_factors(name, job.factors(name)), result.lora_B, result.lora_A)
-        per_module[name] = module_report(grams, ranks, tasks, job.num_tasks, lambda_, result)
         result.grams = None
-        result.report = per_module[name]
+        groups.setdefault(shape_key(grams, ranks, tasks), []).append((name, grams, ranks, tasks))
+    computed: dict[str, dict[str, Any]] = {}
+    chunks = [group[i : i + REPORT_BATCH] for group in groups.values() for i in range(0, len(group), REPORT_BATCH)]
+    for members in chunks:
+        _, _, ranks, tasks = members[0]
+        reports = module_reports(
+            [grams for _, grams, _, _ in members], ranks, tasks, job.num_tasks, lambda_,
+            [merged[name] for name, _, _, _ in members],
+        )
+        computed.update((name, rep) for (name, _, _, _), rep in zip(members, reports, strict=True))
+    per_module: dict[str, dict[str, Any]] = {}
+    for name, result in merged.items():  # in the method's order
+        per_module[name] = result.report = computed[name]
     job.progress(1.0, "merged")
     report = {
         "method": method,

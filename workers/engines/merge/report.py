@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ def _orth_coeffs(gram: Tensor, cross: Tensor) -> Tensor:
     """Coordinates of the stacked inputs in an orthonormal basis of the output's span: with the output's
     Gram Z S² Zᵀ, the basis is out·Z S⁻¹, so the coordinates are S⁻¹ Zᵀ cross."""
     lam, z = linalg_pool.eigh(gram)
-    keep = lam > lam[-1:].clamp(min=torch.finfo(torch.float64).tiny) * RANK_TOL**2
+    keep = lam > lam[..., -1:].clamp(min=torch.finfo(torch.float64).tiny) * RANK_TOL**2
     inv = torch.where(keep, 1.0 / lam.clamp(min=torch.finfo(torch.float64).tiny).sqrt(), 0.0)
     return (inv.unsqueeze(-1) * z.mT) @ cross
 
@@ -78,25 +79,28 @@ def _frames(grams: Tensor) -> tuple[Tensor, Tensor]:
     return root.unsqueeze(-1) * z.mT, z * inv.unsqueeze(-2)
 
 
-def _sign_conflicts(grams: ModuleGrams, slices: Sequence[slice]) -> list[float | None]:
-    """`_sign_conflict` of every task, batched over the tasks when their ranks agree (the usual case)."""
+def _sign_conflicts(grams: _Batch, slices: Sequence[slice]) -> list[list[float | None]]:
+    """`_sign_conflict` of every module (G) and task, batched over both when the tasks' ranks agree (the usual
+    case), else per module and task."""
     sizes = {s.stop - s.start for s in slices}
     if len(sizes) != 1:
-        return [_sign_conflict(grams, s) for s in slices]
+        return [[_sign_conflict(one, s) for s in slices] for one in grams.each()]
     idx = torch.stack([torch.arange(s.start, s.stop, device=grams.gram_B.device) for s in slices])  # (T, r)
-    diag_B = grams.gram_B[idx.unsqueeze(-1), idx.unsqueeze(-2)]  # (T, r, r) diagonal blocks
-    diag_A = grams.gram_A[idx.unsqueeze(-1), idx.unsqueeze(-2)]
-    r_B, w_B = _frames(diag_B)
-    r_A, w_A = _frames(diag_A)
+    rows, cols = idx.unsqueeze(-1), idx.unsqueeze(-2)
+    r_B, w_B = _frames(grams.gram_B[:, rows, cols])  # (G, T, r, r): each task's diagonal block
+    r_A, w_A = _frames(grams.gram_A[:, rows, cols])
     x, s, yh = linalg_pool.svd(r_B @ r_A.mT)
-    cross_B = grams.cross_B[:, idx].permute(1, 0, 2)  # (T, k, r): B_oᵀB_t
-    cross_A = grams.cross_A[:, idx].permute(1, 0, 2)  # (T, k, r): A_oA_tᵀ
+    cross_B = grams.cross_B[:, :, idx].transpose(1, 2)  # (G, T, k, r): B_oᵀB_t
+    cross_A = grams.cross_A[:, :, idx].transpose(1, 2)  # (G, T, k, r): A_oA_tᵀ
     along = (w_B.mT @ cross_B.mT) @ (cross_A @ w_A)
-    d = ((x.mT @ along) * yh).sum(-1)  # (T, r): u_iᵀ ΔW v_i
+    d = ((x.mT @ along) * yh).sum(-1)  # (G, T, r): u_iᵀ ΔW v_i
     energy = s.square()
-    total = energy.sum(-1)
-    against = (energy * (d < 0)).sum(-1)
-    return [a / t if t > 0 else None for t, a in zip(total.tolist(), against.tolist(), strict=True)]
+    total = energy.sum(-1).tolist()
+    against = (energy * (d < 0)).sum(-1).tolist()
+    return [
+        [a / t if t > 0 else None for t, a in zip(tt, aa, strict=True)]
+        for tt, aa in zip(total, against, strict=True)
+    ]
 
 
 def _sign_conflict(grams: ModuleGrams, span: slice) -> float | None:
@@ -114,88 +118,124 @@ def _sign_conflict(grams: ModuleGrams, span: slice) -> float | None:
     return float(energy[d < 0].sum()) / total if total > 0 else None
 
 
-def _effective_rank(grams: ModuleGrams) -> float:
-    """exp(−Σ p_i log p_i), p_i = σ_i/Σσ over the output's singular values (from its two k×k Grams)."""
-    r_B, _ = _frame(grams.out_B)
-    sq = linalg_pool.eigvalsh(r_B @ grams.out_A @ r_B.mT).clamp(min=0)
-    sigma = sq.sqrt()
-    sigma = sigma[sigma > sigma.max().clamp(min=torch.finfo(torch.float64).tiny) * RANK_TOL]
-    if sigma.numel() == 0:
-        return 0.0
-    p = sigma / sigma.sum()
-    return math.exp(float(-(p * p.log()).sum()))
+def _effective_ranks(grams: _Batch) -> list[float]:
+    """exp(−Σ p_i log p_i), p_i = σ_i/Σσ over each output's singular values (from its two k×k Grams)."""
+    r_B, _ = _frames(grams.out_B)
+    sigma = linalg_pool.eigvalsh(r_B @ grams.out_A @ r_B.mT).clamp(min=0).sqrt()  # (G, k)
+    kept = sigma > sigma.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny) * RANK_TOL
+    p = torch.where(kept, sigma, 0.0) / torch.where(kept, sigma, 0.0).sum(-1, keepdim=True).clamp(
+        min=torch.finfo(torch.float64).tiny
+    )
+    entropy = -torch.where(kept, p * p.clamp(min=torch.finfo(torch.float64).tiny).log(), 0.0).sum(-1)
+    present = kept.any(-1).tolist()
+    return [math.exp(h) if any_kept else 0.0 for h, any_kept in zip(entropy.tolist(), present, strict=True)]
 
 
-def module_report(
-    grams: ModuleGrams,
+@dataclass
+class _Batch:
+    """The ModuleGrams of G modules of the same shapes, stacked on a first axis."""
+
+    gram_B: Tensor
+    gram_A: Tensor
+    cross_B: Tensor
+    cross_A: Tensor
+    out_B: Tensor
+    out_A: Tensor
+
+    @classmethod
+    def of(cls, grams: Sequence[ModuleGrams]) -> _Batch:
+        return cls(**{f: torch.stack([getattr(g, f) for g in grams]) for f in _FIELDS})
+
+    def each(self) -> list[ModuleGrams]:
+        return [ModuleGrams(**{f: getattr(self, f)[i] for f in _FIELDS}) for i in range(self.gram_B.shape[0])]
+
+
+_FIELDS = ("gram_B", "gram_A", "cross_B", "cross_A", "out_B", "out_A")
+
+
+def shape_key(grams: ModuleGrams, ranks: Sequence[int], tasks: Sequence[int]) -> tuple[object, ...]:
+    """Modules whose reports `module_reports` can compute together share this key."""
+    return (tuple(ranks), tuple(tasks), *(tuple(getattr(grams, f).shape) for f in _FIELDS), grams.gram_B.device)
+
+
+def module_reports(
+    grams: Sequence[ModuleGrams],
     ranks: Sequence[int],
     tasks: Sequence[int],
     num_tasks: int,
     lambda_: float,
-    merged: MergedModule,
-) -> dict[str, Any]:
-    """Report of one module: per task energy kept, sign conflict and norm; cosine matrix; deviation from the
-    sum, compression error, effective rank and rank."""
-    g_b, g_a = grams.gram_B, grams.gram_A
+    merged: Sequence[MergedModule],
+) -> list[dict[str, Any]]:
+    """Reports of G modules with the same tasks, ranks and Gram shapes (`shape_key`), computed together:
+    per task energy kept, sign conflict and norm; cosine matrix; deviation from the sum, compression error,
+    effective rank and rank."""
+    batch = _Batch.of(grams)
+    g_b, g_a = batch.gram_B, batch.gram_A
     sl = spans(ranks)
     # task inner products ⟨ΔW_s, ΔW_t⟩ = Σ (B_sᵀB_t)∘(A_sA_tᵀ): block sums of the elementwise product
-    blocks = torch.zeros(len(ranks), g_b.shape[0], dtype=torch.float64, device=g_b.device)
+    blocks = torch.zeros(len(ranks), g_b.shape[-1], dtype=torch.float64, device=g_b.device)
     for i, s in enumerate(sl):
         blocks[i, s] = 1.0
-    inner = (blocks @ (g_b * g_a) @ blocks.mT).cpu()
-    norms_sq = inner.diagonal().clamp(min=0)
+    inner_all = blocks @ (g_b * g_a) @ blocks.mT  # (G, T, T)
     # deviation from λ·Σ_t ΔW_t
-    ref_sq = lambda_**2 * float(inner.sum())
-    out_sq = float((grams.out_B * grams.out_A).sum())
-    dot = lambda_ * float((grams.cross_B * grams.cross_A).sum())
-    err_sq = max(out_sq - 2.0 * dot + ref_sq, 0.0)
-    deviation = math.sqrt(err_sq / ref_sq) if ref_sq > 0 else (0.0 if out_sq == 0 else None)
-    # compression error against the same rule's uncompressed merge (stated by the method)
-    compression = None
-    unc_sq, comp_sq = merged.compression if merged.compression is not None else (None, None)
-    if unc_sq is not None and comp_sq is not None:
-        compression = math.sqrt(comp_sq / unc_sq) if unc_sq > 0 else (0.0 if comp_sq == 0 else None)
+    ref_all = (lambda_**2 * inner_all.sum(dim=(-2, -1))).tolist()
+    out_all = (batch.out_B * batch.out_A).sum(dim=(-2, -1)).tolist()
+    dot_all = (lambda_ * (batch.cross_B * batch.cross_A).sum(dim=(-2, -1))).tolist()
     # energy kept per task: ‖(UᵀB_t)(A_tV)‖² / ‖ΔW_t‖²
-    coef_B = _orth_coeffs(grams.out_B, grams.cross_B)
-    coef_A = _orth_coeffs(grams.out_A, grams.cross_A)
-    per_task: list[dict[str, Any]] = [{"task": t, "present": False} for t in range(num_tasks)]
-    cosine: list[list[float | None]] = [[None] * num_tasks for _ in range(num_tasks)]
-    conflicts = _sign_conflicts(grams, sl) if out_sq > 0 else [None] * len(tasks)
+    coef_B = _orth_coeffs(batch.out_B, batch.cross_B)  # (G, k, K)
+    coef_A = _orth_coeffs(batch.out_A, batch.cross_A)
     if len({s.stop - s.start for s in sl}) == 1:  # equal ranks: every task's block in one batched product
-        k_B, k_A, r = coef_B.shape[0], coef_A.shape[0], sl[0].stop - sl[0].start
-        per_B = coef_B[:, : len(sl) * r].reshape(k_B, len(sl), r).transpose(0, 1)
-        per_A = coef_A[:, : len(sl) * r].reshape(k_A, len(sl), r).transpose(0, 1)
-        kept_all = (per_B @ per_A.mT).square().sum(dim=(1, 2)).tolist()
+        g, k_B, k_A, r = coef_B.shape[0], coef_B.shape[1], coef_A.shape[1], sl[0].stop - sl[0].start
+        per_B = coef_B.reshape(g, k_B, len(sl), r).transpose(1, 2)
+        per_A = coef_A.reshape(g, k_A, len(sl), r).transpose(1, 2)
+        kept_all = (per_B @ per_A.mT).square().sum(dim=(-2, -1)).tolist()
     else:
-        kept_all = [float((coef_B[:, s] @ coef_A[:, s].mT).square().sum()) for s in sl]
-    inner_list, norms_list = inner.tolist(), norms_sq.tolist()
-    for i, t in enumerate(tasks):
-        norm_sq = norms_list[i]
-        per_task[t] = {
-            "task": t,
-            "present": True,
-            "norm": math.sqrt(norm_sq),
-            "energy_kept_fraction": min(kept_all[i] / norm_sq, 1.0) if norm_sq > 0 else None,
-            "sign_conflict": conflicts[i],
-        }
-        for j, other in enumerate(tasks):
-            denom = math.sqrt(norms_list[i] * norms_list[j])
-            cosine[t][other] = inner_list[i][j] / denom if denom > 0 else None
-    return {
-        "rank": merged.rank,
-        "input_ranks": {str(t): r for t, r in zip(tasks, ranks, strict=True)},
-        "deviation_from_sum": deviation,
-        "sum_norm": math.sqrt(ref_sq),
-        "output_norm": math.sqrt(out_sq),
-        "deviation_norm": math.sqrt(err_sq),
-        "compression_error": compression,
-        "uncompressed_norm": math.sqrt(unc_sq) if unc_sq is not None else None,
-        "compression_error_norm": math.sqrt(comp_sq) if comp_sq is not None else None,
-        "effective_rank": _effective_rank(grams) if out_sq > 0 else 0.0,
-        "tasks": per_task,
-        "cosine": cosine,
-        **merged.report,
-    }
+        kept_all = torch.stack(
+            [(coef_B[..., s] @ coef_A[..., s].mT).square().sum(dim=(-2, -1)) for s in sl], dim=-1
+        ).tolist()
+    conflicts_all = _sign_conflicts(batch, sl)
+    effective_all = _effective_ranks(batch)
+    reports = []
+    for j, result in enumerate(merged):
+        inner, out_sq, ref_sq = inner_all[j].tolist(), out_all[j], ref_all[j]
+        norms_sq = [max(inner[i][i], 0.0) for i in range(len(tasks))]
+        err_sq = max(out_sq - 2.0 * dot_all[j] + ref_sq, 0.0)
+        deviation = math.sqrt(err_sq / ref_sq) if ref_sq > 0 else (0.0 if out_sq == 0 else None)
+        # compression error against the same rule's uncompressed merge (stated by the method)
+        compression = None
+        unc_sq, comp_sq = result.compression if result.compression is not None else (None, None)
+        if unc_sq is not None and comp_sq is not None:
+            compression = math.sqrt(comp_sq / unc_sq) if unc_sq > 0 else (0.0 if comp_sq == 0 else None)
+        per_task: list[dict[str, Any]] = [{"task": t, "present": False} for t in range(num_tasks)]
+        cosine: list[list[float | None]] = [[None] * num_tasks for _ in range(num_tasks)]
+        for i, t in enumerate(tasks):
+            norm_sq = norms_sq[i]
+            per_task[t] = {
+                "task": t,
+                "present": True,
+                "norm": math.sqrt(norm_sq),
+                "energy_kept_fraction": min(kept_all[j][i] / norm_sq, 1.0) if norm_sq > 0 else None,
+                "sign_conflict": conflicts_all[j][i] if out_sq > 0 else None,
+            }
+            for o, other in enumerate(tasks):
+                denom = math.sqrt(norms_sq[i] * norms_sq[o])
+                cosine[t][other] = inner[i][o] / denom if denom > 0 else None
+        reports.append({
+            "rank": result.rank,
+            "input_ranks": {str(t): r for t, r in zip(tasks, ranks, strict=True)},
+            "deviation_from_sum": deviation,
+            "sum_norm": math.sqrt(ref_sq),
+            "output_norm": math.sqrt(out_sq),
+            "deviation_norm": math.sqrt(err_sq),
+            "compression_error": compression,
+            "uncompressed_norm": math.sqrt(unc_sq) if unc_sq is not None else None,
+            "compression_error_norm": math.sqrt(comp_sq) if comp_sq is not None else None,
+            "effective_rank": effective_all[j] if out_sq > 0 else 0.0,
+            "tasks": per_task,
+            "cosine": cosine,
+            **result.report,
+        })
+    return reports
 
 
 def _total(modules: dict[str, dict[str, Any]], error: str, reference: str) -> float | None:
