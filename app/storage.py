@@ -240,6 +240,17 @@ class Storage:
             body = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
             return body["Body"].read()
 
+    def iter_range(self, key: str, start: int, length: int, piece: int = 1 << 20) -> Iterator[bytes]:
+        """Bytes `start .. start + length - 1` of an object, streamed in pieces of `piece` bytes: a large range
+        is never one allocation (fresh pages cost as much as the copy), and each piece's memory is reused."""
+        with _translate():
+            body = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
+        try:
+            with _translate():
+                yield from body["Body"].iter_chunks(piece)
+        finally:
+            body["Body"].close()
+
     def get_range_and_size(self, key: str, start: int, length: int) -> tuple[bytes, int]:
         """`get_range`, and the whole object's size (from the response's Content-Range)."""
         with _translate():

@@ -37,7 +37,9 @@ class TensorFile:
     def __init__(self, path: Path, arrival: Arrival | None = None) -> None:
         self.path = Path(path)
         self._arrival = arrival
-        self._file = self.path.open("rb")
+        # unbuffered: a tensor is read straight into its buffer, and a file still arriving is never served
+        # stale bytes from a read-ahead buffer filled before they came
+        self._file = self.path.open("rb", buffering=0)
         try:
             self._entries = self._header()
         except BaseException:
@@ -48,7 +50,7 @@ class TensorFile:
     def _header(self) -> dict[str, dict[str, Any]]:
         if self._arrival is not None:
             self._arrival(0, 8)
-        raw = self._file.read(8)
+        raw = self._read_exactly(8)
         if len(raw) != 8:
             raise TensorFileError(f"{self.path.name}: not a safetensors file (no header length)")
         (length,) = struct.unpack("<Q", raw)
@@ -57,7 +59,7 @@ class TensorFile:
         if self._arrival is not None:
             self._arrival(8, 8 + length)
         try:
-            header = json.loads(self._file.read(length))
+            header = json.loads(self._read_exactly(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise TensorFileError(f"{self.path.name}: the header is not JSON") from None
         header.pop("__metadata__", None)
@@ -103,9 +105,24 @@ class TensorFile:
         if self._arrival is not None:
             self._arrival(self._base + start, self._base + end)
         self._file.seek(self._base + start)
-        if self._file.readinto(out.reshape(-1).view(torch.uint8).numpy().data) != end - start:
-            raise TensorFileError(f"{self.path.name}: tensor {key!r} is truncated")
+        view, filled = memoryview(out.reshape(-1).view(torch.uint8).numpy().data), 0
+        while filled < end - start:
+            count = self._file.readinto(view[filled:])
+            if not count:
+                raise TensorFileError(f"{self.path.name}: tensor {key!r} is truncated")
+            filled += count
         return out.view(shape)
+
+    def _read_exactly(self, size: int) -> bytes:
+        """Up to `size` bytes from the current position (fewer only at the end of the file)."""
+        parts, remaining = [], size
+        while remaining:
+            part = self._file.read(remaining)
+            if not part:
+                break
+            parts.append(part)
+            remaining -= len(part)
+        return b"".join(parts)
 
     def close(self) -> None:
         self._file.close()

@@ -2,13 +2,13 @@
 the order the merge reads them, and the merge reads each tensor as soon as its bytes have arrived, so
 fetching and merging overlap instead of running one after the other.
 
-Guarantees kept from `workers/jobs/inputs.py`: each file is SHA-256-checked against its record — hashed in
-file order while it arrives, never read a second time — and `StreamedAdapters.verify` (called before
-anything is published, and before a failed merge's error is reported) raises `InputCorrupted` when one does
-not match, so a changed input ends the job `input_corrupted` with no output. Memory stays bounded: chunks go
-to the job's scratch files as they arrive (at most one chunk per download thread, plus one being hashed, is
-in memory). A failed download fails every pending read with its error (a read never hangs on bytes that
-will not come); leaving the context stops the downloads.
+Guarantees kept from `workers/jobs/inputs.py`: each file is SHA-256-checked against its record, hashed in file
+order as it arrives (read back from the page cache right after it is written, never downloaded twice), and
+`StreamedAdapters.verify` — called before anything is published, and before a failed merge's error is
+reported — raises `InputCorrupted` when one does not match, so a changed input ends the job `input_corrupted`
+with no output. Memory stays bounded: chunks go to the job's scratch files as they arrive, one 1 MiB piece
+per download thread at a time. A failed download fails every pending read with its error (a read never hangs
+on bytes that will not come); leaving the context stops the downloads.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import bisect
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,10 @@ from app.storage import Storage, keys
 from workers.jobs.context import InputCorrupted
 from workers.jobs.inputs import fetch_adapter_config
 
-CHUNK = 16 * 2**20  # bytes per ranged GET (on SeaweedFS, 8 threads × 16 MiB: ~1.4 GB/s on loopback)
+CHUNK = 16 * 2**20  # bytes per ranged GET (4 threads on SeaweedFS on loopback: ~0.8 GB/s)
+PIECE = 2**20  # bytes read (and hashed) at a time
 HEAD = 2**20  # the first GET of each file: its header (~50 KiB for a 7B model's LoRA) and the first tensors
-THREADS = 8  # parallel GETs: I/O-bound, they leave the merge its core
+THREADS = 4  # parallel GETs: I/O-bound; more only add GIL contention with the merge
 WEIGHTS = "adapter_model.safetensors"
 # the byte spans of each file's tensors in the order the merge reads them (`workers.formats.lora.read_spans`)
 ReadSpans = Callable[[Sequence[Path]], list[list[tuple[int, int]]]]
@@ -43,8 +44,8 @@ class DownloadStopped(Exception):
 class ArrivingFile:
     """A local file filled in fixed-size chunks, in any order, by download threads: `wait(start, end)` blocks
     until those bytes are written (or raises why they never will be); the SHA-256 of the whole file is
-    computed in file order as the chunks arrive — from the arriving chunk itself when it is the next one,
-    else from the page cache — so the file is never read back for its hash alone."""
+    computed in file order as the chunks arrive (read back from the page cache just after they are written,
+    not from the disk after the download)."""
 
     def __init__(self, path: Path, size: int, sha256: str, what: str, chunk: int = CHUNK, head: int = HEAD) -> None:
         self.path, self.size, self.what = Path(path), size, what
@@ -59,6 +60,7 @@ class ArrivingFile:
         self._hash = hashlib.sha256()
         self._hashed = 0  # chunks hashed so far, in file order
         self._hashing = threading.Lock()
+        self._buffer = bytearray(PIECE)
         self.digest: str | None = None  # hex SHA-256, once every chunk has arrived
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -81,28 +83,38 @@ class ArrivingFile:
         first = bisect.bisect_right(self._bounds, start) - 1
         return range(first, min(self.count, bisect.bisect_left(self._bounds, end)))
 
-    def write(self, index: int, data: bytes) -> None:
-        """Chunk `index` arrived: write it, hash what is now contiguous, wake readers waiting for it."""
+    def write(self, index: int, pieces: Iterable[bytes]) -> None:
+        """Chunk `index` arrives as `pieces` (in order): write them, then hash what is now contiguous and wake
+        the readers waiting for it."""
         start, end = self.chunk_range(index)
-        if len(data) != end - start:
+        position = start
+        for piece in pieces:
+            if position + len(piece) > end:
+                break
+            os.pwrite(self._fd, piece, position)
+            position += len(piece)
+        if position != end:
             raise InputCorrupted(f"{self.what} is not the size it was stored with")
-        os.pwrite(self._fd, data, start)
         with self._changed:
             self._arrived[index] = True
-        self._advance_hash(index, data)
+        self._advance_hash()
         with self._changed:
             self._pending -= 1
             self._changed.notify_all()
 
-    def _advance_hash(self, index: int, data: bytes) -> None:
+    def _advance_hash(self) -> None:
+        """Hash the chunks that are now contiguous from the last hashed one, read back from the page cache
+        into one reused buffer (cheaper than keeping the arriving bytes: fresh memory costs page faults)."""
         with self._hashing:
+            view = memoryview(self._buffer)
             while self._hashed < self.count and self._arrived[self._hashed]:
-                if self._hashed == index:
-                    piece = data
-                else:
-                    start, end = self.chunk_range(self._hashed)
-                    piece = os.pread(self._fd, end - start, start)
-                self._hash.update(piece)
+                position, end = self.chunk_range(self._hashed)
+                while position < end:
+                    read = os.preadv(self._fd, [view[: min(len(view), end - position)]], position)
+                    if read <= 0:
+                        raise InputCorrupted(f"{self.what}: the scratch file ended early")
+                    self._hash.update(view[:read])
+                    position += read
                 self._hashed += 1
             if self._hashed == self.count and self.digest is None:
                 self.digest = self._hash.hexdigest()
@@ -152,10 +164,10 @@ class StreamedAdapters:
     `merge_adapter_files`; `verify()` must be called before anything made from the inputs is published."""
 
     def __init__(self, records: Records, adapters: Sequence[AdapterRecord], into: Path, read_spans: ReadSpans,
-                 threads: int = THREADS, chunk: int = CHUNK) -> None:
+                 threads: int = THREADS, chunk: int = CHUNK, head: int = HEAD) -> None:
         self._storage: Storage = records.storage
         self._records, self._adapters, self._into = records, list(adapters), Path(into)
-        self._read_spans, self._threads, self._chunk = read_spans, threads, chunk
+        self._read_spans, self._threads, self._chunk, self._head = read_spans, threads, chunk, head
         self.configs: list[dict[str, Any]] = []
         self.files: list[ArrivingFile] = []
         self._queue: list[tuple[int, int]] = []  # (file, chunk) in download order
@@ -179,7 +191,7 @@ class StreamedAdapters:
         directory = self._into
         for adapter in self._adapters:
             self.files.append(ArrivingFile(directory / adapter.id / WEIGHTS, adapter.size_bytes, adapter.sha256,
-                                           f"adapter {adapter.id}", self._chunk))
+                                           f"adapter {adapter.id}", self._chunk, self._head))
         # the configs and the headers first (the merge plans from them): the first chunk of each file (whose
         # response also tells the object's size), and more for a long header
         with ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="amend-fetch") as pool:
@@ -210,10 +222,8 @@ class StreamedAdapters:
     def _fetch(self, t: int, index: int) -> None:
         file = self.files[t]
         start, end = file.chunk_range(index)
-        if end > start:
-            file.write(index, self._storage.get_range(self._key(self._adapters[t]), start, end - start))
-        else:
-            file.write(index, b"")
+        key = self._key(self._adapters[t])
+        file.write(index, self._storage.iter_range(key, start, end - start, PIECE) if end > start else ())
 
     def _fetch_header(self, t: int) -> None:
         file = self.files[t]
@@ -221,7 +231,7 @@ class StreamedAdapters:
         data, size = self._storage.get_range_and_size(self._key(self._adapters[t]), start, max(1, end - start))
         if size != file.size:  # the hash would catch it too; this says it before any more is fetched
             raise InputCorrupted(f"{file.what} is not the size it was stored with")
-        file.write(0, data[: end - start])
+        file.write(0, [data[: end - start]])
         if file.size >= 8:
             for index in file.chunks(0, min(file.header_end(), file.size))[1:]:
                 self._fetch(t, index)
