@@ -15,6 +15,7 @@ Target (issue 11): API ≤ 1.5× the engine for `merge_then_compress` and `ctm`;
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 import shutil
 import tempfile
@@ -34,8 +35,6 @@ METHODS = {
 
 
 def engine_seconds(paths: list[Path], method: str, params: dict, out: Path) -> float:
-    import json
-
     from app.settings import get_settings
     from workers.formats.lora import merge_adapter_files
     from workers.jobs.merge import torch_threads
@@ -79,6 +78,16 @@ def phase_text(seen: dict[str, float], total: float) -> str:
     return " | ".join(f"{label} {end - at:.2f}" for (label, at), end in zip(marks, ends, strict=True))
 
 
+def streamed_text(worker_log: Path, job_id: str) -> str:
+    """The worker's account of the job's input stream: its download time and how long the merge waited."""
+    for line in reversed(worker_log.read_text(errors="replace").splitlines()):
+        if '"inputs streamed"' in line and job_id in line:
+            entry = json.loads(line)
+            return (f" (inputs downloaded in {entry['download_seconds']:.2f}, "
+                    f"merge waited {entry['merge_waited_seconds']:.2f})")
+    return ""
+
+
 def bench_dtype(client: httpx.Client, root: Path, tasks: int, layers: int, dtype: str) -> list[tuple]:
     paths = generate(root / f"adapters-{dtype}", tasks, layers, dtype)
     size_mb = sum((p / "adapter_model.safetensors").stat().st_size for p in paths) / 2**20
@@ -103,7 +112,8 @@ def bench_dtype(client: httpx.Client, root: Path, tasks: int, layers: int, dtype
             print(f"{method} {dtype} failed: {state.get('error')}", flush=True)
             continue
         engine = engine_seconds(paths, method, params, root / f"engine-{method}-{dtype}")
-        rows.append((method, dtype, api_seconds, engine, phase_text(seen, api_seconds)))
+        rows.append((method, dtype, api_seconds, engine,
+                     phase_text(seen, api_seconds) + streamed_text(root / "worker.log", state["id"])))
     shutil.rmtree(root / f"adapters-{dtype}", ignore_errors=True)
     return rows
 
@@ -129,7 +139,8 @@ def main() -> None:
         }
         port = devstack.free_port()
         services.append(devstack.start_api(env, port, log_path=root / "api.log"))
-        services.append(devstack.start_worker(env, log_path=root / "worker.log", name="bench"))
+        worker_env = env | {"AMEND_LOG_LEVEL": "INFO"}  # its "inputs streamed" lines: download and waiting times
+        services.append(devstack.start_worker(worker_env, log_path=root / "worker.log", name="bench"))
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
                               timeout=600)
         print(f"merge through the API: T={args.tasks}, {args.layers} layers, rank 16; job wall time from POST "

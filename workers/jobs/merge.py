@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def run(context: JobContext) -> JobResult:
     spec = MergeJobCreate.model_validate(job.spec)
     with job_scratch(job.id) as scratch:
         root = Path(scratch)
-        adapters = [adapter_record(records, job.tenant, item.id) for item in spec.adapters]
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="amend-records") as pool:  # S3 round trips
+            adapters = list(pool.map(lambda item: adapter_record(records, job.tenant, item.id), spec.adapters))
         context.progress(0.0, f"fetching {len(adapters)} adapters ({sum(a.size_bytes for a in adapters) >> 20} MiB)",
                          force=True)
         # the weights stream in (ranged GETs in the merge's read order, SHA-256 computed as they arrive) while

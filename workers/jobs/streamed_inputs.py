@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,10 +30,15 @@ from app.storage import Storage, keys
 from workers.jobs.context import InputCorrupted
 from workers.jobs.inputs import fetch_adapter_config
 
-CHUNK = 16 * 2**20  # bytes per ranged GET (4 threads on SeaweedFS on loopback: ~0.8 GB/s)
+log = logging.getLogger(__name__)
+CHUNK = 16 * 2**20  # bytes per ranged GET
 PIECE = 2**20  # bytes read (and hashed) at a time
-HEAD = 2**20  # the first GET of each file: its header (~50 KiB for a 7B model's LoRA) and the first tensors
-THREADS = 4  # parallel GETs: I/O-bound; more only add GIL contention with the merge
+HEAD = 256 * 2**10  # the first GET of each file: its header (~50 KiB for a 7B model's LoRA), then tensors
+# parallel GETs beside the merge. On 2 cores (fp32 T=8 Llama-7B-shaped, 1.2 GB, merge_then_compress), streamed
+# merge 5.2-5.6 s with 2 threads, 6.4-8.0 s with 4 (engine alone 2.8-3.6 s, a loaded machine); niced download
+# threads (nice 10 or 19) left the merge waiting for bytes (7-9 s)
+THREADS = 2
+START_THREADS = 8  # the configs and headers, before the merge can start: small GETs, latency-bound
 WEIGHTS = "adapter_model.safetensors"
 # the byte spans of each file's tensors in the order the merge reads them (`workers.formats.lora.read_spans`)
 ReadSpans = Callable[[Sequence[Path]], list[list[tuple[int, int]]]]
@@ -56,6 +63,7 @@ class ArrivingFile:
         self._arrived = [False] * self.count
         self._pending = self.count
         self._error: BaseException | None = None
+        self.waited = 0.0  # seconds readers spent waiting for bytes not yet there
         self._changed = threading.Condition()
         self._hash = hashlib.sha256()
         self._hashed = 0  # chunks hashed so far, in file order
@@ -130,10 +138,14 @@ class ArrivingFile:
         """Return once bytes start..end-1 are in the file; raise the download's error if they never will be."""
         needed = self.chunks(start, end)
         with self._changed:
+            began = None
             while not all(self._arrived[i] for i in needed):
                 if self._error is not None:
                     raise self._error
+                began = began or time.monotonic()
                 self._changed.wait()
+            if began is not None:
+                self.waited += time.monotonic() - began
 
     def complete(self) -> None:
         """Wait for every chunk (raising a failed download's error)."""
@@ -172,9 +184,12 @@ class StreamedAdapters:
         self.files: list[ArrivingFile] = []
         self._queue: list[tuple[int, int]] = []  # (file, chunk) in download order
         self._next = 0
+        self._done = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
+        self._started = 0.0
+        self.download_seconds: float | None = None  # from the first GET to the last chunk
 
     def _key(self, adapter: AdapterRecord) -> str:
         return keys.adapter(adapter.tenant, adapter.id, WEIGHTS)
@@ -188,13 +203,14 @@ class StreamedAdapters:
         return self
 
     def _start(self) -> None:
+        self._started = time.monotonic()
         directory = self._into
         for adapter in self._adapters:
             self.files.append(ArrivingFile(directory / adapter.id / WEIGHTS, adapter.size_bytes, adapter.sha256,
                                            f"adapter {adapter.id}", self._chunk, self._head))
         # the configs and the headers first (the merge plans from them): the first chunk of each file (whose
         # response also tells the object's size), and more for a long header
-        with ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="amend-fetch") as pool:
+        with ThreadPoolExecutor(max_workers=START_THREADS, thread_name_prefix="amend-fetch") as pool:
             configs = pool.map(lambda a: fetch_adapter_config(self._records, a, directory / a.id), self._adapters)
             headers = pool.map(self._fetch_header, range(len(self.files)))
             self.configs = list(configs)
@@ -245,6 +261,10 @@ class StreamedAdapters:
                 self._next += 1
             try:
                 self._fetch(t, index)
+                with self._lock:
+                    self._done += 1
+                    if self._done == len(self._queue):
+                        self.download_seconds = time.monotonic() - self._started
             except BaseException as error:  # every pending read raises it; the job reports it
                 self._stop.set()
                 for file in self.files:
@@ -263,6 +283,11 @@ class StreamedAdapters:
         download's error if one failed)."""
         for file in self.files:
             file.check()
+        log.info("inputs streamed", extra={
+            "files": len(self.files), "bytes": sum(file.size for file in self.files),
+            "download_seconds": round(self.download_seconds or 0.0, 3),
+            "merge_waited_seconds": round(sum(file.waited for file in self.files), 3),
+        })
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
