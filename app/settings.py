@@ -75,8 +75,9 @@ class Settings(BaseSettings):
     job_time_limit: int = Field(3600, ge=10)
     job_lease_seconds: int = Field(30, ge=3, le=3600)
     merge_threads: int = Field(
-        1, ge=1, le=256, description="torch threads for merge jobs: their many small ops lose more to thread "
-        "wake-ups than they gain (ctm at T=8: 3.3 s on one thread, 24 s on two, measured on 2 cores)."
+        0, ge=0, le=256, description="AMEND_MERGE_THREADS: torch threads for merge and compression jobs; 0 (the "
+        "default): every CPU this worker may use. Small decompositions run on one-thread workers side by side "
+        "(workers/engines/linalg_pool.py), so more threads no longer lose to thread wake-ups.",
     )
     page_limit_max: int = Field(200, ge=1)
 
@@ -162,6 +163,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.replace(os.pathsep, ",").split(",") if part.strip()]
         return value
+
+    @field_validator("merge_threads")
+    @classmethod
+    def _all_usable_cpus(cls, value: int) -> int:
+        if value:
+            return value
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
 
     @model_validator(mode="after")
     def _no_default_secrets_outside_development(self) -> Settings:

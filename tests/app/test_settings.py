@@ -152,3 +152,15 @@ def test_repr_hides_a_password_in_the_redis_url(url):
     assert settings.redis_url == url  # the services still get the real URL
     for text in (repr(settings), str(settings)):
         assert "hunter2-secret" not in text and ":***@" in text
+
+
+def test_merge_threads_default_to_every_usable_cpu(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert Settings().merge_threads == 3  # 0, the default: the CPUs this process may run on
+    assert Settings(merge_threads=1).merge_threads == 1
+    monkeypatch.setenv("AMEND_MERGE_THREADS", "2")
+    assert Settings().merge_threads == 2
+    with pytest.raises(ValidationError):
+        Settings(merge_threads=-1)

@@ -101,3 +101,24 @@ def test_a_forked_child_starts_its_own_pool(two_threads):
         pytest.fail("the forked child's first hand-off to the pool never finished")
     assert os.read(read, 1) == b"1" and done[1] == 0
     assert len(parent_names) == 2 and all(name.startswith("amend-small-linalg") for name in parent_names)
+
+
+def test_pool_only_runs_the_caller_on_one_thread_and_the_work_on_the_pool(two_threads):
+    names: list[str] = []
+
+    def record(i: int) -> int:
+        names.append(threading.current_thread().name)
+        return i
+
+    with linalg_pool.pool_only():
+        assert torch.get_num_threads() == 1  # the caller's own ops: one OpenMP thread
+        with linalg_pool.pool_only():  # nested: still the enclosing block's two workers
+            assert linalg_pool.map_each(record, list(range(6))) == list(range(6))
+        values = linalg_pool.eigvalsh(_sym(6, 64, 64))  # split across the workers, same answer
+    assert torch.get_num_threads() == 2  # restored
+    assert names and all(name.startswith("amend-small-linalg") for name in names)
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(_sym(6, 64, 64)))
+    with linalg_pool.pool_only(width=1):  # a one-worker block computes in place
+        assert linalg_pool.map_each(lambda _: threading.current_thread().name, [0, 1]) == [
+            threading.current_thread().name
+        ] * 2

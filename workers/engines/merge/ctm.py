@@ -207,6 +207,7 @@ def _uncompressed(
 
 
 @register("merge", "ctm", CtmParams)
+@linalg_pool.pool_only()  # the K×K work of many modules: parallel on the pool, one OpenMP thread each
 def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
     """Compress-then-Merge every module to its output rank r (≤ r by construction)."""
     options = RuleOptions.from_params(params)

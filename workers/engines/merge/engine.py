@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from app.checks.peft_patterns import PatternError, PeftPattern
 from app.schemas.merge import MergeOutput
-from workers.engines import registry
+from workers.engines import linalg_pool, registry
 from workers.engines.merge.core_space import stack_factors
 from workers.engines.merge.errors import MergeInputError, MergeNumericError
 from workers.engines.merge.report import factor_grams, module_reports, shape_key, summarize
@@ -167,13 +167,14 @@ def merge_modules(
         groups.setdefault(shape_key(grams, ranks, tasks), []).append((name, grams, ranks, tasks))
     computed: dict[str, dict[str, Any]] = {}
     chunks = [group[i : i + REPORT_BATCH] for group in groups.values() for i in range(0, len(group), REPORT_BATCH)]
-    for members in chunks:
-        _, _, ranks, tasks = members[0]
-        reports = module_reports(
-            [grams for _, grams, _, _ in members], ranks, tasks, job.num_tasks, lambda_,
-            [merged[name] for name, _, _, _ in members],
-        )
-        computed.update((name, rep) for (name, _, _, _), rep in zip(members, reports, strict=True))
+    with linalg_pool.pool_only():  # small batched decompositions: parallel on the pool only
+        for members in chunks:
+            _, _, ranks, tasks = members[0]
+            reports = module_reports(
+                [grams for _, grams, _, _ in members], ranks, tasks, job.num_tasks, lambda_,
+                [merged[name] for name, _, _, _ in members],
+            )
+            computed.update((name, rep) for (name, _, _, _), rep in zip(members, reports, strict=True))
     per_module: dict[str, dict[str, Any]] = {}
     for name, result in merged.items():  # in the method's order
         per_module[name] = result.report = computed[name]

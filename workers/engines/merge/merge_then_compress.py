@@ -64,6 +64,15 @@ def merge_in_space(
             )
             job.progress(len(out) / total, "merging (full space)")
         return out
+    return _merge_in_core(job, rule, options, lambda_, isotropic)
+
+
+@linalg_pool.pool_only()  # the K×K work of many modules: parallel on the pool, one OpenMP thread each
+def _merge_in_core(
+    job: MergeJob, rule: str, options: RuleOptions, lambda_: float, isotropic: bool
+) -> dict[str, MergedModule]:
+    out: dict[str, MergedModule] = {}
+    total = max(1, len(job.modules))
     spectral = is_spectral(rule)
     for batch in batches(job.modules):
         stacks = [stack_factors(name, job.factors(name)) for name in batch]
