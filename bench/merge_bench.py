@@ -341,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads in each child (default 1, as a worker runs a merge: AMEND_MERGE_THREADS; 0 = torch's)",
+        default=0,
+        help="torch threads in each child (default 0 = torch's, every core: as a worker runs a merge, "
+        "AMEND_MERGE_THREADS=0; the engine spreads its work over that many one-thread pool workers)",
     )
     ap.add_argument("--peft-svd-tasks", default="2", help="T values at which PEFT svd is timed (default 2)")
     ap.add_argument("--no-peft", action="store_true")
