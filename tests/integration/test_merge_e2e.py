@@ -97,3 +97,55 @@ def test_incompatible_shapes_fail_with_invalid_input(client, adapter_dir):
     assert done["error"]["code"] == "invalid_input"
     assert "q_proj" in done["error"]["message"]
     assert done["result"] is None
+
+
+def test_a_merge_job_streaming_its_inputs_stores_what_the_files_merge_writes(client, adapter_dir, tmp_path):
+    """The worker streams the inputs from S3 into the merge (workers/jobs/streamed_inputs.py); the adapter it
+    stores is the one `merge_adapter_files` writes from the same files on disk."""
+    from app.schemas.merge import MergeOutput
+    from workers.formats.lora import merge_adapter_files
+    from workers.jobs.merge import torch_threads
+
+    directories = [adapter_dir(f"s{seed}", seed=seed, r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+                   for seed in (1, 2, 3)]
+    ids = [upload_dir(client, directory)["id"] for directory in directories]
+    weights = [0.7, -0.4, 1.0]
+    output = {"name": "streamed", "rank": 4}
+    body = {"type": "merge", "adapters": [{"id": i, "weight": w} for i, w in zip(ids, weights, strict=True)],
+            "method": "ties", "params": {"density": 0.5}, "output": output}
+    done = wait_for_job(client, client.post("/v1/jobs", json=body).json()["id"])
+    assert done["state"] == "succeeded", done
+    stored = download(client, done["result"]["adapter_id"], tmp_path / "stored")
+
+    inputs = [(json.loads((d / "adapter_config.json").read_text()), d / "adapter_model.safetensors", w)
+              for d, w in zip(directories, weights, strict=True)]
+    with torch_threads(1):  # as the worker merges (AMEND_MERGE_THREADS=1)
+        merge_adapter_files(inputs, "ties", {"density": 0.5}, MergeOutput.model_validate(output).model_dump(),
+                            tmp_path / "files")
+    assert json.loads((stored / "adapter_config.json").read_text()) == json.loads(
+        (tmp_path / "files" / "adapter_config.json").read_text())
+    # same bytes in, same math on one thread: the same bytes out
+    assert (stored / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "files" / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_merge_input_changed_in_storage_fails_as_corrupted_and_stores_nothing(client, adapter_dir):
+    from app.storage import keys
+    from workers.jobs.outputs import output_adapter_id
+
+    ids = [upload_dir(client, adapter_dir(f"c{seed}", seed=seed, r=4))["id"] for seed in (1, 2)]
+    records = client.app.state.records
+    weights_name = f"/adapters/{ids[1]}/adapter_model.safetensors"
+    key = next(k for k in records.storage.list_keys("tenants/") if k.endswith(weights_name))
+    tampered = bytearray(records.storage.get_bytes(key))
+    tampered[-1] ^= 0x01  # one bit of one weight: still a valid, finite adapter
+    records.storage.put_bytes(key, bytes(tampered))
+    body = {"type": "merge", "adapters": [{"id": i} for i in ids], "method": "task_arithmetic",
+            "output": {"name": "never", "rank": 4}}
+    done = wait_for_job(client, client.post("/v1/jobs", json=body).json()["id"])
+    assert done["state"] == "failed" and done["error"]["code"] == "input_corrupted", done
+    assert ids[1] in done["error"]["message"]
+    assert client.get(f"/v1/adapters/{output_adapter_id(done['id'])}").status_code == 404
+    tenant = key.split("/")[1]
+    assert not list(records.storage.list_keys(keys.adapter(tenant, output_adapter_id(done["id"]))))
+    assert not list(records.storage.list_keys(keys.job(tenant, done["id"], "results/")))
