@@ -166,3 +166,37 @@ def test_a_failed_download_fails_the_merge_instead_of_hanging(stored, tmp_path, 
                                 arrivals=streamed.arrivals)
         with pytest.raises(StorageUnavailable):
             streamed.verify()
+
+
+def test_a_merge_job_cancelled_while_its_inputs_stream_stops_them_and_stores_nothing(api, adapter_dir, monkeypatch):
+    """A cancel seen at the engine's first progress report ends the job `cancelled`: the downloads stop (no
+    fetch thread is left) and no output is stored."""
+    from types import SimpleNamespace
+
+    from app.errors import NotFound
+    from workers.jobs import run
+    from workers.jobs.context import JobCancelled, JobContext
+    from workers.jobs.outputs import output_adapter_id
+
+    records = api.app.state.records
+    ids = [upload(api, adapter_dir(f"x{seed}", seed=seed), f"x{seed}").json()["id"] for seed in (1, 2)]
+    job_id = api.post("/v1/jobs", json={"type": "merge", "adapters": [{"id": i} for i in ids],
+                                         "method": "task_arithmetic", "output": {"name": "m", "rank": 4}}).json()["id"]
+    original = StreamedAdapters.__init__  # many small chunks: some still pending when the cancel comes
+
+    def small_chunks(self, *args, **kwargs):
+        original(self, *args, **{**kwargs, "chunk": 1024, "head": 256})
+
+    monkeypatch.setattr(StreamedAdapters, "__init__", small_chunks)
+
+    def cancel_once_merging(self, fraction, stage, force=False):
+        if stage.startswith("merging"):
+            raise JobCancelled
+
+    monkeypatch.setattr(JobContext, "progress", cancel_once_merging)
+    run._run_leased(job_id, api.app.state.settings, records, SimpleNamespace(lost=False))
+    job = records.get_job(job_id)
+    assert job.state == "cancelled", (job.state, job.error)
+    assert not [t for t in threading.enumerate() if t.name.startswith("amend-fetch")]
+    with pytest.raises(NotFound):
+        records.get_adapter(job.tenant, output_adapter_id(job_id))
