@@ -92,40 +92,63 @@ class ArrivingFile:
         return range(first, min(self.count, bisect.bisect_left(self._bounds, end)))
 
     def write(self, index: int, pieces: Iterable[bytes]) -> None:
-        """Chunk `index` arrives as `pieces` (in order): write them, then hash what is now contiguous and wake
-        the readers waiting for it."""
+        """Chunk `index` arrives as `pieces` (in order): write them — hashing them on the way when this chunk is
+        the next one the hash needs — then hash what is now contiguous and wake the readers waiting for it."""
         start, end = self.chunk_range(index)
-        position = start
-        for piece in pieces:
-            if position + len(piece) > end:
-                break
-            os.pwrite(self._fd, piece, position)
-            position += len(piece)
-        if position != end:
-            raise InputCorrupted(f"{self.what} is not the size it was stored with")
-        with self._changed:
-            self._arrived[index] = True
+        inline = self._hashed == index and self._hashing.acquire(blocking=False)
+        if inline and self._hashed != index:  # another thread hashed up to here meanwhile: not ours to hash
+            self._hashing.release()
+            inline = False
+        try:
+            position = start
+            for piece in pieces:
+                if position + len(piece) > end:
+                    break
+                os.pwrite(self._fd, piece, position)
+                if inline:
+                    self._hash.update(piece)
+                position += len(piece)
+            if position != end:  # (a hash that took part of this chunk is never used: the download failed)
+                raise InputCorrupted(f"{self.what} is not the size it was stored with")
+            with self._changed:
+                self._arrived[index] = True
+            if inline:
+                self._hashed += 1
+                self._hash_arrived()
+        finally:
+            if inline:
+                self._hashing.release()
         self._advance_hash()
         with self._changed:
             self._pending -= 1
             self._changed.notify_all()
 
     def _advance_hash(self) -> None:
-        """Hash the chunks that are now contiguous from the last hashed one, read back from the page cache
-        into one reused buffer (cheaper than keeping the arriving bytes: fresh memory costs page faults)."""
-        with self._hashing:
-            view = memoryview(self._buffer)
-            while self._hashed < self.count and self._arrived[self._hashed]:
-                position, end = self.chunk_range(self._hashed)
-                while position < end:
-                    read = os.preadv(self._fd, [view[: min(len(view), end - position)]], position)
-                    if read <= 0:
-                        raise InputCorrupted(f"{self.what}: the scratch file ended early")
-                    self._hash.update(view[:read])
-                    position += read
-                self._hashed += 1
-            if self._hashed == self.count and self.digest is None:
-                self.digest = self._hash.hexdigest()
+        """Hash the chunks that are now contiguous from the last hashed one. Never waits: when another thread
+        is hashing, it re-checks after it lets go, so a chunk that arrives meanwhile is not left out."""
+        while self._hashing.acquire(blocking=False):
+            try:
+                self._hash_arrived()
+            finally:
+                self._hashing.release()
+            if self._hashed >= self.count or not self._arrived[self._hashed]:
+                return
+
+    def _hash_arrived(self) -> None:
+        """(holding `_hashing`) Hash the arrived chunks from the next one on, read back from the page cache into
+        one reused buffer (the arriving pieces are gone by then; fresh memory would cost page faults)."""
+        view = memoryview(self._buffer)
+        while self._hashed < self.count and self._arrived[self._hashed]:
+            position, end = self.chunk_range(self._hashed)
+            while position < end:
+                read = os.preadv(self._fd, [view[: min(len(view), end - position)]], position)
+                if read <= 0:
+                    raise InputCorrupted(f"{self.what}: the scratch file ended early")
+                self._hash.update(view[:read])
+                position += read
+            self._hashed += 1
+        if self._hashed == self.count and self.digest is None:
+            self.digest = self._hash.hexdigest()
 
     def fail(self, error: BaseException) -> None:
         """Nothing more will arrive: pending and future waits raise `error` (the first one given)."""
@@ -158,6 +181,8 @@ class ArrivingFile:
     def check(self) -> None:
         """Wait for every chunk, then refuse a file whose SHA-256 is not the recorded one."""
         self.complete()
+        with self._hashing:  # (every writer has hashed or handed on its chunk by now; this only makes sure)
+            self._hash_arrived()
         if self.digest != self._expected:
             raise InputCorrupted(f"{self.what} does not match its recorded SHA-256")
 

@@ -36,6 +36,47 @@ def test_the_hash_is_in_file_order_whatever_order_the_chunks_arrive_in(tmp_path:
     assert (tmp_path / "w").read_bytes() == data
 
 
+def test_the_hash_is_right_when_threads_write_chunks_side_by_side(tmp_path: Path) -> None:
+    """Chunks written by several threads at once, mostly in order (hashed as they are written) and some out of
+    order (hashed from the file later): the digest is the file's, every time."""
+    import random
+
+    data = os.urandom(64 * 1000 + 123)
+    for trial in range(5):
+        file = ArrivingFile(tmp_path / f"w{trial}", len(data), hashlib.sha256(data).hexdigest(), "w", chunk=1000,
+                            head=64)
+        order = list(range(file.count))
+        rng = random.Random(trial)
+        for _ in range(10):  # a few swaps: mostly in order
+            i, j = rng.randrange(file.count), rng.randrange(file.count)
+            order[i], order[j] = order[j], order[i]
+        lock = threading.Lock()
+
+        def writer(rng=random.Random(trial), order=order, lock=lock, file=file) -> None:
+            while True:
+                with lock:
+                    if not order:
+                        return
+                    index = order.pop(0)
+                start, end = file.chunk_range(index)
+                pieces = [data[position : min(position + 300, end)] for position in range(start, end, 300)]
+
+                def slowly(pieces=pieces):
+                    for piece in pieces:
+                        time.sleep(rng.random() / 2000)
+                        yield piece
+
+                file.write(index, slowly())
+
+        threads = [threading.Thread(target=writer) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        file.check()
+        assert file.digest == hashlib.sha256(data).hexdigest()
+
+
 def test_a_short_chunk_is_refused_as_a_changed_input(tmp_path: Path) -> None:
     file = ArrivingFile(tmp_path / "w", 100, "0" * 64, "adapter x", chunk=64, head=32)
     with pytest.raises(InputCorrupted, match="size"):
