@@ -34,9 +34,11 @@ log = logging.getLogger(__name__)
 CHUNK = 16 * 2**20  # bytes per ranged GET
 PIECE = 2**20  # bytes read (and hashed) at a time
 HEAD = 256 * 2**10  # the first GET of each file: its header (~50 KiB for a 7B model's LoRA), then tensors
-# parallel GETs beside the merge. On 2 cores (fp32 T=8 Llama-7B-shaped, 1.2 GB, merge_then_compress), streamed
-# merge 5.2-5.6 s with 2 threads, 6.4-8.0 s with 4 (engine alone 2.8-3.6 s, a loaded machine); niced download
-# threads (nice 10 or 19) left the merge waiting for bytes (7-9 s)
+# parallel GETs beside the merge. On 2 cores (fp32 T=8 Llama-7B-shaped, 1.2 GB, merge_then_compress on 2 threads,
+# idle machine): streamed 2.96-3.54 s with 2, 4 or 8 threads alike, everything downloaded first 3.1-3.2 s, the
+# engine alone on local files 1.4-1.9 s: the download's CPU (SHA-256, copies, the store serving it) competes with
+# a merge that uses both cores, so there the overlap saves little; it pays where the merge leaves CPU idle.
+# Niced download threads (nice 10 or 19) left the merge waiting for bytes.
 THREADS = 2
 START_THREADS = 8  # the configs and headers, before the merge can start: small GETs, latency-bound
 WEIGHTS = "adapter_model.safetensors"
