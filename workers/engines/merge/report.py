@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -79,12 +79,12 @@ def _frames(grams: Tensor) -> tuple[Tensor, Tensor]:
     return root.unsqueeze(-1) * z.mT, z * inv.unsqueeze(-2)
 
 
-def _sign_conflicts(grams: _Batch, slices: Sequence[slice]) -> list[list[float | None]]:
+def _sign_conflicts(grams: ModuleGrams, slices: Sequence[slice]) -> list[list[float | None]]:
     """`_sign_conflict` of every module (G) and task, batched over both when the tasks' ranks agree (the usual
     case), else per module and task."""
     sizes = {s.stop - s.start for s in slices}
     if len(sizes) != 1:
-        return [[_sign_conflict(one, s) for s in slices] for one in grams.each()]
+        return [[_sign_conflict(one, s) for s in slices] for one in _unstacked(grams)]
     idx = torch.stack([torch.arange(s.start, s.stop, device=grams.gram_B.device) for s in slices])  # (T, r)
     rows, cols = idx.unsqueeze(-1), idx.unsqueeze(-2)
     r_B, w_B = _frames(grams.gram_B[:, rows, cols])  # (G, T, r, r): each task's diagonal block
@@ -118,7 +118,7 @@ def _sign_conflict(grams: ModuleGrams, span: slice) -> float | None:
     return float(energy[d < 0].sum()) / total if total > 0 else None
 
 
-def _effective_ranks(grams: _Batch) -> list[float]:
+def _effective_ranks(grams: ModuleGrams) -> list[float]:
     """exp(−Σ p_i log p_i), p_i = σ_i/Σσ over each output's singular values (from its two k×k Grams)."""
     r_B, _ = _frames(grams.out_B)
     sigma = linalg_pool.eigvalsh(r_B @ grams.out_A @ r_B.mT).clamp(min=0).sqrt()  # (G, k)
@@ -131,26 +131,16 @@ def _effective_ranks(grams: _Batch) -> list[float]:
     return [math.exp(h) if any_kept else 0.0 for h, any_kept in zip(entropy.tolist(), present, strict=True)]
 
 
-@dataclass
-class _Batch:
-    """The ModuleGrams of G modules of the same shapes, stacked on a first axis."""
-
-    gram_B: Tensor
-    gram_A: Tensor
-    cross_B: Tensor
-    cross_A: Tensor
-    out_B: Tensor
-    out_A: Tensor
-
-    @classmethod
-    def of(cls, grams: Sequence[ModuleGrams]) -> _Batch:
-        return cls(**{f: torch.stack([getattr(g, f) for g in grams]) for f in _FIELDS})
-
-    def each(self) -> list[ModuleGrams]:
-        return [ModuleGrams(**{f: getattr(self, f)[i] for f in _FIELDS}) for i in range(self.gram_B.shape[0])]
+_FIELDS = tuple(f.name for f in fields(ModuleGrams))
 
 
-_FIELDS = ("gram_B", "gram_A", "cross_B", "cross_A", "out_B", "out_A")
+def _stacked(grams: Sequence[ModuleGrams]) -> ModuleGrams:
+    """G modules' Grams of the same shapes as one ModuleGrams of tensors with a leading module axis."""
+    return ModuleGrams(**{f: torch.stack([getattr(g, f) for g in grams]) for f in _FIELDS})
+
+
+def _unstacked(batch: ModuleGrams) -> list[ModuleGrams]:
+    return [ModuleGrams(**{f: getattr(batch, f)[i] for f in _FIELDS}) for i in range(batch.gram_B.shape[0])]
 
 
 def shape_key(grams: ModuleGrams, ranks: Sequence[int], tasks: Sequence[int]) -> tuple[object, ...]:
@@ -169,7 +159,7 @@ def module_reports(
     """Reports of G modules with the same tasks, ranks and Gram shapes (`shape_key`), computed together:
     per task energy kept, sign conflict and norm; cosine matrix; deviation from the sum, compression error,
     effective rank and rank."""
-    batch = _Batch.of(grams)
+    batch = _stacked(grams)
     g_b, g_a = batch.gram_B, batch.gram_A
     sl = spans(ranks)
     # task inner products ⟨ΔW_s, ΔW_t⟩ = Σ (B_sᵀB_t)∘(A_sA_tᵀ): block sums of the elementwise product

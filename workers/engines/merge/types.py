@@ -36,7 +36,7 @@ class ModuleGrams:
 
     With B_s = [B_1 … B_T] (m×K), A_s = [A_1; …; A_T] (K×n) and the output factors B_o (m×k), A_o (k×n):
     `gram_B` = B_sᵀB_s, `gram_A` = A_sA_sᵀ (K×K), `cross_B` = B_oᵀB_s, `cross_A` = A_oA_sᵀ (k×K),
-    `out_B` = B_oᵀB_o, `out_A` = A_oA_oᵀ (k×k).
+    `out_B` = B_oᵀB_o, `out_A` = A_oA_oᵀ (k×k). The report stacks those of several modules on a leading axis.
     """
 
     gram_B: Tensor
