@@ -85,12 +85,13 @@ def _merge_in_core(
             merged = lambda_ * (basis.coords_B @ basis.coords_A)
             uncompressed = merged
         elif spectral:  # whole-matrix rule on the cores, to the rank the target picks on the sum's spectrum
-            sums = linalg_pool.svdvals(basis.coords_B @ basis.coords_A)
-            ranks = [target.choose(sums[i]) for i, target in enumerate(targets)]
+            sums = linalg_pool.svd(basis.coords_B @ basis.coords_A)  # the sum's SVD, also Iso-C's and Iso-CTS'
+            ranks = [target.choose(sums[1][i]) for i, target in enumerate(targets)]
             task_cores = factored_cores(basis.coords_B, basis.coords_A, list(stacks[0].ranks))
             # and uncompressed: the rule at the full core rank (the core-space code's result)
             merged, uncompressed = (
-                lambda_ * m for m in merge_matrices_at(rule, task_cores, options, batch, [ranks, [max(d_B, d_A)] * g])
+                lambda_ * m
+                for m in merge_matrices_at(rule, task_cores, options, batch, [ranks, [max(d_B, d_A)] * g], sums)
             )
             targets = [RankTarget(rank=r) for r in ranks]
         else:

@@ -122,11 +122,13 @@ def merge_matrices_at(
     options: RuleOptions,
     keys: list[str],
     rank_lists: list[list[int]],
+    sum_svds: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> list[Tensor]:
     """`merge_matrices` at several output ranks per group (one merge per list in `rank_lists`): a spectral rule
     decomposes each group's matrices once for all of them; an entrywise rule does not depend on the rank.
     `mats` may be given as low-rank factors (left (G,T,p,ρ), right (G,T,ρ,q)): spectral rules then decompose
-    them from the factors (`spectral.TaskMatrices`); entrywise rules multiply them out."""
+    them from the factors (`spectral.TaskMatrices`); entrywise rules multiply them out. `sum_svds`: the batched
+    SVD (U, S, Vᴴ) of each group's sum Σ_tM_t, when the caller has it (spectral rules then do not redo it)."""
     rule = RULES[name]
     if rule.spectral is None:
         dense = mats if isinstance(mats, Tensor) else mats[0] @ mats[1]
@@ -137,10 +139,11 @@ def merge_matrices_at(
     dtype = mats.dtype if isinstance(mats, Tensor) else mats[0].dtype
 
     def one(i: int) -> list[Tensor]:  # one group per one-thread pool worker: each is a few K×K SVDs
+        known = None if sum_svds is None else (sum_svds[0][i], sum_svds[1][i], sum_svds[2][i])
         if isinstance(mats, Tensor):
-            task_matrices = spectral.TaskMatrices(mats[i].double())
+            task_matrices = spectral.TaskMatrices(mats[i].double(), sum_svd=known)
         else:
-            task_matrices = spectral.TaskMatrices(factors=(mats[0][i].double(), mats[1][i].double()))
+            task_matrices = spectral.TaskMatrices(factors=(mats[0][i].double(), mats[1][i].double()), sum_svd=known)
         return [spectral_rule(task_matrices, ranks[i], options) for ranks in rank_lists]
 
     groups = len(keys)

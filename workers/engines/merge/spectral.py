@@ -66,12 +66,15 @@ class TaskMatrices:
     once, when first asked: a rule evaluated at two ranks (a compressed merge and its uncompressed reference)
     shares them. From factors the per-task SVDs cost ρ×ρ work, not p×q."""
 
-    def __init__(self, mats: Tensor | None = None, factors: tuple[Tensor, Tensor] | None = None) -> None:
+    def __init__(
+        self, mats: Tensor | None = None, factors: tuple[Tensor, Tensor] | None = None, sum_svd: SVD | None = None
+    ) -> None:
+        """`sum_svd`: the SVD of Σ_t M_t when the caller already has it (it chose the output rank on it)."""
         if (mats is None) == (factors is None):
             raise ValueError("give the task matrices either dense or as factors")
         self._mats, self._factors = mats, factors
         self._tasks: SVD | None = None
-        self._sum: SVD | None = None
+        self._sum: SVD | None = sum_svd
         self._residuals: dict[int, SVD] = {}
 
     @property
