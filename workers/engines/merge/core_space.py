@@ -20,12 +20,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from workers.engines import linalg_pool
-from workers.engines.merge.types import RANK_TOL, ModuleGrams, RankTarget, TaskFactors
+from workers.engines.merge.types import RANK_TOL, MergedModule, ModuleGrams, RankTarget, TaskFactors
 
 # Eigenvalues of a float32 Gram below this fraction of the largest are unreliable: redo in float64.
 _FP32_RELIABLE = 1e-4
@@ -123,6 +124,11 @@ def gram(x: Tensor, rows: bool, dtype: torch.dtype) -> Tensor:
     return gram
 
 
+def _grams(mats: list[Tensor], rows: bool) -> Tensor:
+    """The float32 Grams of a batch's stacks (one module per one-thread pool worker), as float64 (G, K, K)."""
+    return torch.stack(linalg_pool.map_each(lambda x: gram(x, rows, torch.float32), mats)).double()
+
+
 def _eig_basis(grams: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """From PSD Grams (G,K,K) float64 = Z S² Zᵀ: (Z, S, S⁺, ranks), eigenvalues sorted descending."""
     lam, z = linalg_pool.eigh(grams)
@@ -140,7 +146,7 @@ def _basis(mats: list[Tensor], rows: bool) -> tuple[Tensor, Tensor, Tensor, Tens
     The Gram is one float32 GEMM; modules whose spectrum reaches below float32's resolution are redone in
     float64 (near rank-deficient stacks), so kept directions are accurate and null directions are dropped.
     """
-    grams = torch.stack(linalg_pool.map_each(lambda x: gram(x, rows, torch.float32), mats)).double()
+    grams = _grams(mats, rows)
     z, s, s_inv, ranks = _eig_basis(grams)
     smallest = s[:, -1].square() if s.shape[-1] else s[:, 0]
     top = s[:, 0].square().clamp(min=torch.finfo(torch.float64).tiny)
@@ -182,8 +188,7 @@ def core_bases(stacks: Sequence[StackedFactors], singular: bool = True) -> CoreB
     """
     mats_B, mats_A = [s.lora_B for s in stacks], [s.lora_A for s in stacks]
     if not singular:
-        gram_B = torch.stack(linalg_pool.map_each(lambda x: gram(x, False, torch.float32), mats_B)).double()
-        gram_A = torch.stack(linalg_pool.map_each(lambda x: gram(x, True, torch.float32), mats_A)).double()
+        gram_B, gram_A = _grams(mats_B, rows=False), _grams(mats_A, rows=True)
         tri_B, tri_A = _cholesky_basis(gram_B), _cholesky_basis(gram_A)
         if tri_B is not None and tri_A is not None:
             return CoreBasis(
@@ -312,18 +317,30 @@ def lifted_grams(basis: CoreBasis, i: int, left: Tensor, right: Tensor) -> Modul
     )
 
 
-def lift_all(
-    stacks: Sequence[StackedFactors], basis: CoreBasis, parts: Sequence[tuple[Tensor, Tensor]]
-) -> list[tuple[Tensor, Tensor, ModuleGrams]]:
-    """`lift` and `lifted_grams` of every module of a batch (parts[i] = (left, right) of module i), the
-    modules side by side on one-thread pool workers: each lift is two thin products too small to keep two
-    threads busy on its own. Returns (lora_B, lora_A, grams) per module."""
+def merged_modules(
+    stacks: Sequence[StackedFactors],
+    basis: CoreBasis,
+    parts: Sequence[tuple[Tensor, Tensor]],
+    uncompressed: Tensor,
+    notes: Sequence[dict[str, Any]] | None = None,
+) -> dict[str, MergedModule]:
+    """The outputs of a batch from core coordinates: module i's (left, right) = parts[i] lifted to weight space
+    (`lift`, with the report's Grams, `lifted_grams`), its compression against the same rule's uncompressed
+    merge uncompressed[i], and the method's notes[i] for the report. The modules go side by side on one-thread
+    pool workers: each lift is two thin products too small to keep two threads busy on its own."""
 
-    def one(i: int) -> tuple[Tensor, Tensor, ModuleGrams]:
+    def one(i: int) -> MergedModule:
         left, right = parts[i]
-        return (*lift(stacks[i], basis, i, left, right), lifted_grams(basis, i, left, right))
+        lora_B, lora_A = lift(stacks[i], basis, i, left, right)
+        return MergedModule(
+            lora_A=lora_A,
+            lora_B=lora_B,
+            compression=compression(left, right, uncompressed[i]),
+            grams=lifted_grams(basis, i, left, right),
+            report=dict(notes[i]) if notes is not None else {},
+        )
 
-    return linalg_pool.map_each(one, range(len(stacks)))
+    return dict(zip((s.name for s in stacks), linalg_pool.map_each(one, range(len(stacks))), strict=True))
 
 
 def batches(modules: Mapping[str, Sequence[TaskFactors | None]], chunk: int = 32) -> list[list[str]]:

@@ -27,11 +27,10 @@ from workers.engines.merge.core_space import (
     CoreBasis,
     Factored,
     batches,
-    compression,
     core_bases,
     factored_cores,
     isotropic,
-    lift_all,
+    merged_modules,
     stack_factors,
 )
 from workers.engines.merge.rules import RuleOptions, is_spectral, is_sum, merge_matrices, merge_matrices_at
@@ -41,8 +40,6 @@ from workers.engines.registry import register
 HOOI_TOL = 1e-6
 # dtype of the HOOI eigensolves (the Grams, products and objective are float64)
 EIG_DTYPE = torch.float64
-
-
 
 
 def core_norms(cores: Factored) -> Tensor:
@@ -262,16 +259,8 @@ def ctm(job: MergeJob, params: CtmParams) -> dict[str, MergedModule]:
                     "tucker_fit_start": float(start[j] / fit_total[j]),
                     "tucker_fit": float(final[j] / fit_total[j]),
                 }
-        ordered = [parts[i] for i in range(len(stacks))]
-        lifted = lift_all(stacks, basis, ordered)
-        for i, (stack, (lora_B, lora_A, grams)) in enumerate(zip(stacks, lifted, strict=True)):
-            out[stack.name] = MergedModule(
-                lora_A=lora_A,
-                lora_B=lora_B,
-                compression=compression(*ordered[i], uncompressed[i]),
-                grams=grams,
-                report=notes[i],
-            )
+        order = range(len(stacks))
+        out.update(merged_modules(stacks, basis, [parts[i] for i in order], uncompressed, [notes[i] for i in order]))
         job.progress(len(out) / total, "compress-then-merge")
         del stacks, basis  # before the next batch is loaded, so its buffers reuse this batch's memory
     return out

@@ -35,11 +35,10 @@ from app.schemas.merge import (
 from workers.engines import linalg_pool
 from workers.engines.merge.core_space import (
     batches,
-    compression,
     core_bases,
     cores,
     factored_cores,
-    lift_all,
+    merged_modules,
     stack_factors,
     truncate,
 )
@@ -102,15 +101,7 @@ def _merge_in_core(
         if isotropic:
             uncompressed = isotropic_core(uncompressed)
         # exact rank-r truncation on the K×K core
-        parts = truncate(merged, targets, isotropic=isotropic)
-        lifted = lift_all(stacks, basis, parts)
-        for i, (stack, (left, right), (lora_B, lora_A, grams)) in enumerate(zip(stacks, parts, lifted, strict=True)):
-            out[stack.name] = MergedModule(
-                lora_A=lora_A,
-                lora_B=lora_B,
-                compression=compression(left, right, uncompressed[i]),
-                grams=grams,
-            )
+        out.update(merged_modules(stacks, basis, truncate(merged, targets, isotropic=isotropic), uncompressed))
         job.progress(len(out) / total, "merging (core space)")
         del stacks, basis  # before the next batch is loaded, so its buffers reuse this batch's memory
     return out

@@ -59,19 +59,10 @@ def _orth_coeffs(gram: Tensor, cross: Tensor) -> Tensor:
     return (inv.unsqueeze(-1) * z.mT) @ cross
 
 
-def _frame(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """For a factor X with Gram G = XᵀX = ZΛZᵀ: (R = Λ^½Zᵀ, W = ZΛ^-½), so X = Q·R with Q = X·W orthonormal
-    (null directions dropped)."""
-    lam, z = linalg_pool.eigh(gram)
-    keep = lam > lam[-1:].clamp(min=torch.finfo(torch.float64).tiny) * RANK_TOL**2
-    lam, z = lam[keep], z[:, keep]
-    root = lam.sqrt()
-    return root.unsqueeze(-1) * z.mT, z / root
-
-
 def _frames(grams: Tensor) -> tuple[Tensor, Tensor]:
-    """`_frame` for a batch of Grams (…, r, r) of the same size: null directions are kept as zero rows of R
-    and zero columns of W instead of being dropped, which leaves every product below unchanged."""
+    """For factors X with Grams G = XᵀX = ZΛZᵀ (…, r, r): (R = Λ^½Zᵀ, W = ZΛ^-½), so X = Q·R with Q = X·W
+    orthonormal. Null directions are zero rows of R and zero columns of W (not dropped, so a batch keeps one
+    shape), which leaves every product below unchanged."""
     lam, z = linalg_pool.eigh(grams)
     keep = lam > lam[..., -1:].clamp(min=torch.finfo(torch.float64).tiny) * RANK_TOL**2
     root = torch.where(keep, lam.clamp(min=0).sqrt(), 0.0)
@@ -105,10 +96,8 @@ def _sign_conflicts(grams: ModuleGrams, slices: Sequence[slice]) -> list[list[fl
 
 def _sign_conflict(grams: ModuleGrams, span: slice) -> float | None:
     """Σ_i σ_i²·[u_iᵀΔW v_i < 0] / Σ_i σ_i² over task t's singular triplets (u_i, σ_i, v_i), from Grams."""
-    r_B, w_B = _frame(grams.gram_B[span, span])  # B_t = Q_B R_B
-    r_A, w_A = _frame(grams.gram_A[span, span])  # A_tᵀ = Q_A R_A
-    if r_B.shape[0] == 0 or r_A.shape[0] == 0:
-        return None
+    r_B, w_B = _frames(grams.gram_B[span, span])  # B_t = Q_B R_B (null directions as zero rows)
+    r_A, w_A = _frames(grams.gram_A[span, span])  # A_tᵀ = Q_A R_A
     x, s, yh = linalg_pool.svd(r_B @ r_A.mT)  # ΔW_t = (Q_B X) Σ (Q_A Y)ᵀ
     # Q_BᵀΔW Q_A = W_BᵀB_tᵀ(B_oA_o)A_tᵀW_A, with B_tᵀB_o = cross_Bᵀ and A_oA_tᵀ = cross_A (task columns)
     along = (w_B.mT @ grams.cross_B[:, span].mT) @ (grams.cross_A[:, span] @ w_A)
