@@ -236,20 +236,12 @@ class Storage:
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         """Bytes `start .. start + length - 1` of an object (fewer at its end), e.g. a safetensors header."""
-        with _translate():
-            body = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
-            return body["Body"].read()
+        return self.get_range_and_size(key, start, length)[0]
 
     def iter_range(self, key: str, start: int, length: int, piece: int = 1 << 20) -> Iterator[bytes]:
         """Bytes `start .. start + length - 1` of an object, streamed in pieces of `piece` bytes: a large range
         is never one allocation (fresh pages cost as much as the copy), and each piece's memory is reused."""
-        with _translate():
-            body = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
-        try:
-            with _translate():
-                yield from body["Body"].iter_chunks(piece)
-        finally:
-            body["Body"].close()
+        return self._stream(key, piece, Range=f"bytes={start}-{start + length - 1}")
 
     def get_range_and_size(self, key: str, start: int, length: int) -> tuple[bytes, int]:
         """`get_range`, and the whole object's size (from the response's Content-Range)."""
@@ -273,20 +265,17 @@ class Storage:
             return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
 
     def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        """Stream an object down in chunks (for HTTP downloads)."""
+        """Stream an object down in chunks (for HTTP downloads and a job's inputs)."""
+        return self._stream(key, chunk_size)
+
+    def _stream(self, key: str, piece: int, **get_args: str) -> Iterator[bytes]:
         with _translate():
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=key, **get_args)["Body"]
         try:
-            yield from body.iter_chunks(chunk_size)
+            with _translate():
+                yield from body.iter_chunks(piece)
         finally:
             body.close()
-
-    def download(self, key: str, path: Path) -> None:
-        """Stream an object to a local file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as sink:
-            for chunk in self.iter_chunks(key):
-                sink.write(chunk)
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         paginator = self.client.get_paginator("list_objects_v2")
