@@ -123,7 +123,8 @@ def test_a_budget_smaller_than_one_rank_one_module_is_refused(api, adapter_id):
 def test_another_tenants_adapter_or_models_are_not_found(api, adapter_id, tmp_path):
     model = upload_model_dir(api, save_llama(tmp_path / "base"))
     before = stored(api)
-    extract = {"type": "compress", "method": "extract", "base_model": model, "model": model[:-1] + "0"}
+    other_model = model[:-1] + ("1" if model.endswith("0") else "0")  # a different id (one ending in 0 was this one)
+    extract = {"type": "compress", "method": "extract", "base_model": model, "model": other_model}
     for body in (job(adapter_id), extract):
         response = api.post("/v1/jobs", json=body, headers=api.other)
         assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", response.text
